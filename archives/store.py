@@ -1,0 +1,71 @@
+"""The model store: built archives (``<model>_<version>.mar``) and ``manifest.json`` beside them.
+
+The manifest records, for every built version: sha256 and size of the archive, the input fingerprint it was built
+from, where the weights came from, the parity result and the held-out accuracy where one was measured. Whoever
+registers an archive checks its sha256 here first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST = "manifest.json"
+
+
+def default_store() -> Path:
+    return Path(os.environ.get("MODEL_STORE", REPO / "model_store"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Manifest:
+    def __init__(self, store: Path | None = None):
+        self.store = Path(store or default_store())
+        self.path = self.store / MANIFEST
+        self.models: dict[str, dict[str, dict[str, Any]]] = (
+            json.loads(self.path.read_text())["models"] if self.path.exists() else {}
+        )
+
+    def get(self, model: str, version: str) -> dict[str, Any] | None:
+        return self.models.get(model, {}).get(version)
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [entry for versions in self.models.values() for entry in versions.values()]
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.models.setdefault(entry["model"], {})[entry["version"]] = entry
+        self.save()
+
+    def save(self) -> None:
+        self.store.mkdir(parents=True, exist_ok=True)
+        ordered = {m: dict(sorted(v.items())) for m, v in sorted(self.models.items())}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"models": ordered}, indent=2) + "\n")
+        tmp.replace(self.path)
+
+    def verify(self, model: str, version: str) -> tuple[Path, dict[str, Any]]:
+        """The archive of a built version, after checking its sha256; ValueError says what is wrong."""
+        entry = self.get(model, version)
+        if entry is None:
+            known = sorted(self.models.get(model, {}))
+            raise ValueError(f"{model} {version} is not built (manifest {self.path} knows "
+                             f"{'versions ' + ', '.join(known) if known else 'no versions of it'})")
+        archive = self.store / entry["archive"]
+        if not archive.exists():
+            raise ValueError(f"{archive} is missing; rebuild it with: make archive MODEL={model} VERSION={version}")
+        actual = sha256_file(archive)
+        if actual != entry["sha256"]:
+            raise ValueError(f"{archive} was altered since it was built: sha256 {actual[:12]}... "
+                             f"!= manifest {entry['sha256'][:12]}...")
+        return archive, entry

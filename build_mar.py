@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""Build model versions into versioned TorchServe archives: archives/<model>.yaml → model_store/<model>_<version>.mar.
+
+For each version: get the weights (its ``source``), export to TorchScript, check parity with the eager model on real
+inputs (refused above 1e-4 max abs), measure held-out accuracy where the source has a held-out set, package the
+TorchScript file, the handlers, labels and model-config with torch-model-archiver, and record the archive in
+model_store/manifest.json.
+
+A built version is immutable: rebuilding unchanged input is a no-op; a version whose input (spec, handler code,
+weights) changed is refused unless --force. Usage:
+
+    python build_mar.py                          # every version of every model
+    python build_mar.py --model digits --version 2.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from archives import SPECS_DIR, SpecError, VersionSpec, load_specs
+from archives.store import REPO, Manifest, default_store, sha256_file
+from export.sources import source_for
+from export.torchscript import ParityError, check_parity, export_torchscript
+from handlers.base import ModelHandler, load_torchscript
+
+logger = logging.getLogger("build_mar")
+
+HANDLERS_DIR = REPO / "handlers"
+SERIALIZED_FILE = "model.pt"
+EVAL_BATCH = 64
+
+
+class BuildError(RuntimeError):
+    """A version that must not be (re)built as asked; the message says why and what to do."""
+
+
+def handler_class(module_name: str) -> type[ModelHandler]:
+    """The one handler class a module in handlers/ defines, as TorchServe will find it."""
+    module = importlib.import_module(f"handlers.{module_name}")
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
+               if c.__module__ == module.__name__ and issubclass(c, ModelHandler)]
+    if len(classes) != 1:
+        raise BuildError(f"handlers/{module_name}.py must define exactly one handler class, found {classes}")
+    return classes[0]
+
+
+def labels_path(spec: VersionSpec) -> Path | None:
+    if not spec.labels:
+        return None
+    if spec.labels.startswith("package:"):
+        module, _, relative = spec.labels.removeprefix("package:").partition("/")
+        return Path(importlib.import_module(module).__file__).parent / relative
+    return REPO / spec.labels
+
+
+def handler_files() -> list[Path]:
+    return sorted(p for p in HANDLERS_DIR.glob("*.py"))
+
+
+def input_fingerprint(spec: VersionSpec) -> str:
+    """What the archive is built from: the spec, the weights' identity, handler code, labels and extra files."""
+    source, params = source_for(spec.source)
+    digest = hashlib.sha256()
+    described = {k: getattr(spec, k) for k in ("model", "version", "handler", "source", "export", "model_config",
+                                                "labels", "extra_files")}
+    digest.update(json.dumps(described, sort_keys=True, default=list).encode())
+    digest.update(source.identity(**params).encode())
+    files = handler_files() + [p for p in [labels_path(spec)] if p] + [REPO / f for f in spec.extra_files]
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def measure_accuracy(exported_path: Path, handler: ModelHandler, evaluation) -> dict:
+    payloads, labels = evaluation
+    model = load_torchscript(str(exported_path), torch.device("cpu"), handler.settings["optimize_for_inference"])
+    correct = 0
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(payloads), EVAL_BATCH), desc="held-out accuracy", unit="batch", leave=False,
+                                  disable=None):
+            batch = handler.collate([handler.decode(p) for p in payloads[start:start + EVAL_BATCH]])
+            predicted = model(batch).argmax(dim=1)
+            correct += int((predicted == torch.tensor(labels[start:start + EVAL_BATCH])).sum())
+    return {"held_out": round(correct / len(labels), 6), "correct": correct, "samples": len(labels)}
+
+
+def stage_extra_files(spec: VersionSpec, labels: dict | None, info: dict, into: Path) -> None:
+    """What goes into the archive besides the model file and the handler entry point."""
+    shutil.copytree(HANDLERS_DIR, into / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if labels is None:
+        path = labels_path(spec)
+        if path is None:
+            raise BuildError(f"{spec.model} {spec.version}: no labels: name a labels file in the spec")
+        labels = json.loads(path.read_text())
+    (into / "index_to_name.json").write_text(json.dumps(labels, indent=1))
+    (into / "model_info.json").write_text(json.dumps(info, indent=2))
+    for relative in spec.extra_files:
+        shutil.copy2(REPO / relative, into / Path(relative).name)
+
+
+def archive(spec: VersionSpec, serialized: Path, extra: Path, config: Path, out: Path) -> Path:
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    generate_model_archive(ModelArchiverConfig(
+        model_name=spec.model,
+        handler=str(HANDLERS_DIR / f"{spec.handler}.py"),
+        version=spec.version,
+        serialized_file=str(serialized),
+        extra_files=str(extra),
+        config_file=str(config),
+        export_path=str(out),
+        force=True,
+    ))
+    return out / f"{spec.model}.mar"
+
+
+def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) -> dict:
+    """Build one version into the store, or find it up to date. Returns its manifest entry."""
+    name = f"{spec.model} {spec.version}"
+    fingerprint = input_fingerprint(spec)
+    entry = manifest.get(spec.model, spec.version)
+    target = manifest.store / spec.archive_name
+    if entry and target.exists() and not force:
+        if sha256_file(target) != entry["sha256"]:
+            raise BuildError(f"{target} does not match its manifest entry: it was altered after it was built. "
+                             f"Rebuild it with --force.")
+        if entry["input_fingerprint"] == fingerprint:
+            logger.info("%s: up to date (%s)", name, target.name)
+            return entry
+        raise BuildError(f"{name} is already built from different input (spec, handler code or weights changed). "
+                         f"A built version is immutable: add a new version to {spec.model}'s spec, "
+                         f"or rebuild this one with --force.")
+
+    started = time.monotonic()
+    handler = handler_class(spec.handler).from_config(spec.model_config)
+    source, params = source_for(spec.source)
+    with tempfile.TemporaryDirectory(prefix=f"build-{spec.model}-") as tmp:
+        work = Path(tmp)
+        logger.info("%s: [1/5] weights from source %s", name, spec.source["type"])
+        built = source.build(handler, **params)
+        items = {sample: handler.decode(payload) for sample, payload in built.samples.items()}
+        cases = {f"{sample} (batch of 1)": handler.collate([item]) for sample, item in items.items()}
+        cases[f"all {len(items)} samples as one batch"] = handler.collate(list(items.values()))
+
+        logger.info("%s: [2/5] export to TorchScript (%s)", name, ", ".join(f"{k}={v}" for k, v in spec.export.items()))
+        serialized = export_torchscript(built.model, handler.collate(list(items.values())[:2]),
+                                        work / SERIALIZED_FILE, **spec.export)
+
+        logger.info("%s: [3/5] parity with eager on %d real inputs", name, len(cases))
+        try:
+            parity = check_parity(built.model, serialized, cases, handler.settings["optimize_for_inference"])
+        except ParityError as error:
+            raise BuildError(f"{name}: refused: {error}") from None
+        logger.info("%s: parity ok, max |exported - eager| = %.2e (%s)", name, parity.max_abs_diff, parity.worst_input)
+
+        accuracy = None
+        if built.evaluation is not None:
+            logger.info("%s: [4/5] held-out accuracy through the serving preprocessing", name)
+            accuracy = measure_accuracy(serialized, handler, built.evaluation)
+            logger.info("%s: held-out accuracy %.4f (%d/%d)", name, accuracy["held_out"], accuracy["correct"],
+                        accuracy["samples"])
+
+        logger.info("%s: [5/5] package with torch-model-archiver", name)
+        info = {
+            "model": spec.model,
+            "version": spec.version,
+            "description": spec.description,
+            "handler": spec.handler,
+            "weights": built.weights,
+            "export": spec.export,
+            "parity": parity.as_dict(),
+            "accuracy": accuracy,
+            "input_fingerprint": fingerprint,
+            "torch": torch.__version__,
+            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        extra = work / "extra"
+        extra.mkdir()
+        stage_extra_files(spec, built.labels, info, extra)
+        config = work / "model-config.yaml"
+        config.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
+        (work / "out").mkdir()
+        produced = archive(spec, serialized, extra, config, work / "out")
+        manifest.store.mkdir(parents=True, exist_ok=True)
+        shutil.move(produced, target)
+
+    entry = {**info, "archive": target.name, "sha256": sha256_file(target), "size_bytes": target.stat().st_size,
+             "torch_model_archiver": metadata.version("torch-model-archiver")}
+    manifest.record(entry)
+    logger.info("%s: built %s (%.1f MB) in %.1f s", name, target.name, entry["size_bytes"] / 1e6,
+                time.monotonic() - started)
+    return entry
+
+
+def select(specs, model: str | None, version: str | None) -> list[VersionSpec]:
+    if model is None:
+        if version is not None:
+            raise BuildError("--version needs --model")
+        return [v for spec in specs.values() for v in spec.versions.values()]
+    if model not in specs:
+        raise BuildError(f"no spec for model {model!r}; known: {', '.join(sorted(specs))}")
+    versions = specs[model].versions
+    if version is None:
+        return list(versions.values())
+    if version not in versions:
+        raise BuildError(f"{model} has no version {version!r} in {specs[model].path.name}; known: {', '.join(versions)}")
+    return [versions[version]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="build only this model")
+    parser.add_argument("--version", help="build only this version (with --model)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if built (breaks immutability: use with care)")
+    parser.add_argument("--store", type=Path, default=None, help="model store (default: $MODEL_STORE or model_store/)")
+    parser.add_argument("--specs", type=Path, default=SPECS_DIR, help="folder of model specs (default: archives/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("model_archiver").setLevel(logging.WARNING)
+
+    try:
+        manifest = Manifest(args.store or default_store())
+        entries = [build_version(v, manifest, args.force) for v in select(load_specs(args.specs), args.model,
+                                                                          args.version)]
+    except (BuildError, SpecError) as error:
+        logger.error("error: %s", error)
+        return 1
+    print(f"\n{'model':<20} {'version':<8} {'accuracy':>9} {'parity':>9}  {'size':>8}  sha256")
+    for e in entries:
+        acc = f"{e['accuracy']['held_out']:.4f}" if e["accuracy"] else "-"
+        print(f"{e['model']:<20} {e['version']:<8} {acc:>9} {e['parity']['max_abs_diff']:>9.1e}  "
+              f"{e['size_bytes'] / 1e6:>6.1f}MB  {e['sha256'][:16]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Export stage: weights → eager model → TorchScript, gated by a parity check against the eager model."""

