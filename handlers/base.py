@@ -72,6 +72,10 @@ def payload_of(row: Any) -> bytes:
         value = next((row[key] for key in PAYLOAD_KEYS if row.get(key) is not None), None)
         if value is None:  # a multipart upload under another field name: take its first file
             value = next((v for v in row.values() if isinstance(v, (bytes, bytearray))), None)
+        if value is None and row:
+            fields = ", ".join(sorted(str(key)[:20] for key in row)[:5])
+            raise InputError("no_file", f"the request has form fields ({fields}) but no file: send the raw file "
+                                        "(curl -T file) or a multipart upload (curl -F data=@file)")
     if isinstance(value, str):
         try:
             value = base64.b64decode(value, validate=True)

@@ -1,0 +1,57 @@
+# The pipeline's entry points. From a fresh clone: `make demo`, then `make test`.
+#   make archive [MODEL=digits [VERSION=2.0]]   build archives into model_store/
+#   make serve | stop | status                  TorchServe with every built archive
+#   make predict                                sample photos and digits through the server, top-5 each
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+PY := .venv/bin/python
+MODEL ?=
+VERSION ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install archive serve stop status predict test demo clean
+
+help:
+	@sed -n '1,5p' Makefile | sed 's/^# \{0,1\}//'
+
+install: .venv/.installed
+
+# uv is bootstrapped from PyPI when missing; `uv sync --frozen` installs exactly what uv.lock pins.
+.venv/.installed: pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+	@touch $@
+
+archive: install
+	$(PY) build_mar.py $(if $(MODEL),--model $(MODEL)) $(if $(VERSION),--version $(VERSION))
+
+serve: archive
+	./serve.sh start
+
+stop:
+	./serve.sh stop
+
+status:
+	./serve.sh status
+
+predict:
+	$(PY) -m manage samples
+
+test: archive
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: serve predict
+	@echo
+	@echo "TorchServe is running. Try:"
+	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -T photo.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0'
+	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -F data=@photo.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0'
+	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -T digit.png http://127.0.0.1:8080/predictions/digits/1.0'
+	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token management)" http://127.0.0.1:8081/models/digits/all'
+	@echo '  curl http://127.0.0.1:8082/metrics'
+	@echo '  make stop'
+
+clean:
+	-./serve.sh stop
+	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache

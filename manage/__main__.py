@@ -1,0 +1,206 @@
+"""Command line over TorchServe's APIs: ``python -m manage <command>`` (``--help`` lists them).
+
+Every failure a user can meet (server not running, no or expired token, unknown model or version, altered archive)
+ends with one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from archives import load_specs
+from archives.store import Manifest
+from manage.client import ServeError, TorchServe, serve_home
+
+READY = "READY"
+
+
+def archives_to_serve(args) -> None:
+    """The archives serve.sh loads: every version in the manifest, each checked against its sha256 first."""
+    manifest = Manifest()
+    if not manifest.entries():
+        raise ServeError(f"no archives in {manifest.store}: build them first with make archive")
+    names = []
+    for entry in manifest.entries():
+        try:
+            archive, _ = manifest.verify(entry["model"], entry["version"])
+        except ValueError as error:
+            raise ServeError(str(error)) from None
+        names.append(archive.name)
+    print(" ".join(names))
+
+
+def _server_alive() -> bool:
+    pid_file = serve_home() / "tmp" / ".model_server.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    return True
+
+
+def _readiness(ts: TorchServe, expected: set[tuple[str, str]]) -> list[str]:
+    """What is not ready yet, one line each; empty when every expected version has its minimum workers READY."""
+    waiting = []
+    registered = {}
+    for model in ts.models():
+        for info in ts.versions(model):
+            registered[(model, info["modelVersion"])] = info
+    for model, version in sorted(expected):
+        info = registered.get((model, version))
+        if info is None:
+            waiting.append(f"{model} {version}: not registered yet")
+            continue
+        states = [w["status"] for w in info.get("workers", [])]
+        if states.count(READY) < max(1, int(info.get("minWorkers", 1))):
+            waiting.append(f"{model} {version}: workers {states or 'none yet'}")
+    return waiting
+
+
+def wait_ready(args) -> None:
+    """Wait until every archive in the manifest is registered with its minimum workers READY."""
+    ts = TorchServe(timeout=5)
+    expected = {(e["model"], e["version"]) for e in Manifest().entries()}
+    deadline = time.monotonic() + args.timeout
+    waiting = ["TorchServe not answering yet"]
+    while time.monotonic() < deadline:
+        try:
+            waiting = _readiness(ts, expected)
+        except ServeError as error:  # still starting: no key file or no listener yet
+            waiting = [str(error)]
+            if not _server_alive():
+                raise ServeError(f"TorchServe exited while starting: see {os.environ.get('LOG_DIR', 'logs')}/")
+        if not waiting:
+            return
+        time.sleep(0.25)
+    raise ServeError(f"not ready after {args.timeout:g} s: " + "; ".join(waiting))
+
+
+def apply_defaults(args) -> None:
+    """Make each spec's default_version the served default (TorchServe's own pick at start-up is not reliable)."""
+    ts = TorchServe()
+    served = set(ts.models())
+    for spec in load_specs().values():
+        if spec.name in served:
+            versions = {v["modelVersion"] for v in ts.versions(spec.name)}
+            if spec.default_version not in versions:
+                raise ServeError(f"{spec.name}: default version {spec.default_version} from {spec.path.name} "
+                                 f"is not registered (registered: {', '.join(sorted(versions))})")
+            ts.set_default(spec.name, spec.default_version)
+
+
+def list_models(args) -> None:
+    ts = TorchServe()
+    manifest = Manifest()
+    print(f"{'model':<20} {'version':<8} {'default':<8} {'workers':<8} {'accuracy':>9}  description")
+    for model in sorted(ts.models()):
+        default = ts.default_version(model)
+        for info in sorted(ts.versions(model), key=lambda i: i["modelVersion"]):
+            version = info["modelVersion"]
+            entry = manifest.get(model, version) or {}
+            ready = sum(w["status"] == READY for w in info.get("workers", []))
+            accuracy = entry.get("accuracy") or {}
+            workers = f"{ready}/{info.get('minWorkers')}"
+            print(f"{model:<20} {version:<8} {'yes' if version == default else '':<8} {workers:<8} "
+                  f"{accuracy.get('held_out', '-'):>9}  {entry.get('description', '')}")
+
+
+def describe(args) -> None:
+    ts = TorchServe()
+    manifest = Manifest()
+    described = []
+    default = ts.default_version(args.model)
+    for info in ts.versions(args.model):
+        if args.version and info["modelVersion"] != args.version:
+            continue
+        entry = manifest.get(args.model, info["modelVersion"]) or {}
+        info["isDefault"] = info["modelVersion"] == default
+        keys = ("archive", "sha256", "size_bytes", "weights", "parity", "accuracy", "built_at")
+        described.append({**info, "build": {k: entry.get(k) for k in keys}})
+    if not described:
+        raise ServeError(f"{args.model} has no registered version {args.version}")
+    print(json.dumps(described, indent=2))
+
+
+def set_default(args) -> None:
+    TorchServe().set_default(args.model, args.version)
+    print(f"{args.model}: default version is now {args.version}")
+
+
+def token(args) -> None:
+    print(TorchServe().token(args.kind))
+
+
+def predict(args) -> None:
+    response = TorchServe().predict(args.model, Path(args.file).read_bytes(), args.version)
+    print(response.text)
+    if response.status_code != 200:
+        raise SystemExit(1)
+
+
+def samples(args) -> None:
+    """Real photos to efficientnet_lite0, held-out digits to every digits version: the top-5 of each."""
+    from export import digits
+    from export.samples import encode, photo_files
+
+    ts = TorchServe()
+    for name, payload in photo_files().items():
+        answer = ts.predict("efficientnet_lite0", payload).json()
+        top = ", ".join(f"{label.split(',')[0]} {p:.2f}" for label, p in answer.items())
+        print(f"efficientnet_lite0  {name:<10} {top}")
+    images, labels = digits.digit_images()
+    _, held_out = digits.split()
+    for info in sorted(ts.versions("digits"), key=lambda i: i["modelVersion"]):
+        version = info["modelVersion"]
+        for index in held_out[:5]:
+            answer = ts.predict("digits", encode(images[index], "PNG"), version).json()
+            top = ", ".join(f"{label} {p:.2f}" for label, p in answer.items())
+            print(f"digits {version:<12} label {labels[index]}   {top}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m manage", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="registered models and versions, default, workers, accuracy").set_defaults(
+        run=list_models)
+    p = commands.add_parser("describe", help="TorchServe's description of a model plus its build record")
+    p.add_argument("model")
+    p.add_argument("version", nargs="?")
+    p.set_defaults(run=describe)
+    p = commands.add_parser("set-default", help="make VERSION the default of MODEL")
+    p.add_argument("model")
+    p.add_argument("version")
+    p.set_defaults(run=set_default)
+    p = commands.add_parser("token", help="print the current key (renewed if expired)")
+    p.add_argument("kind", choices=["inference", "management"])
+    p.set_defaults(run=token)
+    p = commands.add_parser("predict", help="send a file, print the answer")
+    p.add_argument("model")
+    p.add_argument("file")
+    p.add_argument("--version")
+    p.set_defaults(run=predict)
+    commands.add_parser("samples", help="send the sample photos and digits, print the top-5").set_defaults(run=samples)
+    commands.add_parser("archives", help="(serve.sh) the verified archives to load").set_defaults(run=archives_to_serve)
+    p = commands.add_parser("wait", help="(serve.sh) wait until every built version is READY")
+    p.add_argument("--timeout", type=float, default=180.0)
+    p.set_defaults(run=wait_ready)
+    commands.add_parser("apply-defaults", help="(serve.sh) set each spec's default version").set_defaults(
+        run=apply_defaults)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ServeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

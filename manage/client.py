@@ -1,0 +1,136 @@
+"""A small client for a TorchServe started by serve.sh: addresses, tokens and one-line errors.
+
+Addresses come from config.properties, overridden like TorchServe itself does by ``TS_INFERENCE_ADDRESS``,
+``TS_MANAGEMENT_ADDRESS`` and ``TS_METRICS_ADDRESS``. Tokens come from the key file TorchServe writes into
+``$SERVE_HOME`` (default ``.serve/``); an expired token is renewed with the API key, so long sessions keep working.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "config.properties"
+TOKEN_MARGIN = dt.timedelta(seconds=30)  # renew a token this long before it expires
+API_KEYS = ("inference", "management")
+
+
+class ServeError(RuntimeError):
+    """Something a user can act on, in one line: not running, no key file, unknown model, refused request."""
+
+
+def read_properties(path: Path = CONFIG) -> dict[str, str]:
+    properties = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+def address(api: str) -> str:
+    """Base URL of the inference, management or metrics API."""
+    key = f"{api}_address"
+    return os.environ.get(f"TS_{key.upper()}") or read_properties()[key]
+
+
+def serve_home() -> Path:
+    return Path(os.environ.get("SERVE_HOME", REPO / ".serve"))
+
+
+class TorchServe:
+    def __init__(self, timeout: float = 30.0):
+        self.inference_url = address("inference")
+        self.management_url = address("management")
+        self.metrics_url = address("metrics")
+        self.key_file = serve_home() / "key_file.json"
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    # --- tokens -------------------------------------------------------------------------------------------------
+
+    def _keys(self) -> dict[str, Any]:
+        if not self.key_file.exists():
+            raise ServeError(f"no TorchServe key file at {self.key_file}: start TorchServe with ./serve.sh start")
+        return json.loads(self.key_file.read_text())
+
+    def token(self, kind: str) -> str:
+        """The current key for the inference or management API, renewed first if it is about to expire."""
+        if kind not in API_KEYS:
+            raise ServeError(f"token kind must be one of {', '.join(API_KEYS)}, not {kind!r}")
+        entry = self._keys()[kind]
+        if _parse_expiry(entry["expiration time"]) - TOKEN_MARGIN <= dt.datetime.now(dt.timezone.utc):
+            self.renew(kind)
+            entry = self._keys()[kind]
+        return entry["key"]
+
+    def renew(self, kind: str) -> None:
+        """Ask TorchServe for a new key (it rewrites the key file)."""
+        api_key = self._keys()["API"]["key"]
+        self._send("POST", self.management_url, f"/token?type={kind}", token=api_key)
+
+    # --- requests -----------------------------------------------------------------------------------------------
+
+    def _send(self, method: str, base: str, path: str, token: str, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
+        try:
+            return self.session.request(method, base + path, headers=headers, timeout=self.timeout, **kwargs)
+        except requests.ConnectionError:
+            raise ServeError(f"TorchServe is not answering at {base}: start it with ./serve.sh start") from None
+        except requests.Timeout:
+            raise ServeError(f"TorchServe did not answer {method} {base}{path} within {self.timeout:g} s") from None
+
+    def request(self, api: str, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs) -> requests.Response:
+        """A request to the inference or management API; a refused token is renewed once; other refusals raise."""
+        base = self.inference_url if api == "inference" else self.management_url
+        response = self._send(method, base, path, self.token(api), **kwargs)
+        if response.status_code in (400, 401) and "InvalidKeyException" in response.text:
+            self.renew(api)
+            response = self._send(method, base, path, self.token(api), **kwargs)
+        if response.status_code not in ok:
+            raise ServeError(f"{method} {path}: HTTP {response.status_code}: {_message(response)}")
+        return response
+
+    def management(self, method: str, path: str, **kwargs) -> Any:
+        return self.request("management", method, path, **kwargs).json()
+
+    # --- what the command line and serve.sh use -----------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        return [m["modelName"] for m in self.management("GET", "/models?limit=1000")["models"]]
+
+    def versions(self, model: str) -> list[dict[str, Any]]:
+        """Every registered version of a model, as TorchServe describes it (workers, batch settings, default)."""
+        return self.management("GET", f"/models/{model}/all")
+
+    def default_version(self, model: str) -> str:
+        return self.management("GET", f"/models/{model}")[0]["modelVersion"]
+
+    def set_default(self, model: str, version: str) -> None:
+        self.management("PUT", f"/models/{model}/{version}/set-default")
+
+    def predict(self, model: str, payload: bytes, version: str | None = None) -> requests.Response:
+        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        return self.request("inference", "POST", path, ok=tuple(range(200, 600)), data=payload,
+                            headers={"Content-Type": "application/octet-stream"})
+
+
+def _parse_expiry(text: str) -> dt.datetime:
+    """TorchServe writes nanoseconds ("2026-01-01T10:00:00.123456789Z"); Python reads up to microseconds."""
+    seconds, _, fraction = text.rstrip("Z").partition(".")
+    return dt.datetime.fromisoformat(f"{seconds}.{(fraction or '0')[:6]:0<6}+00:00")
+
+
+def _message(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:200]
+    return body.get("message", body) if isinstance(body, dict) else str(body)

