@@ -1,5 +1,5 @@
 # The pipeline's entry points. From a fresh clone: `make demo`, then `make test`.
-#   make archive [MODEL=digits [VERSION=2.0]]   build archives into model_store/
+#   make archive [MODEL=digits [VERSION=2.0]] [FORCE=1]   build archives into model_store/
 #   make serve | stop | status                  TorchServe with every built archive
 #   make predict                                sample photos and digits through the server, top-5 each
 SHELL := /bin/bash
@@ -25,7 +25,7 @@ install: .venv/.installed
 	@touch $@
 
 archive: install
-	$(PY) build_mar.py $(if $(MODEL),--model $(MODEL)) $(if $(VERSION),--version $(VERSION))
+	$(PY) build_mar.py $(if $(MODEL),--model $(MODEL)) $(if $(VERSION),--version $(VERSION)) $(if $(FORCE),--force)
 
 serve: archive
 	./serve.sh start

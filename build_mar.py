@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         entries = [build_version(v, manifest, args.force) for v in select(load_specs(args.specs), args.model,
                                                                           args.version)]
     except (BuildError, SpecError) as error:
-        logger.error("error: %s", error)
+        print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"\n{'model':<20} {'version':<8} {'accuracy':>9} {'parity':>9}  {'size':>8}  sha256")
     for e in entries:

@@ -1,0 +1,142 @@
+"""Build tests: real training, real TorchScript export, real torch-model-archiver, in a temporary store."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import build_mar
+from archives import load_spec
+from archives.store import Manifest, sha256_file
+from export.samples import encode
+from export.sources import SOURCES, Built, Source
+
+SPEC = {
+    "name": "tinydigits",
+    "handler": "image_classifier",
+    "default_version": "1.0",
+    "versions": {"1.0": {"source": {"type": "digits_cnn", "epochs": 1, "learning_rate": 0.002}}},
+    "model_config": {
+        "minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 10,
+        "handler": {"color_mode": "L", "resize": 8, "crop": 8, "mean": [0.0], "std": [1.0], "top_k": 3},
+    },
+}
+
+
+def write_spec(directory: Path, spec: dict) -> Path:
+    path = directory / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Manifest:
+    return Manifest(tmp_path / "store")
+
+
+@pytest.fixture
+def built(tmp_path: Path, store: Manifest):
+    spec = load_spec(write_spec(tmp_path, SPEC)).versions["1.0"]
+    return spec, build_mar.build_version(spec, store)
+
+
+def test_archive_holds_model_handlers_labels_config_and_build_record(built, store):
+    spec, entry = built
+    archive = store.store / "tinydigits_1.0.mar"
+    with zipfile.ZipFile(archive) as mar:
+        names = set(mar.namelist())
+        mar_manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+        info = json.loads(mar.read("model_info.json"))
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+        labels = json.loads(mar.read("index_to_name.json"))
+    assert {"model.pt", "image_classifier.py", "handlers/base.py", "handlers/vision.py", "index_to_name.json",
+            "model_info.json", "model-config.yaml"} <= names
+    assert not any("__pycache__" in name for name in names)
+    assert mar_manifest["model"]["modelName"] == "tinydigits" and mar_manifest["model"]["modelVersion"] == "1.0"
+    assert config == spec.model_config
+    assert labels == {str(d): str(d) for d in range(10)}
+    assert info["accuracy"] == entry["accuracy"] and info["parity"] == entry["parity"]
+    assert 0.0 < entry["accuracy"]["held_out"] <= 1.0 and entry["accuracy"]["samples"] == 360
+    assert entry["parity"]["max_abs_diff"] <= 1e-4
+    assert entry["sha256"] == sha256_file(archive) and entry["size_bytes"] == archive.stat().st_size
+    assert Manifest(store.store).get("tinydigits", "1.0") == entry  # written to disk
+
+
+def test_rebuilding_unchanged_input_is_a_noop(built, store):
+    spec, entry = built
+    archive = store.store / spec.archive_name
+    mtime = archive.stat().st_mtime_ns
+    assert build_mar.build_version(spec, store) == entry
+    assert archive.stat().st_mtime_ns == mtime and sha256_file(archive) == entry["sha256"]
+
+
+def test_changed_input_for_a_built_version_is_refused_unless_forced(built, store, tmp_path):
+    _, entry = built
+    changed = {**SPEC, "versions": {"1.0": {"source": {**SPEC["versions"]["1.0"]["source"], "epochs": 2}}}}
+    spec = load_spec(write_spec(tmp_path, changed)).versions["1.0"]
+    with pytest.raises(build_mar.BuildError, match="immutable"):
+        build_mar.build_version(spec, store)
+    assert store.get("tinydigits", "1.0") == entry
+    forced = build_mar.build_version(spec, store, force=True)
+    assert forced["input_fingerprint"] != entry["input_fingerprint"] and forced["sha256"] != entry["sha256"]
+
+
+def test_altered_archive_is_refused(built, store):
+    spec, _ = built
+    archive = store.store / spec.archive_name
+    with open(archive, "ab") as handle:
+        handle.write(b"tampered")
+    with pytest.raises(build_mar.BuildError, match="altered"):
+        build_mar.build_version(spec, store)
+    with pytest.raises(ValueError, match="altered"):
+        store.verify("tinydigits", "1.0")
+
+
+class BrightnessSwitch(torch.nn.Module):
+    """Data-dependent control flow: tracing bakes in the branch of the example, so the export is wrong."""
+
+    def forward(self, x):
+        features = x.mean(dim=(2, 3)).repeat(1, 10)
+        if x.mean() > 0.5:
+            return features
+        return -features
+
+
+def test_parity_failure_refuses_to_archive_and_names_the_input(tmp_path, store, monkeypatch):
+    def build(preprocess, **params):
+        bright, dark = np.full((8, 8), 255, np.uint8), np.zeros((8, 8), np.uint8)
+        dark[0, 0] = 40
+        samples = {"bright": encode(bright, "PNG"), "bright again": encode(bright, "PNG"), "dark": encode(dark, "PNG")}
+        return Built(BrightnessSwitch(), "test", {str(d): str(d) for d in range(10)}, samples)
+
+    monkeypatch.setitem(SOURCES, "brightness", Source(lambda: "brightness switch", build))
+    spec = load_spec(write_spec(tmp_path, {**SPEC, "versions": {"1.0": {"source": {"type": "brightness"}}}}))
+    with pytest.raises(build_mar.BuildError, match=r"dark \(batch of 1\).*max \|exported - eager\| = 0\.0\d+ > "
+                                                   r"tolerance 0\.0001"):
+        build_mar.build_version(spec.versions["1.0"], store)
+    assert not (store.store / "tinydigits_1.0.mar").exists() and store.get("tinydigits", "1.0") is None
+
+
+def test_cli_names_unknown_models_and_versions(capsys):
+    assert build_mar.main(["--model", "nosuch"]) == 1
+    assert "no spec for model 'nosuch'" in capsys.readouterr().err
+    assert build_mar.main(["--model", "digits", "--version", "9.9"]) == 1
+    assert "digits has no version '9.9'" in capsys.readouterr().err
+
+
+def test_spec_errors_name_the_file_and_the_problem(tmp_path):
+    from archives import SpecError
+
+    for broken, message in (({**SPEC, "default_version": "2.0"}, "default_version '2.0' is not one of"),
+                            ({**SPEC, "versions": {1.0: SPEC["versions"]["1.0"]}}, "must be a quoted string"),
+                            ({**SPEC, "handler": "nosuch"}, "not a module in handlers/"),
+                            ({**SPEC, "extra": 1}, "unknown keys \\['extra'\\]")):
+        with pytest.raises(SpecError, match=message):
+            load_spec(write_spec(tmp_path, broken))
