@@ -11,7 +11,7 @@ MODEL ?=
 VERSION ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install archive serve stop status predict test demo clean
+.PHONY: help install archive serve stop status samples predict test demo clean
 
 help:
 	@sed -n '1,5p' Makefile | sed 's/^# \{0,1\}//'
@@ -36,7 +36,10 @@ stop:
 status:
 	./serve.sh status
 
-predict:
+samples: install
+	@$(PY) -m export.samples samples >/dev/null
+
+predict: samples
 	$(PY) -m manage samples
 
 test: archive
@@ -45,13 +48,13 @@ test: archive
 demo: serve predict
 	@echo
 	@echo "TorchServe is running. Try:"
-	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -T photo.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0'
-	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -F data=@photo.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0'
-	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -T digit.png http://127.0.0.1:8080/predictions/digits/1.0'
+	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -T samples/chelsea.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0'
+	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -F data=@samples/coffee.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0'
+	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -T samples/digit.png http://127.0.0.1:8080/predictions/digits/1.0'
 	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token management)" http://127.0.0.1:8081/models/digits/all'
 	@echo '  curl http://127.0.0.1:8082/metrics'
 	@echo '  make stop'
 
 clean:
 	-./serve.sh stop
-	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache
+	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache samples

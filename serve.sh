@@ -5,6 +5,7 @@
 #   ./serve.sh stop             stop it
 #   ./serve.sh status           what is served (exit 3 when not running)
 #   ./serve.sh token inference  print the current inference key (or: token management)
+#   ./serve.sh java             the Java runtime start would use
 #
 #   curl -H "Authorization: Bearer $(./serve.sh token inference)" -T photo.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0
 #
@@ -99,5 +100,6 @@ case "${1:-}" in
   stop) stop ;;
   status) status ;;
   token) manage token "${2:-inference}" ;;
-  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  java) choose_java; echo "$JAVA_HOME" ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

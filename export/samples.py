@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -41,3 +42,26 @@ def encode(array: np.ndarray, fmt: str = "JPEG", quality: int = 95) -> bytes:
 def photo_files(fmt: str = "JPEG") -> dict[str, bytes]:
     """Every photo, encoded."""
     return {name: encode(photo(name), fmt) for name in PHOTOS}
+
+
+def write_samples(folder: Path) -> list[Path]:
+    """The photos as JPEG files and one held-out digit as digit.png, for trying the server with curl."""
+    from export import digits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, payload in photo_files().items():
+        written.append(folder / f"{name}.jpg")
+        written[-1].write_bytes(payload)
+    images, labels = digits.digit_images()
+    _, held_out = digits.split()
+    written.append(folder / "digit.png")
+    written[-1].write_bytes(encode(images[held_out[0]], "PNG"))
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    for path in write_samples(Path(sys.argv[1] if len(sys.argv) > 1 else "samples")):
+        print(path)

