@@ -109,6 +109,7 @@ class BrightnessSwitch(torch.nn.Module):
         return -features
 
 
+@pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean:torch.jit.TracerWarning")
 def test_parity_failure_refuses_to_archive_and_names_the_input(tmp_path, store, monkeypatch):
     def build(preprocess, **params):
         bright, dark = np.full((8, 8), 255, np.uint8), np.zeros((8, 8), np.uint8)
