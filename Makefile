@@ -2,6 +2,7 @@
 #   make archive [MODEL=digits [VERSION=2.0]] [FORCE=1]   build archives into model_store/
 #   make serve | stop | status                  TorchServe with every built archive
 #   make predict                                sample photos and digits through the server, top-5 each
+#   make models | describe | register | unregister | scale | set-default   MODEL=.. VERSION=.. [MIN=.. MAX=..]
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -9,12 +10,16 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PY := .venv/bin/python
 MODEL ?=
 VERSION ?=
+MIN ?= 1
+MAX ?= 1
 PYTEST_ARGS ?=
+MANAGE := $(PY) -m manage
 
-.PHONY: help install archive serve stop status samples predict test demo clean
+.PHONY: help install archive serve stop status samples predict test demo clean \
+        models describe register unregister scale set-default
 
 help:
-	@sed -n '1,5p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
 
 install: .venv/.installed
 
@@ -41,6 +46,24 @@ samples: install
 
 predict: samples
 	$(PY) -m manage samples
+
+models:
+	@$(MANAGE) list
+
+describe:
+	@$(MANAGE) describe $(MODEL) $(VERSION)
+
+register:
+	@$(MANAGE) register $(MODEL) $(VERSION)
+
+unregister:
+	@$(MANAGE) unregister $(MODEL) $(VERSION)
+
+scale:
+	@$(MANAGE) scale $(MODEL) $(VERSION) --min $(MIN) --max $(MAX)
+
+set-default:
+	@$(MANAGE) set-default $(MODEL) $(VERSION)
 
 test: archive
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -99,17 +99,19 @@ def apply_defaults(args) -> None:
 def list_models(args) -> None:
     ts = TorchServe()
     manifest = Manifest()
-    print(f"{'model':<20} {'version':<8} {'default':<8} {'workers':<8} {'accuracy':>9}  description")
+    rows = []
     for model in sorted(ts.models()):
         default = ts.default_version(model)
         for info in sorted(ts.versions(model), key=lambda i: i["modelVersion"]):
             version = info["modelVersion"]
             entry = manifest.get(model, version) or {}
             ready = sum(w["status"] == READY for w in info.get("workers", []))
-            accuracy = entry.get("accuracy") or {}
-            workers = f"{ready}/{info.get('minWorkers')}"
-            print(f"{model:<20} {version:<8} {'yes' if version == default else '':<8} {workers:<8} "
-                  f"{accuracy.get('held_out', '-'):>9}  {entry.get('description', '')}")
+            accuracy = (entry.get("accuracy") or {}).get("held_out", "-")
+            rows.append((model, version, "yes" if version == default else "", f"{ready}/{info.get('minWorkers')}",
+                         accuracy, entry.get("description", "")))
+    print(f"{'model':<20} {'version':<8} {'default':<8} {'workers':<8} {'accuracy':>9}  description")
+    for model, version, is_default, workers, accuracy, description in rows:
+        print(f"{model:<20} {version:<8} {is_default:<8} {workers:<8} {accuracy:>9}  {description}")
 
 
 def describe(args) -> None:
@@ -127,6 +129,39 @@ def describe(args) -> None:
     if not described:
         raise ServeError(f"{args.model} has no registered version {args.version}")
     print(json.dumps(described, indent=2))
+
+
+def built_archive(model: str, version: str) -> Path:
+    """The archive of MODEL VERSION from the model store, after checking it against its spec and manifest entry."""
+    specs = load_specs()
+    if model not in specs:
+        raise ServeError(f"unknown model {model!r}: no spec in archives/ (known: {', '.join(sorted(specs))})")
+    if version not in specs[model].versions:
+        raise ServeError(f"unknown version {model} {version}: {specs[model].path.name} has "
+                         f"{', '.join(specs[model].versions)}")
+    manifest = Manifest()
+    if manifest.get(model, version) is None:
+        raise ServeError(f"{model} {version} is not built: make archive MODEL={model} VERSION={version}")
+    try:
+        archive, _ = manifest.verify(model, version)
+    except ValueError as error:
+        raise ServeError(f"refused: {error}") from None
+    return archive
+
+
+def register(args) -> None:
+    archive = built_archive(args.model, args.version)
+    print(TorchServe(timeout=300).register(archive.name))
+
+
+def unregister(args) -> None:
+    print(TorchServe(timeout=120).unregister(args.model, args.version))
+
+
+def scale(args) -> None:
+    if not 0 <= args.min <= args.max:
+        raise ServeError(f"need 0 <= --min <= --max, got --min {args.min} --max {args.max}")
+    print(TorchServe(timeout=300).scale(args.model, args.version, args.min, args.max))
 
 
 def set_default(args) -> None:
@@ -174,6 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model")
     p.add_argument("version", nargs="?")
     p.set_defaults(run=describe)
+    p = commands.add_parser("register", help="register a built version (sha256 checked against the manifest)")
+    p.add_argument("model")
+    p.add_argument("version")
+    p.set_defaults(run=register)
+    p = commands.add_parser("unregister", help="unregister a version")
+    p.add_argument("model")
+    p.add_argument("version")
+    p.set_defaults(run=unregister)
+    p = commands.add_parser("scale", help="set a version's minimum and maximum workers")
+    p.add_argument("model")
+    p.add_argument("version")
+    p.add_argument("--min", type=int, required=True)
+    p.add_argument("--max", type=int, required=True)
+    p.set_defaults(run=scale)
     p = commands.add_parser("set-default", help="make VERSION the default of MODEL")
     p.add_argument("model")
     p.add_argument("version")

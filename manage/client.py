@@ -124,6 +124,17 @@ class TorchServe:
     def set_default(self, model: str, version: str) -> None:
         self.management("PUT", f"/models/{model}/{version}/set-default")
 
+    def register(self, archive_name: str) -> str:
+        """Register an archive from the model store; returns when its workers are up (synchronous)."""
+        return self.management("POST", f"/models?url={archive_name}&synchronous=true")["status"]
+
+    def unregister(self, model: str, version: str) -> str:
+        return self.management("DELETE", f"/models/{model}/{version}")["status"]
+
+    def scale(self, model: str, version: str, min_workers: int, max_workers: int) -> str:
+        path = f"/models/{model}/{version}?min_worker={min_workers}&max_worker={max_workers}&synchronous=true"
+        return self.management("PUT", path)["status"]
+
     def predict(self, model: str, payload: bytes, version: str | None = None) -> requests.Response:
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         return self.request("inference", "POST", path, ok=tuple(range(200, 600)), data=payload,
