@@ -203,45 +203,32 @@ def samples(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m manage", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="registered models and versions, default, workers, accuracy").set_defaults(
-        run=list_models)
-    p = commands.add_parser("describe", help="TorchServe's description of a model plus its build record")
-    p.add_argument("model")
-    p.add_argument("version", nargs="?")
-    p.set_defaults(run=describe)
-    p = commands.add_parser("register", help="register a built version (sha256 checked against the manifest)")
-    p.add_argument("model")
-    p.add_argument("version")
-    p.set_defaults(run=register)
-    p = commands.add_parser("unregister", help="unregister a version")
-    p.add_argument("model")
-    p.add_argument("version")
-    p.set_defaults(run=unregister)
-    p = commands.add_parser("scale", help="set a version's minimum and maximum workers")
-    p.add_argument("model")
-    p.add_argument("version")
-    p.add_argument("--min", type=int, required=True)
-    p.add_argument("--max", type=int, required=True)
-    p.set_defaults(run=scale)
-    p = commands.add_parser("set-default", help="make VERSION the default of MODEL")
-    p.add_argument("model")
-    p.add_argument("version")
-    p.set_defaults(run=set_default)
-    p = commands.add_parser("token", help="print the current key (renewed if expired)")
-    p.add_argument("kind", choices=["inference", "management"])
-    p.set_defaults(run=token)
-    p = commands.add_parser("predict", help="send a file, print the answer")
-    p.add_argument("model")
-    p.add_argument("file")
-    p.add_argument("--version")
-    p.set_defaults(run=predict)
-    commands.add_parser("samples", help="send the sample photos and digits, print the top-5").set_defaults(run=samples)
-    commands.add_parser("archives", help="(serve.sh) the verified archives to load").set_defaults(run=archives_to_serve)
-    p = commands.add_parser("wait", help="(serve.sh) wait until every built version is READY")
-    p.add_argument("--timeout", type=float, default=180.0)
-    p.set_defaults(run=wait_ready)
-    commands.add_parser("apply-defaults", help="(serve.sh) set each spec's default version").set_defaults(
-        run=apply_defaults)
+
+    def command(name: str, run, help: str, *positionals: str, **options) -> argparse.ArgumentParser:
+        """A subcommand with positional arguments (a trailing '?' makes one optional) and --options."""
+        sub = commands.add_parser(name, help=help)
+        for positional in positionals:
+            sub.add_argument(positional.rstrip("?"), nargs="?" if positional.endswith("?") else None)
+        for option, kwargs in options.items():
+            sub.add_argument(f"--{option}", **kwargs)
+        sub.set_defaults(run=run)
+        return sub
+
+    command("list", list_models, "registered models and versions, default, workers, accuracy")
+    command("describe", describe, "TorchServe's description of a model plus its build record", "model", "version?")
+    command("register", register, "register a built version (sha256 checked against the manifest)", "model", "version")
+    command("unregister", unregister, "unregister a version", "model", "version")
+    command("scale", scale, "set a version's minimum and maximum workers", "model", "version",
+            min={"type": int, "required": True}, max={"type": int, "required": True})
+    command("set-default", set_default, "make VERSION the default of MODEL", "model", "version")
+    command("token", token, "print the current key (renewed if expired)").add_argument(
+        "kind", choices=["inference", "management"])
+    command("predict", predict, "send a file, print the answer", "model", "file", version={})
+    command("samples", samples, "send the sample photos and digits, print the top-5")
+    command("archives", archives_to_serve, "(serve.sh) the verified archives to load")
+    command("wait", wait_ready, "(serve.sh) wait until every built version is READY",
+            timeout={"type": float, "default": 180.0})
+    command("apply-defaults", apply_defaults, "(serve.sh) set each spec's default version")
     args = parser.parse_args(argv)
     try:
         args.run(args)
