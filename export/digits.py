@@ -29,14 +29,20 @@ def digit_images() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-def split() -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the training and held-out images: the same on every machine."""
+def split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and held-out images (labels from digit_images()): the same on every machine."""
     from sklearn.model_selection import train_test_split
 
-    _, labels = digit_images()
     indices = np.arange(len(labels))
     train, test = train_test_split(indices, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels)
     return np.sort(train), np.sort(test)
+
+
+def held_out() -> tuple[np.ndarray, np.ndarray]:
+    """The held-out images and their labels: what the recorded accuracy is measured on."""
+    images, labels = digit_images()
+    _, test = split(labels)
+    return images[test], labels[test]
 
 
 class DigitsCNN(nn.Module):

@@ -53,10 +53,9 @@ def write_samples(folder: Path) -> list[Path]:
     for name, payload in photo_files().items():
         written.append(folder / f"{name}.jpg")
         written[-1].write_bytes(payload)
-    images, labels = digits.digit_images()
-    _, held_out = digits.split()
+    images, _ = digits.held_out()
     written.append(folder / "digit.png")
-    written[-1].write_bytes(encode(images[held_out[0]], "PNG"))
+    written[-1].write_bytes(encode(images[0], "PNG"))
     return written
 
 

@@ -77,7 +77,7 @@ def digits_cnn_identity(epochs: int, learning_rate: float, batch_size: int = 64,
 
 def digits_cnn_build(preprocess, epochs: int, learning_rate: float, batch_size: int = 64, seed: int = 0) -> Built:
     images, labels = digits_model.digit_images()
-    train_idx, test_idx = digits_model.split()
+    train_idx, test_idx = digits_model.split(labels)
     inputs = preprocess.collate([torch.from_numpy(image[..., None]) for image in images[train_idx]])
     model = digits_model.train(inputs, torch.from_numpy(labels[train_idx]), epochs, learning_rate, batch_size, seed)
     held_out = [encode(images[i], "PNG") for i in test_idx]

@@ -15,9 +15,7 @@ from pathlib import Path
 
 from archives import load_specs
 from archives.store import Manifest
-from manage.client import ServeError, TorchServe, serve_home
-
-READY = "READY"
+from manage.client import ServeError, TorchServe, ready_workers, serve_home
 
 
 def archives_to_serve(args) -> None:
@@ -49,17 +47,13 @@ def _server_alive() -> bool:
 def _readiness(ts: TorchServe, expected: set[tuple[str, str]]) -> list[str]:
     """What is not ready yet, one line each; empty when every expected version has its minimum workers READY."""
     waiting = []
-    registered = {}
-    for model in ts.models():
-        for info in ts.versions(model):
-            registered[(model, info["modelVersion"])] = info
+    registered = ts.registered()
     for model, version in sorted(expected):
         info = registered.get((model, version))
         if info is None:
             waiting.append(f"{model} {version}: not registered yet")
-            continue
-        states = [w["status"] for w in info.get("workers", [])]
-        if states.count(READY) < max(1, int(info.get("minWorkers", 1))):
+        elif ready_workers(info) < max(1, int(info.get("minWorkers", 1))):
+            states = [w["status"] for w in info.get("workers", [])]
             waiting.append(f"{model} {version}: workers {states or 'none yet'}")
     return waiting
 
@@ -105,7 +99,7 @@ def list_models(args) -> None:
         for info in sorted(ts.versions(model), key=lambda i: i["modelVersion"]):
             version = info["modelVersion"]
             entry = manifest.get(model, version) or {}
-            ready = sum(w["status"] == READY for w in info.get("workers", []))
+            ready = ready_workers(info)
             accuracy = (entry.get("accuracy") or {}).get("held_out", "-")
             rows.append((model, version, "yes" if version == default else "", f"{ready}/{info.get('minWorkers')}",
                          accuracy, entry.get("description", "")))
@@ -190,14 +184,13 @@ def samples(args) -> None:
         answer = ts.predict("efficientnet_lite0", payload).json()
         top = ", ".join(f"{label.split(',')[0]} {p:.2f}" for label, p in answer.items())
         print(f"efficientnet_lite0  {name:<10} {top}")
-    images, labels = digits.digit_images()
-    _, held_out = digits.split()
+    images, labels = digits.held_out()
     for info in sorted(ts.versions("digits"), key=lambda i: i["modelVersion"]):
         version = info["modelVersion"]
-        for index in held_out[:5]:
-            answer = ts.predict("digits", encode(images[index], "PNG"), version).json()
-            top = ", ".join(f"{label} {p:.2f}" for label, p in answer.items())
-            print(f"digits {version:<12} label {labels[index]}   {top}")
+        for image, label in zip(images[:5], labels[:5]):
+            answer = ts.predict("digits", encode(image, "PNG"), version).json()
+            top = ", ".join(f"{name} {p:.2f}" for name, p in answer.items())
+            print(f"digits {version:<12} label {label}   {top}")
 
 
 def main(argv: list[str] | None = None) -> int:

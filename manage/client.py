@@ -21,6 +21,7 @@ CONFIG = REPO / "config.properties"
 TOKEN_MARGIN = dt.timedelta(seconds=30)  # renew a token this long before it expires
 API_KEYS = ("inference", "management")
 KEY_FILE_READS = 20
+READY = "READY"
 
 
 class ServeError(RuntimeError):
@@ -118,6 +119,10 @@ class TorchServe:
         """Every registered version of a model, as TorchServe describes it (workers, batch settings, default)."""
         return self.management("GET", f"/models/{model}/all")
 
+    def registered(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Every registered version of every model, by (model, version)."""
+        return {(model, info["modelVersion"]): info for model in self.models() for info in self.versions(model)}
+
     def default_version(self, model: str) -> str:
         return self.management("GET", f"/models/{model}")[0]["modelVersion"]
 
@@ -139,6 +144,11 @@ class TorchServe:
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         return self.request("inference", "POST", path, ok=tuple(range(200, 600)), data=payload,
                             headers={"Content-Type": "application/octet-stream"})
+
+
+def ready_workers(info: dict[str, Any]) -> int:
+    """How many of a version's workers are READY, from TorchServe's description of the version."""
+    return sum(worker["status"] == READY for worker in info.get("workers", []))
 
 
 def _parse_expiry(text: str) -> dt.datetime:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
 import subprocess
 from contextlib import ExitStack
@@ -24,6 +25,24 @@ def free_ports(count: int) -> list[int]:
             stack.enter_context(s)
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in sockets]
+
+
+def serve_sh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "serve.sh"), *args], capture_output=True, text=True, timeout=300)
+
+
+def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The management command line, as a user runs it, with extra environment variables."""
+    return subprocess.run([str(REPO / ".venv/bin/python"), "-m", "manage", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **env}, timeout=300)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The error line of a command that failed as it should: exit status 1, one line on stderr, no traceback."""
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
 
 
 def bad_inputs() -> dict[str, tuple[bytes, int, str]]:
@@ -51,9 +70,6 @@ class Served:
     env: dict[str, str]
     start_output: str
 
-    def serve_sh(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(REPO / "serve.sh"), *args], capture_output=True, text=True, timeout=300)
-
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory) -> Served:
@@ -75,10 +91,10 @@ def served(tmp_path_factory) -> Served:
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
-        started = subprocess.run([str(REPO / "serve.sh"), "start"], capture_output=True, text=True, timeout=300)
+        started = serve_sh("start")
         try:
             assert started.returncode == 0, f"serve.sh start failed:\n{started.stdout}\n{started.stderr}"
             yield Served(TorchServe(), env, started.stdout)
         finally:
-            stopped = subprocess.run([str(REPO / "serve.sh"), "stop"], capture_output=True, text=True, timeout=60)
+            stopped = serve_sh("stop")
             assert stopped.returncode == 0, stopped.stderr

@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from archives.store import Manifest
-from tests.conftest import REPO, free_ports
+from manage.client import ready_workers as ready
+from tests.conftest import free_ports, manage, one_line_error
 
 pytestmark = pytest.mark.integration
 
 
-def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPO / ".venv/bin/python"), "-m", "manage", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **env}, timeout=300)
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 1, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def ready_workers(served, model: str, version: str) -> int | None:
-    for info in served.client.versions(model):
-        if info["modelVersion"] == version:
-            return sum(w["status"] == "READY" for w in info["workers"])
-    return None
+    info = served.client.registered().get((model, version))
+    return None if info is None else ready(info)
 
 
 @pytest.fixture

