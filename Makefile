@@ -3,6 +3,8 @@
 #   make serve | stop | status                  TorchServe with every built archive
 #   make predict                                sample photos and digits through the server, top-5 each
 #   make models | describe | register | unregister | scale | set-default   MODEL=.. VERSION=.. [MIN=.. MAX=..]
+#   make ab MODEL=digits SPLIT="1.0=90 2.0=10" | promote MODEL=.. VERSION=.. | rollback MODEL=.. | routes
+#                                               the A/B proxy (nginx) on :8090; make stop stops it too
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -12,14 +14,15 @@ MODEL ?=
 VERSION ?=
 MIN ?= 1
 MAX ?= 1
+SPLIT ?=
 PYTEST_ARGS ?=
 MANAGE := $(PY) -m manage
 
 .PHONY: help install archive serve stop status samples predict test demo clean \
-        models describe register unregister scale set-default
+        models describe register unregister scale set-default ab promote rollback routes proxy-stop
 
 help:
-	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '/^[^#]/q;s/^# \{0,1\}//p' Makefile
 
 install: .venv/.installed
 
@@ -35,7 +38,7 @@ archive: install
 serve: archive
 	./serve.sh start
 
-stop:
+stop: proxy-stop
 	./serve.sh stop
 
 status:
@@ -65,6 +68,21 @@ scale:
 set-default:
 	@$(MANAGE) set-default $(MODEL) $(VERSION)
 
+ab:
+	@$(MANAGE) ab $(MODEL) $(SPLIT)
+
+promote:
+	@$(MANAGE) promote $(MODEL) $(VERSION)
+
+rollback:
+	@$(MANAGE) rollback $(MODEL)
+
+routes:
+	@$(MANAGE) routes
+
+proxy-stop:
+	@$(MANAGE) proxy-stop
+
 test: archive
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -79,5 +97,6 @@ demo: serve predict
 	@echo '  make stop'
 
 clean:
+	-$(MANAGE) proxy-stop
 	-./serve.sh stop
 	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache samples

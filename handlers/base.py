@@ -6,6 +6,9 @@ TorchServe calls ``handle(data, context)`` with a batch: a list with one dict pe
 ``data`` or ``body`` (raw bytes from ``curl -T`` / ``--data-binary``), or under the field name of a multipart upload
 (``curl -F file=@x``). Every request gets exactly one answer, in order.
 
+Every answer carries ``X-Model-Version``: the version that computed it, also when the request asked for the default
+(``/predictions/<model>``) or came through the A/B proxy.
+
 A request whose input is bad gets HTTP 4xx and the JSON body ``{"code": 400, "error": "<reason>", "message": "..."}``;
 only that request fails, its neighbours in the batch are answered as usual, and the worker stays up.
 
@@ -31,6 +34,7 @@ from ts.torch_handler.base_handler import BaseHandler
 logger = logging.getLogger(__name__)
 
 PAYLOAD_KEYS = ("data", "body")
+VERSION_HEADER = "X-Model-Version"  # on every answer: the version that computed it, whichever URL was asked
 
 
 def load_torchscript(path: str, device: torch.device, optimize_for_inference: bool) -> torch.jit.ScriptModule:
@@ -106,6 +110,7 @@ class ModelHandler(BaseHandler):
         self.configure()
         super().initialize(context)
         self.context = context
+        self.version = context.manifest.get("model", {}).get("modelVersion", "")
         example = self.example_input()
         with torch.inference_mode():
             for _ in range(int(self.settings["warmup_runs"])):
@@ -157,6 +162,7 @@ class ModelHandler(BaseHandler):
         answers = iter(self.answer(batch.outputs) if batch.inputs is not None else ())
         responses = []
         for idx in range(batch.size):
+            self.context.set_response_header(idx, VERSION_HEADER, self.version)
             error = batch.errors.get(idx)
             if error is None:
                 responses.append(next(answers))

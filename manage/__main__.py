@@ -15,6 +15,7 @@ from pathlib import Path
 
 from archives import load_specs
 from archives.store import Manifest
+from manage import proxy
 from manage.client import ServeError, TorchServe, ready_workers, serve_home
 
 
@@ -149,6 +150,10 @@ def register(args) -> None:
 
 
 def unregister(args) -> None:
+    share = proxy.share_of(args.model, args.version)
+    if share > 0:
+        raise ServeError(f"refused: {args.model} {args.version} still takes {share:.0%} of the A/B proxy's traffic; "
+                         f"make promote or make ab MODEL={args.model} SPLIT=... without it first")
     print(TorchServe(timeout=120).unregister(args.model, args.version))
 
 
@@ -161,6 +166,26 @@ def scale(args) -> None:
 def set_default(args) -> None:
     TorchServe().set_default(args.model, args.version)
     print(f"{args.model}: default version is now {args.version}")
+
+
+def ab(args) -> None:
+    print(proxy.set_split(args.model, proxy.parse_split(args.split)))
+
+
+def promote(args) -> None:
+    print(proxy.promote(args.model, args.version))
+
+
+def rollback(args) -> None:
+    print(proxy.rollback(args.model))
+
+
+def routes(args) -> None:
+    print(json.dumps(proxy.Proxy().serving(), indent=2))
+
+
+def proxy_stop(args) -> None:
+    print(proxy.Proxy().stop())
 
 
 def token(args) -> None:
@@ -214,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     command("scale", scale, "set a version's minimum and maximum workers", "model", "version",
             min={"type": int, "required": True}, max={"type": int, "required": True})
     command("set-default", set_default, "make VERSION the default of MODEL", "model", "version")
+    command("ab", ab, "start or reload the A/B proxy with MODEL split by weight: ab digits 1.0=90 2.0=10",
+            "model").add_argument("split", nargs="+", help="VERSION=WEIGHT terms")
+    command("promote", promote, "make VERSION the default and send it all of the proxy's traffic", "model", "version")
+    command("rollback", rollback, "return MODEL to the default and split before the last ab or promote", "model")
+    command("routes", routes, "the routing table the A/B proxy serves")
+    command("proxy-stop", proxy_stop, "stop the A/B proxy (in-flight requests are answered first)")
     command("token", token, "print the current key (renewed if expired)").add_argument(
         "kind", choices=["inference", "management"])
     command("predict", predict, "send a file, print the answer", "model", "file", version={})

@@ -74,11 +74,12 @@ class Served:
 @pytest.fixture(scope="session")
 def served(tmp_path_factory) -> Served:
     """Our own TorchServe, started by serve.sh on free loopback ports and its own SERVE_HOME, so it runs beside a
-    demo; it serves the archives `make archive` built into model_store/."""
+    demo; it serves the archives `make archive` built into model_store/. The A/B proxy, once a test starts it, has
+    its own free port too, and stops with it."""
     from manage.client import TorchServe
 
     home = tmp_path_factory.mktemp("serve")
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    inference, management, metrics, grpc_inference, grpc_management, proxy = free_ports(6)
     env = {
         "SERVE_HOME": str(home),
         "LOG_DIR": str(home / "logs"),
@@ -87,6 +88,7 @@ def served(tmp_path_factory) -> Served:
         "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics}",
         "TS_GRPC_INFERENCE_PORT": str(grpc_inference),
         "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
+        "PROXY_ADDRESS": f"http://127.0.0.1:{proxy}",  # the A/B proxy, when a test starts it
     }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
@@ -96,5 +98,7 @@ def served(tmp_path_factory) -> Served:
             assert started.returncode == 0, f"serve.sh start failed:\n{started.stdout}\n{started.stderr}"
             yield Served(TorchServe(), env, started.stdout)
         finally:
+            proxy_stopped = manage("proxy-stop")
+            assert proxy_stopped.returncode == 0, proxy_stopped.stderr
             stopped = serve_sh("stop")
             assert stopped.returncode == 0, stopped.stderr

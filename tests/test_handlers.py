@@ -46,7 +46,8 @@ def model_dir(tmp_path: Path) -> Path:
 def make_handler(model_dir: Path, **settings) -> tuple[ImageClassifier, Context]:
     metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
     metrics.initialize_cache()
-    manifest = {"model": {"modelName": "tiny", "serializedFile": "model.pt", "handler": "image_classifier.py"}}
+    manifest = {"model": {"modelName": "tiny", "serializedFile": "model.pt", "handler": "image_classifier.py",
+                          "modelVersion": "1.0"}}
     config = {"batchSize": 8, "handler": {"resize": SIZE, "crop": SIZE, **settings}}
     context = Context("tiny", str(model_dir), manifest, 8, None, "0.12.0", metrics=metrics, model_yaml_config=config)
     handler = ImageClassifier()
@@ -97,6 +98,7 @@ def test_mixed_batch_fails_only_the_bad_requests(model_dir):
     results = handle(handler, context, payloads)
     statuses = [context.get_response_status(index)[0] for index in range(len(payloads))]
     assert len(results) == len(payloads)
+    assert {context.get_response_headers(i)["X-Model-Version"] for i in range(len(payloads))} == {"1.0"}
     singles = [handle(handler, context, [g])[0] for g in good]
     for index, expected in ((0, singles[0]), (len(payloads) - 1, singles[1])):
         assert statuses[index] == 200

@@ -1,0 +1,372 @@
+"""The A/B proxy: nginx's ``split_clients`` in front of TorchServe's inference API, driven by a routing table.
+
+Why nginx: ``split_clients`` is a weighted split by a hash of any key, so a client that sends ``X-Client-Id`` always
+lands on the same version and a client without one is split at random by weight (the hash of nginx's per-request
+``$request_id``). A reload is graceful: old workers finish the requests they hold while new workers take new
+connections, so changing the split drops nothing. It is one Debian package, proven in front of most of the web.
+
+The routing table lives in ``$SERVE_HOME/proxy/routes.json``: for each routed model its split (version → weight), the
+TorchServe default it was set with, and the earlier states that ``rollback`` returns to. Requests for
+``/predictions/<model>`` (and ``/explanations/<model>``) go to the chosen version's own URL, so TorchServe's metrics
+carry the real version; everything else passes through unchanged.
+
+Every change is: check the versions are registered with READY workers → render ``proxy/nginx.conf`` → ``nginx -t`` →
+start or reload → wait until the proxy serves the new table and every old worker has finished and exited. After
+that no request is still on its way to a version the new split dropped, so unregistering it is safe.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import requests
+
+from manage.client import (
+    REPO,
+    ServeError,
+    TorchServe,
+    address,
+    ready_workers,
+    serve_home,
+)
+
+TEMPLATE = REPO / "proxy" / "nginx.conf"
+DEFAULT_ADDRESS = "http://127.0.0.1:8090"
+HISTORY = 20  # earlier states kept per model for rollback
+MAX_BODY = "25m"  # as TorchServe's max_request_size
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+
+
+def proxy_address() -> str:
+    return os.environ.get("PROXY_ADDRESS", DEFAULT_ADDRESS)
+
+
+def parse_split(terms: list[str]) -> dict[str, float]:
+    """``["1.0=90", "2.0=10"]`` (or one string with spaces) → ``{"1.0": 90.0, "2.0": 10.0}``."""
+    split: dict[str, float] = {}
+    for term in " ".join(terms).replace(",", " ").split():
+        version, sep, weight = term.partition("=")
+        if not sep or not version:
+            raise ServeError(f"split term {term!r} is not VERSION=WEIGHT (e.g. 1.0=90 2.0=10)")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ServeError(f"split term {term!r}: weight {weight!r} is not a number") from None
+        if value < 0 or version in split:
+            raise ServeError(f"split term {term!r}: weights are >= 0 and each version appears once")
+        split[version] = value
+    total = sum(split.values())
+    if total <= 0:
+        raise ServeError("the split gives no traffic to any version")
+    if any(0 < w / total < 1e-4 for w in split.values()):
+        raise ServeError("a share below 0.01% cannot be expressed in nginx's split_clients")
+    return {version: weight for version, weight in split.items() if weight > 0}
+
+
+def describe_split(split: dict[str, float]) -> str:
+    total = sum(split.values())
+    return " ".join(f"{v}={100 * w / total:g}%" for v, w in split.items())
+
+
+# --- the routing table -------------------------------------------------------------------------------------------
+
+
+class Routes:
+    """``routes.json``: ``{"generation": n, "models": {model: {"split", "default", "history": [...]}}}``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        data = json.loads(path.read_text()) if path.exists() else {}
+        self.generation: int = data.get("generation", 0)
+        self.models: dict[str, dict[str, Any]] = data.get("models", {})
+
+    def state(self, model: str) -> dict[str, Any] | None:
+        route = self.models.get(model)
+        return None if route is None else {"split": route["split"], "default": route["default"]}
+
+    def change(self, model: str, split: dict[str, float], default: str, previous: dict[str, Any] | None) -> None:
+        """Make ``split``/``default`` the model's route; ``previous`` (if any) becomes the rollback target."""
+        history = self.models.get(model, {}).get("history", [])
+        if previous is not None:
+            history = (history + [previous])[-HISTORY:]
+        self.models[model] = {"split": split, "default": default, "history": history}
+        self.generation += 1
+
+    def pop(self, model: str) -> dict[str, Any]:
+        history = self.models.get(model, {}).get("history", [])
+        if not history:
+            raise ServeError(f"{model} has no earlier split or default to roll back to")
+        return history[-1]
+
+    def drop_last(self, model: str) -> None:
+        self.models[model]["history"].pop()
+
+    def served(self) -> dict[str, Any]:
+        """What the proxy serves at /ab/routes (the table without its history)."""
+        return {"generation": self.generation,
+                "models": {m: {"split": r["split"], "default": r["default"]} for m, r in sorted(self.models.items())}}
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"generation": self.generation, "models": self.models}, indent=2))
+        tmp.replace(self.path)
+
+
+# --- nginx -------------------------------------------------------------------------------------------------------
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/sbin")
+    if not found:
+        raise ServeError("nginx is not installed: apt-get install nginx-light (the A/B proxy runs on it)")
+    return found
+
+
+def _user_line() -> str:
+    """As root, nginx's workers need an unprivileged user; as anyone else they run as that user."""
+    if os.geteuid() != 0:
+        return ""
+    import grp
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    return f"user {nobody.pw_name} {grp.getgrgid(nobody.pw_gid).gr_name};"
+
+
+def _model_blocks(model: str, split: dict[str, float]) -> tuple[str, str]:
+    """The ``split_clients``/``map`` block (http level) and the ``location`` (server level) of one routed model."""
+    var = re.sub(r"\W", "_", model)
+    total = sum(split.values())
+    versions = list(split)
+    lines = []
+    for version in versions[:-1]:
+        lines.append(f'        {100 * split[version] / total:.2f}% "{version}";')
+    lines.append(f'        * "{versions[-1]}";')
+    buckets = "\n".join(lines)
+    http = (
+        f"    # {model}: {describe_split(split)}\n"
+        f'    split_clients "${{http_x_client_id}}:{model}" $ab_keyed_{var} {{\n{buckets}\n    }}\n'
+        f'    split_clients "${{request_id}}" $ab_random_{var} {{\n{buckets}\n    }}\n'
+        f"    map $http_x_client_id $ab_{var} {{\n"
+        f'        "" $ab_random_{var};\n'
+        f"        default $ab_keyed_{var};\n"
+        f"    }}\n"
+    )
+    pattern = re.escape(model).replace("\\-", "-")
+    location = (
+        f"        location ~ ^/(predictions|explanations)/{pattern}/?$ {{\n"
+        f"            proxy_pass http://torchserve/$1/{model}/$ab_{var}$is_args$args;\n"
+        f"        }}\n"
+    )
+    return http, location
+
+
+def render(routes: Routes, listen: str, upstream: str, state: Path, logs: Path) -> str:
+    blocks = [_model_blocks(model, route["split"]) for model, route in sorted(routes.models.items())]
+    values = {
+        "user": _user_line(),
+        "workers": "auto",
+        "state": str(state),
+        "logs": str(logs),
+        "max_body": MAX_BODY,
+        "upstream": upstream,
+        "listen": listen,
+        "routes": "".join(http for http, _ in blocks),
+        "locations": "".join(location for _, location in blocks),
+        "routes_json": json.dumps(routes.served(), separators=(",", ":")),
+    }
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], TEMPLATE.read_text())
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (nginx's workers of its master), from /proc."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # exited while we looked
+            continue
+        if int(fields[1]) == pid:
+            children.add(int(stat.parent.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, already exited but not yet reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Proxy:
+    """The nginx instance of this SERVE_HOME: its rendered config, pid, routing table and logs."""
+
+    def __init__(self, timeout: float = 60.0):
+        self.home = serve_home() / "proxy"
+        self.logs = Path(os.environ.get("LOG_DIR", REPO / "logs")).resolve()
+        self.address = proxy_address()
+        self.timeout = timeout
+        self.conf = self.home / "nginx.conf"
+        self.pid_file = self.home / "nginx.pid"
+
+    @contextmanager
+    def locked(self) -> Iterator[Routes]:
+        """The routing table, held exclusively while one command changes it."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "routes.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield Routes(self.home / "routes.json")
+
+    def master(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def serving(self) -> dict[str, Any]:
+        """The routing table the running proxy answers with."""
+        try:
+            response = requests.get(f"{self.address}/ab/routes", timeout=5)
+            response.raise_for_status()
+            return response.json()
+        except (requests.RequestException, ValueError) as error:
+            raise ServeError(f"the A/B proxy is not answering at {self.address}: {error}") from None
+
+    def apply(self, routes: Routes) -> str:
+        """Render, check, then start or reload nginx; return once only the new table is served."""
+        nginx = nginx_binary()
+        parsed = urlparse(self.address)
+        listen = f"{parsed.hostname}:{parsed.port}"
+        inference = urlparse(address("inference"))
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.home / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        candidate = self.home / "nginx.conf.new"
+        candidate.write_text(render(routes, listen, f"{inference.hostname}:{inference.port}", self.home, self.logs))
+        self._nginx(nginx, "-t", conf=candidate)
+        candidate.replace(self.conf)
+        master = self.master()
+        if master is None:
+            self._nginx(nginx, conf=self.conf)
+            action = "started"
+            old_workers: set[int] = set()
+        else:
+            old_workers = _children(master)
+            os.kill(master, signal.SIGHUP)
+            action = "reloaded"
+        self._wait(lambda: self._serves(routes.generation), f"the proxy to serve generation {routes.generation}")
+        self._wait(lambda: not any(_alive(pid) for pid in old_workers), "the old nginx workers to finish")
+        return f"A/B proxy {action} at {self.address} (generation {routes.generation})"
+
+    def stop(self) -> str:
+        master = self.master()
+        if master is None:
+            return "A/B proxy not running"
+        os.kill(master, signal.SIGQUIT)  # graceful: in-flight requests are answered first
+        self._wait(lambda: not _alive(master), "nginx to stop")
+        return f"A/B proxy stopped (pid {master})"
+
+    def _serves(self, generation: int) -> bool:
+        try:
+            return self.serving()["generation"] == generation
+        except ServeError:
+            return False
+
+    def _wait(self, done, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise ServeError(f"timed out after {self.timeout:g} s waiting for {what}; "
+                                 f"see {self.logs / 'proxy-error.log'}")
+            time.sleep(0.05)
+
+    def _nginx(self, nginx: str, *args: str, conf: Path) -> None:
+        command = [nginx, "-e", str(self.logs / "proxy-error.log"), "-p", str(self.home), "-c", str(conf), *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        if result.returncode != 0:
+            detail = " ".join(line for line in result.stderr.splitlines() if "emerg" in line or "error" in line)
+            raise ServeError(f"nginx refused the configuration: {detail or result.stderr.strip()}")
+
+
+# --- the operations behind make ab / promote / rollback ----------------------------------------------------------
+
+
+def _check_ready(ts: TorchServe, model: str, versions: list[str]) -> None:
+    registered = {version: info for (m, version), info in ts.registered().items() if m == model}
+    if not registered:
+        raise ServeError(f"{model} is not registered in TorchServe")
+    for version in versions:
+        if version not in registered:
+            raise ServeError(f"{model} {version} is not registered (registered: {', '.join(sorted(registered))}); "
+                             f"make register MODEL={model} VERSION={version} first")
+        if ready_workers(registered[version]) < 1:
+            raise ServeError(f"{model} {version} has no READY worker; make scale MODEL={model} VERSION={version}")
+
+
+def _current(routes: Routes, ts: TorchServe, model: str) -> dict[str, Any]:
+    """The model's state before a change: its route, or (never routed) all traffic to TorchServe's default."""
+    state = routes.state(model)
+    if state is None:
+        default = ts.default_version(model)
+        state = {"split": {default: 100.0}, "default": default}
+    return state
+
+
+def set_split(model: str, split: dict[str, float]) -> str:
+    """Route MODEL's traffic by ``split``; TorchServe's default version does not change."""
+    ts, proxy = TorchServe(), Proxy()
+    _check_ready(ts, model, list(split))
+    with proxy.locked() as routes:
+        previous = _current(routes, ts, model)
+        routes.change(model, split, ts.default_version(model), previous)
+        message = proxy.apply(routes)
+        routes.save()
+    return f"{message}: {model} {describe_split(split)}"
+
+
+def promote(model: str, version: str) -> str:
+    """VERSION becomes TorchServe's default and takes all of the proxy's traffic for MODEL."""
+    ts, proxy = TorchServe(), Proxy()
+    _check_ready(ts, model, [version])
+    with proxy.locked() as routes:
+        previous = _current(routes, ts, model)
+        ts.set_default(model, version)
+        routes.change(model, {version: 100.0}, version, previous)
+        message = proxy.apply(routes)
+        routes.save()
+    return f"{message}: {model} {version} is the default and takes 100% of the traffic"
+
+
+def rollback(model: str) -> str:
+    """Return MODEL to the default and split it had before the last ab or promote."""
+    ts, proxy = TorchServe(), Proxy()
+    with proxy.locked() as routes:
+        target = routes.pop(model)
+        _check_ready(ts, model, sorted({*target["split"], target["default"]}))
+        ts.set_default(model, target["default"])
+        routes.drop_last(model)
+        routes.change(model, target["split"], target["default"], previous=None)
+        message = proxy.apply(routes)
+        routes.save()
+    return f"{message}: {model} back to default {target['default']}, {describe_split(target['split'])}"
+
+
+def share_of(model: str, version: str) -> float:
+    """The share of MODEL's traffic that the routing table gives VERSION (0 when MODEL is not routed)."""
+    state = Routes(Proxy().home / "routes.json").state(model)
+    return 0.0 if state is None else state["split"].get(version, 0.0) / sum(state["split"].values())
