@@ -5,8 +5,9 @@ lands on the same version and a client without one is split at random by weight 
 ``$request_id``). A reload is graceful: old workers finish the requests they hold while new workers take new
 connections, so changing the split drops nothing. It is one Debian package, proven in front of most of the web.
 
-The routing table lives in ``$SERVE_HOME/proxy/routes.json``: for each routed model its split (version → weight), the
-TorchServe default it was set with, and the earlier states that ``rollback`` returns to. Requests for
+The routing table lives in ``$SERVE_HOME/proxy/routes.json`` as long as the proxy runs: for each routed model its
+split (version → weight), the TorchServe default it was set with, and the earlier states that ``rollback`` returns
+to. Requests for
 ``/predictions/<model>`` (and ``/explanations/<model>``) go to the chosen version's own URL, so TorchServe's metrics
 carry the real version; everything else passes through unchanged.
 
@@ -87,9 +88,9 @@ def describe_split(split: dict[str, float]) -> str:
 class Routes:
     """``routes.json``: ``{"generation": n, "models": {model: {"split", "default", "history": [...]}}}``."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fresh: bool = False):
         self.path = path
-        data = json.loads(path.read_text()) if path.exists() else {}
+        data = json.loads(path.read_text()) if path.exists() and not fresh else {}
         self.generation: int = data.get("generation", 0)
         self.models: dict[str, dict[str, Any]] = data.get("models", {})
 
@@ -225,11 +226,16 @@ class Proxy:
 
     @contextmanager
     def locked(self) -> Iterator[Routes]:
-        """The routing table, held exclusively while one command changes it."""
+        """The routing table, held exclusively while one command changes it. A table lives as long as its proxy:
+        when nginx is not running, the next change starts from an empty one."""
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.home / "routes.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            yield Routes(self.home / "routes.json")
+            yield Routes(self.routes_file, fresh=self.master() is None)
+
+    @property
+    def routes_file(self) -> Path:
+        return self.home / "routes.json"
 
     def master(self) -> int | None:
         try:
@@ -279,7 +285,8 @@ class Proxy:
             return "A/B proxy not running"
         os.kill(master, signal.SIGQUIT)  # graceful: in-flight requests are answered first
         self._wait(lambda: not _alive(master), "nginx to stop")
-        return f"A/B proxy stopped (pid {master})"
+        self.routes_file.unlink(missing_ok=True)
+        return f"A/B proxy stopped (pid {master}); its splits are gone, TorchServe's defaults stay"
 
     def _serves(self, generation: int) -> bool:
         try:
@@ -368,5 +375,6 @@ def rollback(model: str) -> str:
 
 def share_of(model: str, version: str) -> float:
     """The share of MODEL's traffic that the routing table gives VERSION (0 when MODEL is not routed)."""
-    state = Routes(Proxy().home / "routes.json").state(model)
+    proxy = Proxy()
+    state = Routes(proxy.routes_file, fresh=proxy.master() is None).state(model)
     return 0.0 if state is None else state["split"].get(version, 0.0) / sum(state["split"].values())

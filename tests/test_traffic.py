@@ -43,7 +43,7 @@ def restored(served):
             ok(manage("register", entry["model"], entry["version"]))
     ok(manage("apply-defaults"))
     ok(manage("proxy-stop"))
-    (Proxy().home / "routes.json").unlink(missing_ok=True)
+    assert not Proxy().routes_file.exists()
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,11 @@ def test_keyed_clients_never_change_version(served, restored):
     on_new = sum(versions == {"2.0"} for versions in seen.values())
     assert within_three_sigma(on_new, len(clients), 0.1), on_new
     print(f"200 keyed clients x 3 requests: {on_new} on 2.0, none changed version")
+
+    ok(manage("ab", "digits", "1.0=50", "2.0=50"))  # ramping up 2.0 only moves clients onto it
+    after = dict(zip(clients, versions_of(served, len(clients), clients)))
+    assert all(after[client] == "2.0" for client, versions in seen.items() if versions == {"2.0"})
+    assert within_three_sigma(sum(v == "2.0" for v in after.values()), len(clients), 0.5)
 
 
 def test_a_new_split_keeps_the_default_promote_moves_it_and_rollback_restores_both(served, restored):
