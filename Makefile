@@ -3,6 +3,7 @@
 #   make serve | stop | status                  TorchServe with every built archive
 #   make predict                                sample photos and digits through the server, top-5 each
 #   make models | describe | register | unregister | scale | set-default   MODEL=.. VERSION=.. [MIN=.. MAX=..]
+#   make monitor | monitor-stop                 Prometheus scraping TorchServe's metrics (http://127.0.0.1:9090)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -16,10 +17,10 @@ PYTEST_ARGS ?=
 MANAGE := $(PY) -m manage
 
 .PHONY: help install archive serve stop status samples predict test demo clean \
-        models describe register unregister scale set-default
+        models describe register unregister scale set-default monitor monitor-stop
 
 help:
-	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
 
 install: .venv/.installed
 
@@ -65,6 +66,13 @@ scale:
 set-default:
 	@$(MANAGE) set-default $(MODEL) $(VERSION)
 
+# Prometheus (Debian's package) with monitoring/prometheus.yml; data in monitoring/data/.
+monitor: install
+	@$(PY) -m monitoring.prometheus start
+
+monitor-stop:
+	@$(PY) -m monitoring.prometheus stop
+
 test: archive
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -80,4 +88,5 @@ demo: serve predict
 
 clean:
 	-./serve.sh stop
-	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache samples
+	-$(PY) -m monitoring.prometheus stop
+	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache samples monitoring/data
