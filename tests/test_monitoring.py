@@ -19,6 +19,7 @@ from export import digits
 from export.samples import encode
 from monitoring.prometheus import JOB, Prometheus
 from tests.conftest import free_ports
+from tests.test_dashboard import load, targets
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +138,18 @@ def check_latency_histogram(prometheus, model, version, latencies, before, after
 def _le(bound: float) -> str:
     """A bucket bound as the Java client writes it in its le label."""
     return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def test_every_dashboard_query_answers(served, prometheus, photos):
+    """The Grafana dashboard's PromQL, run by the real Prometheus (Grafana's $model and $__rate_interval filled in)."""
+    images, _ = digits.held_out()
+    for version in ("1.0", "2.0", None):
+        assert served.client.predict("digits", encode(images[0], "PNG"), version).status_code == 200
+    assert served.client.predict("digits", b"not an image").status_code == 400
+    time.sleep(2)  # two more scrapes: rate() needs two samples since these requests
+    settled(prometheus, "sum by (model_version) (handler_request_seconds_count)")
+    for target in targets(load()):
+        expr = target["expr"].replace("$__rate_interval", "1m").replace("${model}", "digits")
+        result = prometheus.query(expr.replace("$model", "digits"))
+        if target["legendFormat"] != "5xx":  # TorchServe has that series only once it has answered a 5xx
+            assert result, (target["legendFormat"], expr)
