@@ -5,6 +5,7 @@
 #   make models | describe | register | unregister | scale | set-default   MODEL=.. VERSION=.. [MIN=.. MAX=..]
 #   make ab MODEL=digits SPLIT="1.0=90 2.0=10" | promote MODEL=.. VERSION=.. | rollback MODEL=.. | routes
 #                                               the A/B proxy (nginx) on :8090; make stop stops it too
+#   make monitor | monitor-stop                 Prometheus scraping TorchServe's metrics (http://127.0.0.1:9090)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -19,7 +20,8 @@ PYTEST_ARGS ?=
 MANAGE := $(PY) -m manage
 
 .PHONY: help install archive serve stop status samples predict test demo clean \
-        models describe register unregister scale set-default ab promote rollback routes proxy-stop
+        models describe register unregister scale set-default ab promote rollback routes proxy-stop \
+        monitor monitor-stop
 
 help:
 	@sed -n '/^[^#]/q;s/^# \{0,1\}//p' Makefile
@@ -83,6 +85,13 @@ routes:
 proxy-stop:
 	@$(MANAGE) proxy-stop
 
+# Prometheus (Debian's package) with monitoring/prometheus.yml; data in monitoring/data/.
+monitor: install
+	@$(PY) -m monitoring.prometheus start
+
+monitor-stop:
+	@$(PY) -m monitoring.prometheus stop
+
 test: archive
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -99,4 +108,5 @@ demo: serve predict
 clean:
 	-$(MANAGE) proxy-stop
 	-./serve.sh stop
-	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache samples
+	-$(PY) -m monitoring.prometheus stop
+	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache samples monitoring/data

@@ -12,6 +12,9 @@ Every answer carries ``X-Model-Version``: the version that computed it, also whe
 A request whose input is bad gets HTTP 4xx and the JSON body ``{"code": 400, "error": "<reason>", "message": "..."}``;
 only that request fails, its neighbours in the batch are answered as usual, and the worker stays up.
 
+Every batch is measured (``handlers/metrics.py``): the time of each step, its size, the top-1 class of each answer
+(``top_class``) and the reason of each refusal, labelled with the model's name and version.
+
 Layers
 ------
 * this base: device and TorchScript loading (``BaseHandler``), settings from model-config.yaml's ``handler:`` section,
@@ -25,11 +28,15 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
+
+from handlers.metrics import HandlerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,15 @@ class Batch:
     errors: dict[int, InputError] = field(default_factory=dict)
     inputs: Any = None  # the collated inputs of the good requests, in request order; None if there are none
     outputs: Any = None
+    seconds: dict[str, float] = field(default_factory=dict)  # time of each step that ran
+
+    @contextmanager
+    def timed(self, step: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = time.perf_counter() - started
 
 
 def payload_of(row: Any) -> bytes:
@@ -111,6 +127,7 @@ class ModelHandler(BaseHandler):
         super().initialize(context)
         self.context = context
         self.version = context.manifest.get("model", {}).get("modelVersion", "")
+        self.metrics = HandlerMetrics(context)
         example = self.example_input()
         with torch.inference_mode():
             for _ in range(int(self.settings["warmup_runs"])):
@@ -141,35 +158,41 @@ class ModelHandler(BaseHandler):
 
     def preprocess(self, data: list) -> Batch:
         batch = Batch(size=len(data))
-        items = []
-        for idx, row in enumerate(data):
-            try:
-                items.append(self.decode(payload_of(row)))
-            except InputError as error:
-                logger.info("request %d of %d refused: %s: %s", idx, len(data), error.reason, error.message)
-                batch.errors[idx] = error
-        if items:
-            batch.inputs = self.collate(items)
+        with batch.timed("preprocess"):
+            items = []
+            for idx, row in enumerate(data):
+                try:
+                    items.append(self.decode(payload_of(row)))
+                except InputError as error:
+                    logger.info("request %d of %d refused: %s: %s", idx, len(data), error.reason, error.message)
+                    batch.errors[idx] = error
+            if items:
+                batch.inputs = self.collate(items)
         return batch
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
         if batch.inputs is not None:
-            with torch.inference_mode():
+            with batch.timed("inference"), torch.inference_mode():
                 batch.outputs = self.model(batch.inputs.to(self.device), *args, **kwargs)
         return batch
 
     def postprocess(self, batch: Batch) -> list:
-        answers = iter(self.answer(batch.outputs) if batch.inputs is not None else ())
-        responses = []
-        for idx in range(batch.size):
-            self.context.set_response_header(idx, VERSION_HEADER, self.version)
-            error = batch.errors.get(idx)
-            if error is None:
-                responses.append(next(answers))
-                continue
-            self.context.set_response_status(error.status, error.message, idx)
-            self.context.set_response_content_type(idx, "application/json")
-            responses.append(error.body())
+        with batch.timed("postprocess"):
+            answers = self.answer(batch.outputs) if batch.inputs is not None else []
+            pending = iter(answers)
+            responses = []
+            for idx in range(batch.size):
+                self.context.set_response_header(idx, VERSION_HEADER, self.version)
+                error = batch.errors.get(idx)
+                if error is None:
+                    responses.append(next(pending))
+                    continue
+                self.context.set_response_status(error.status, error.message, idx)
+                self.context.set_response_content_type(idx, "application/json")
+                responses.append(error.body())
+        classes = [name for name in map(self.top_class, answers) if name is not None]
+        self.metrics.record(batch.size, batch.seconds, classes,
+                            [(error.reason, error.status) for error in batch.errors.values()])
         return responses
 
     # --- what the task and model layers provide -------------------------------------------------------------------
@@ -192,3 +215,7 @@ class ModelHandler(BaseHandler):
     def answer(self, outputs: torch.Tensor) -> list:
         """Model outputs for the good requests → one JSON-serialisable answer each, in order."""
         raise NotImplementedError
+
+    def top_class(self, answer: Any) -> str | None:
+        """The class an answer names first, counted per version (class drift); None: the answer names no class."""
+        return None

@@ -2,7 +2,8 @@
 
 Response (the shape of TorchServe's stock ``image_classifier``, so clients can switch without changes): a JSON
 object mapping label → probability, ``top_k`` entries, highest first. Labels come from ``index_to_name.json``
-shipped in the archive; a value that is a list (``["n01440764", "tench"]``) is shown by its last item.
+shipped in the archive; a value that is a list (``["n01440764", "tench"]``) is shown by its last item. The top-1
+label of each answer is counted per version (``handler_top1_total``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class ImageClassifier(ImageHandler):
             {self.label(index): value for value, index in zip(row_values, row_indices)}
             for row_values, row_indices in zip(values.tolist(), indices.tolist())
         ]
+
+    def top_class(self, answer: dict[str, float]) -> str | None:
+        return next(iter(answer), None)
 
     def label(self, index: int) -> str:
         name = (self.mapping or {}).get(str(index), str(index))
