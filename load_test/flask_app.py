@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision import transforms
 
 app = Flask(__name__)
+app.json.sort_keys = False  # keep the top 5 in order, highest first
 transform = transforms.Compose([
     transforms.Resize(256),
     transforms.CenterCrop(224),

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,17 +12,9 @@ import pytest
 from PIL import Image
 
 from export.samples import encode, photo
+from manage.client import instance_env
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    with ExitStack() as stack:
-        for s in sockets:
-            stack.enter_context(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 def serve_sh(*args: str) -> subprocess.CompletedProcess:
@@ -78,18 +68,7 @@ def served(tmp_path_factory) -> Served:
     its own free port too, and stops with it."""
     from manage.client import TorchServe
 
-    home = tmp_path_factory.mktemp("serve")
-    inference, management, metrics, grpc_inference, grpc_management, proxy = free_ports(6)
-    env = {
-        "SERVE_HOME": str(home),
-        "LOG_DIR": str(home / "logs"),
-        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{inference}",
-        "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{management}",
-        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics}",
-        "TS_GRPC_INFERENCE_PORT": str(grpc_inference),
-        "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
-        "PROXY_ADDRESS": f"http://127.0.0.1:{proxy}",  # the A/B proxy, when a test starts it
-    }
+    env = instance_env(tmp_path_factory.mktemp("serve"))
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
