@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from archives.store import Manifest
 from export.samples import encode, photo
 from manage.client import instance_env
+from manage.proxy import Proxy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,6 +27,12 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
     """The management command line, as a user runs it, with extra environment variables."""
     return subprocess.run([str(REPO / ".venv/bin/python"), "-m", "manage", *args], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **env}, timeout=300)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    """The output of a command that succeeded."""
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -81,3 +89,16 @@ def served(tmp_path_factory) -> Served:
             assert proxy_stopped.returncode == 0, proxy_stopped.stderr
             stopped = serve_sh("stop")
             assert stopped.returncode == 0, stopped.stderr
+
+
+@pytest.fixture
+def restored(served):
+    """Leaves TorchServe as serve.sh started it: every built version registered, the spec defaults, no proxy."""
+    yield
+    registered = served.client.registered()
+    for entry in Manifest().entries():
+        if (entry["model"], entry["version"]) not in registered:
+            ok(manage("register", entry["model"], entry["version"]))
+    ok(manage("apply-defaults"))
+    ok(manage("proxy-stop"))
+    assert not Proxy().routes_file.exists()
