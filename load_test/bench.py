@@ -41,7 +41,7 @@ CONCURRENCY = (1, 4, 16, 64)
 BATCHES = (1, 2, 4, 8, 16)
 SWEEP_CONCURRENCY = 16
 # (workers, threads per worker, batchSize, maxBatchDelay ms): the server settings swept for our handler
-GRID = ((2, 1, 1, 0), (2, 1, 2, 5), (2, 1, 4, 5), (2, 1, 8, 5), (1, 2, 4, 5), (1, 2, 8, 5), (4, 1, 2, 5))
+GRID = ((2, 1, 1, 0), (2, 1, 2, 1), (2, 1, 2, 5), (2, 1, 4, 2), (2, 1, 8, 5), (1, 2, 1, 0), (1, 2, 4, 2), (4, 1, 1, 0))
 
 
 @dataclass

@@ -79,6 +79,16 @@ def test_transform_matches_torchvision_on_a_real_photo():
     assert float((actual - expected).abs().max()) < 1e-5
 
 
+def test_large_jpegs_decode_at_a_reduced_scale_without_changing_the_picture():
+    from load_test.inputs import photos
+
+    large = photos()["china@2.5"]  # 1600x1067: decoded at half size, then resized as usual
+    exact = ImageTransform(256, 224, IMAGENET_MEAN, IMAGENET_STD, jpeg_draft=False).decode(large).float()
+    drafted = ImageTransform(256, 224, IMAGENET_MEAN, IMAGENET_STD).decode(large).float()
+    difference = (exact - drafted).abs()
+    assert 0 < float(difference.mean()) < 1.0  # on a 0..255 scale: applied, and within a level on average
+
+
 def test_grayscale_digit_is_scaled_exactly():
     digit = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
     transform = ImageTransform(8, 8, [0.0], [1.0], color_mode="L")
