@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from archives import SPECS_DIR, SpecError, VersionSpec, load_specs
 from archives.store import REPO, Manifest, default_store, sha256_file
-from export.sources import source_for
+from export.sources import SourceError, source_for
 from export.torchscript import ParityError, check_parity, export_torchscript
 from handlers.base import ModelHandler, load_torchscript
 
@@ -162,7 +162,10 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
         stage_extra_files(spec, extra)
         handler = handler_class(spec.handler).from_config(spec.model_config, files=extra)
         logger.info("%s: [1/5] weights from source %s", name, spec.source["type"])
-        built = source.build(handler, **params)
+        try:
+            built = source.build(handler, **params)
+        except SourceError as error:
+            raise BuildError(f"{name}: refused: {error}") from None
         items = {sample: handler.decode(payload) for sample, payload in built.samples.items()}
         cases = {f"{sample} (batch of 1)": handler.collate([item]) for sample, item in items.items()}
         cases[f"all {len(items)} samples as one batch"] = handler.collate(list(items.values()))

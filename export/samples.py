@@ -19,9 +19,24 @@ PHOTOS = {
 }
 
 
+# Real sentences for the text models: pairs that mean nearly the same, and unrelated ones; the last is long enough
+# to be truncated at 256 word pieces.
+SENTENCES = {
+    "cat": "A cat is sleeping on the sofa.",
+    "kitten": "A kitten naps on the couch.",
+    "espresso": "She ordered a strong espresso at the café.",
+    "coffee": "He drinks a cup of black coffee every morning.",
+    "rocket": "The rocket lifted off from the launch pad at dawn.",
+    "launch": "A spacecraft was launched into orbit this morning.",
+    "markets": "Stock markets fell sharply after the interest rate decision.",
+    "long": " ".join(["The committee reviewed the proposal in detail, discussed its budget, its schedule and its risks,"
+                      " and asked the authors to return with a revised plan before the end of the quarter."] * 12),
+}
+
+
 def photo(name: str) -> np.ndarray:
-    """The photo as an HxWx3 uint8 array."""
-    origin, key = PHOTOS[name].split(":")
+    """The photo as an HxWx3 uint8 array; a name not in PHOTOS is any other scikit-image picture (``camera``: HxW)."""
+    origin, key = PHOTOS.get(name, f"skimage:{name}").split(":")
     if origin == "skimage":
         import skimage.data
 
