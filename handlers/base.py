@@ -17,7 +17,7 @@ response headers of the request's own (``X-Input-Truncated``).
 
 Explanations: ``POST /explanations/<model>`` reaches the same handler with the request header ``explain: True``.
 It is read per request (TorchServe's own handler looks at the first request of a batch only), so a batch may mix
-predictions and explanations; each explained request gets ``explain(item)`` from its layer, computed with
+predictions and explanations; each explained request gets ``explanation(item)`` from its layer, computed with
 Integrated Gradients (Captum) on the TorchScript weights loaded without ``optimize_for_inference``, whose fused
 CPU kernels have no gradients. A model whose layer does not explain answers 400 ``no_explanations``.
 
@@ -29,7 +29,7 @@ Layers
   object), ``collate(items) -> inputs`` (whatever ``forward`` takes), ``forward(model, inputs) -> outputs``
   (default: ``model(inputs)``, or ``model(*inputs)`` for a tuple) and ``example_input()``;
 * a model layer (``handlers/image_classifier.py``, ...): ``answer(outputs, items) -> list`` with one answer per
-  request, and optionally ``explain(item)``.
+  request, and optionally ``explanation(item)`` (not ``explain``: TorchServe's BaseHandler uses that name).
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ class ModelHandler(BaseHandler):
             batch.answers.update(zip(predicted, self.answer(outputs, [batch.items[idx] for idx in predicted])))
         for idx in sorted(batch.explain & batch.items.keys()):
             try:
-                batch.answers[idx] = self.explain(batch.items[idx])
+                batch.answers[idx] = self.explanation(batch.items[idx])
             except InputError as error:
                 batch.errors[idx] = error
         return batch
@@ -296,7 +296,7 @@ class ModelHandler(BaseHandler):
         """Model outputs for the good requests → one answer each, in order: JSON-serialisable, or a ``Reply``."""
         raise NotImplementedError
 
-    def explain(self, item: Any) -> Any:
+    def explanation(self, item: Any) -> Any:
         """One request's explanation (see ``integrated_gradients``); a layer that can explain overrides this."""
         name = self.context.manifest.get("model", {}).get("modelName", "this model")
         raise InputError("no_explanations", f"{name} does not explain its outputs; ask /predictions/{name}")

@@ -39,7 +39,7 @@ class ImageClassifier(ImageHandler):
         name = (self.mapping or {}).get(str(index), str(index))
         return name[-1] if isinstance(name, list) else name
 
-    def explain(self, item: torch.Tensor) -> dict[str, Any]:
+    def explanation(self, item: torch.Tensor) -> dict[str, Any]:
         inputs = self.collate([item]).to(self.device)
         with torch.inference_mode():
             probabilities = torch.softmax(self.model(inputs).float(), dim=1)[0]

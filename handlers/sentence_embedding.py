@@ -40,7 +40,7 @@ class SentenceEmbedder(TextHandler):
             answers.append(Reply(body, headers={TRUNCATED_HEADER: str(any(truncated)).lower()}))
         return answers
 
-    def explain(self, item: TextItem) -> dict[str, Any]:
+    def explanation(self, item: TextItem) -> dict[str, Any]:
         return {"explanations": [self.explain_text(encoding) for encoding in item.encodings]}
 
     def explain_text(self, encoding) -> dict[str, Any]:
