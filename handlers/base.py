@@ -150,8 +150,8 @@ class ModelHandler(BaseHandler):
         "threads": 1,  # torch intra-op threads per worker: workers x threads should not exceed the cores
         "warmup_runs": 2,  # TorchScript optimises on its first calls; do them before the worker reports READY
         "optimize_for_inference": True,  # torch.jit.optimize_for_inference at load, on CPU
-        "explain_steps": 16,  # Integrated Gradients: steps from the baseline to the input ...
-        "explain_batch": 16,  # ... computed this many at a time (one batched forward and backward)
+        "explain_steps": 8,  # Integrated Gradients: steps from the baseline to the input ...
+        "explain_batch": 8,  # ... computed this many at a time (one batched forward and backward)
     }
 
     def initialize(self, context) -> None:

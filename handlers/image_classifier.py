@@ -11,7 +11,7 @@ image resized to ``resize`` on its shorter side, centre ``crop``), each the shar
 (they sum to 1), rows top to bottom::
 
     {"class": "tabby, tabby cat", "index": 281, "probability": 0.29, "grid": 14, "heatmap": [[0.0012, ...], ...],
-     "steps": 16, "convergence_delta": 0.03}
+     "steps": 4, "convergence_delta": 0.03}
 """
 
 from __future__ import annotations

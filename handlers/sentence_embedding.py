@@ -13,7 +13,7 @@ between the text's embedding and the embedding it is explained against (its own,
 embeddings, from a baseline of padding between the special tokens: how much each word piece makes the embedding what
 it is::
 
-    {"explanations": [{"tokens": [["[CLS]", 0.01], ["cats", 0.41], ...], "steps": 16, "convergence_delta": 0.002}]}
+    {"explanations": [{"tokens": [["[CLS]", 0.01], ["cats", 0.41], ...], "steps": 4, "convergence_delta": 0.002}]}
 """
 
 from __future__ import annotations
