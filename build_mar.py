@@ -51,12 +51,12 @@ class BuildError(RuntimeError):
 
 
 def handler_class(module_name: str) -> type[ModelHandler]:
-    """The one handler class a module in handlers/ defines, as TorchServe will find it."""
+    """The one class a module in handlers/ defines, a handler, as TorchServe will find it (it refuses an entry
+    module that defines more than one class)."""
     module = importlib.import_module(f"handlers.{module_name}")
-    classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
-               if c.__module__ == module.__name__ and issubclass(c, ModelHandler)]
-    if len(classes) != 1:
-        raise BuildError(f"handlers/{module_name}.py must define exactly one handler class, found {classes}")
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    if len(classes) != 1 or not issubclass(classes[0], ModelHandler):
+        raise BuildError(f"handlers/{module_name}.py must define exactly one class, a handler; found {classes}")
     return classes[0]
 
 

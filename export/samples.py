@@ -60,8 +60,11 @@ def photo_files(fmt: str = "JPEG") -> dict[str, bytes]:
 
 
 def write_samples(folder: Path) -> list[Path]:
-    """The photos as JPEG files and one held-out digit as digit.png, for trying the server with curl."""
-    from export import digits
+    """The photos as JPEG files, one held-out digit as digit.png, sentences (sentences.json, {"texts": [...]}) and a
+    held-out photo at half size for super-resolution (chelsea_small.png), for trying the server with curl."""
+    import json
+
+    from export import digits, super_resolution
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -71,6 +74,10 @@ def write_samples(folder: Path) -> list[Path]:
     images, _ = digits.held_out()
     written.append(folder / "digit.png")
     written[-1].write_bytes(encode(images[0], "PNG"))
+    written.append(folder / "sentences.json")
+    written[-1].write_text(json.dumps({"texts": [text for name, text in SENTENCES.items() if name != "long"]}))
+    written.append(folder / "chelsea_small.png")
+    written[-1].write_bytes(super_resolution.held_out(2)["chelsea"][1])
     return written
 
 

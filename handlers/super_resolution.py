@@ -14,7 +14,6 @@ on a CPU: its cost is linear in pixels). Explanations are not offered (400 ``no_
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,13 +26,9 @@ from handlers.vision import load_image, open_image
 SIZE_HEADER = "X-Output-Size"
 
 
-@dataclass
-class Upscaling:
-    """One request: its luma and the luma's bicubic upscaling (1 x 1 x H x W, 0..1), and the upscaled chroma."""
-
-    low: torch.Tensor
-    bicubic: torch.Tensor
-    chroma: tuple[Image.Image, Image.Image]
+# One request, decoded: (its luma, the luma's bicubic upscaling: 1 x 1 x H x W in 0..1; the upscaled Cb and Cr).
+# A tuple, not a class: TorchServe wants exactly one class in a handler's entry module.
+Upscaling = tuple[torch.Tensor, torch.Tensor, tuple[Image.Image, Image.Image]]
 
 
 def luma_tensor(image: Image.Image) -> torch.Tensor:
@@ -52,11 +47,11 @@ class SuperResolution(ModelHandler):
         ycbcr = load_image(open_image(payload, int(self.settings["max_pixels"])), "RGB").convert("YCbCr")
         size = (ycbcr.width * int(self.settings["scale"]), ycbcr.height * int(self.settings["scale"]))
         y, cb, cr = ycbcr.split()
-        return Upscaling(luma_tensor(y), luma_tensor(y.resize(size, Image.BICUBIC)),
-                         (cb.resize(size, Image.BICUBIC), cr.resize(size, Image.BICUBIC)))
+        return (luma_tensor(y), luma_tensor(y.resize(size, Image.BICUBIC)),
+                (cb.resize(size, Image.BICUBIC), cr.resize(size, Image.BICUBIC)))
 
     def collate(self, items: list[Upscaling]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(item.low, item.bicubic) for item in items]
+        return [(low, bicubic) for low, bicubic, _ in items]
 
     def forward(self, model, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         return [model(low, bicubic) for low, bicubic in inputs]
@@ -67,9 +62,9 @@ class SuperResolution(ModelHandler):
 
     def answer(self, outputs: list[torch.Tensor], items: list[Upscaling]) -> list[Reply]:
         replies = []
-        for output, item in zip(outputs, items):
+        for output, (_, _, chroma) in zip(outputs, items):
             y = output[0, 0].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
-            image = Image.merge("YCbCr", (Image.fromarray(y), *item.chroma)).convert("RGB")
+            image = Image.merge("YCbCr", (Image.fromarray(y), *chroma)).convert("RGB")
             buffer = io.BytesIO()
             image.save(buffer, format="PNG", compress_level=int(self.settings["png_compress_level"]))
             replies.append(Reply(buffer.getvalue(), "image/png", {SIZE_HEADER: f"{image.width}x{image.height}"}))
