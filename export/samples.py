@@ -25,7 +25,7 @@ SENTENCES = {
     "cat": "A cat is sleeping on the sofa.",
     "kitten": "A kitten naps on the couch.",
     "espresso": "She ordered a strong espresso at the café.",
-    "coffee": "He drinks a cup of black coffee every morning.",
+    "coffee": "He drank a cup of strong coffee in the café.",
     "rocket": "The rocket lifted off from the launch pad at dawn.",
     "launch": "A spacecraft was launched into orbit this morning.",
     "markets": "Stock markets fell sharply after the interest rate decision.",
