@@ -5,6 +5,9 @@
 #   make models | describe | register | unregister | scale | set-default   MODEL=.. VERSION=.. [MIN=.. MAX=..]
 #   make ab MODEL=digits SPLIT="1.0=90 2.0=10" | promote MODEL=.. VERSION=.. | rollback MODEL=.. | routes
 #                                               the A/B proxy (nginx) on :8090; make stop stops it too
+#   make monitor | monitor-stop                 Prometheus scraping TorchServe's metrics (http://127.0.0.1:9090)
+#   make load-test [SCENARIO=ClassifierUser|DigitsUser|ABUser] [USERS=16 RATE=4 DURATION=60s]   Locust, headless
+#   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -15,11 +18,17 @@ VERSION ?=
 MIN ?= 1
 MAX ?= 1
 SPLIT ?=
+SCENARIO ?= ClassifierUser
+USERS ?= 16
+RATE ?= 4
+DURATION ?= 60s
+SECONDS ?= 10
 PYTEST_ARGS ?=
 MANAGE := $(PY) -m manage
 
 .PHONY: help install archive serve stop status samples predict test demo clean \
-        models describe register unregister scale set-default ab promote rollback routes proxy-stop
+        models describe register unregister scale set-default ab promote rollback routes proxy-stop \
+        monitor monitor-stop load-test bench
 
 help:
 	@sed -n '/^[^#]/q;s/^# \{0,1\}//p' Makefile
@@ -83,6 +92,24 @@ routes:
 proxy-stop:
 	@$(MANAGE) proxy-stop
 
+# Prometheus (Debian's package) with monitoring/prometheus.yml; data in monitoring/data/.
+monitor: install
+	@$(PY) -m monitoring.prometheus start
+
+monitor-stop:
+	@$(PY) -m monitoring.prometheus stop
+
+# Locust against the running TorchServe (ABUser: through the A/B proxy); CSV and HTML in load_test/results/.
+load-test: samples
+	@mkdir -p load_test/results
+	$(PY) -m locust -f load_test/locustfile.py --headless --users $(USERS) --spawn-rate $(RATE) \
+	    --run-time $(DURATION) --csv load_test/results/$(SCENARIO) --html load_test/results/$(SCENARIO).html \
+	    --only-summary $(SCENARIO)
+
+# Starts its own servers on free ports; run it on a quiet machine (about 10 minutes with SECONDS=10).
+bench: archive
+	$(PY) -m load_test.bench --seconds $(SECONDS)
+
 test: archive
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -102,4 +129,5 @@ demo: serve predict
 clean:
 	-$(MANAGE) proxy-stop
 	-./serve.sh stop
-	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache samples
+	-$(PY) -m monitoring.prometheus stop
+	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache samples monitoring/data

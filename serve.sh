@@ -22,6 +22,8 @@ PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 export TMPDIR="$SERVE_HOME/tmp" TEMP="$SERVE_HOME/tmp"
 export LOG_LOCATION="$LOG_DIR" METRICS_LOCATION="$LOG_DIR"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# config.properties names monitoring/metrics.yaml as $$TOOLKIT_ROOT$$/monitoring/metrics.yaml.
+export TOOLKIT_ROOT="$ROOT"
 TORCHSERVE="$(dirname "$PYTHON")/torchserve"
 
 manage() { "$PYTHON" -m manage "$@"; }

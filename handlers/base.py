@@ -12,6 +12,9 @@ Every answer carries ``X-Model-Version``: the version that computed it, also whe
 A request whose input is bad gets HTTP 4xx and the JSON body ``{"code": 400, "error": "<reason>", "message": "..."}``;
 only that request fails, its neighbours in the batch are answered as usual, and the worker stays up.
 
+Every batch is measured (``handlers/metrics.py``): the time of each step, its size, the top-1 class of each answer
+(``top_class``) and the reason of each refusal, labelled with the model's name and version.
+
 An answer is JSON unless the layer returns a ``Reply``: bytes with their own ``Content-Type`` (a PNG), and
 response headers of the request's own (``X-Input-Truncated``).
 
@@ -37,12 +40,16 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
+
+from handlers.metrics import HandlerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +112,15 @@ class Batch:
     explain: set[int] = field(default_factory=set)  # indices of the requests sent to /explanations
     inputs: Any = None  # the collated inputs of the good prediction requests, in request order; None if none
     answers: dict[int, Any] = field(default_factory=dict)  # request index → answer (JSON-able or Reply)
+    seconds: dict[str, float] = field(default_factory=dict)  # time of each step that ran
+
+    @contextmanager
+    def timed(self, step: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = time.perf_counter() - started
 
     @property
     def predicted(self) -> list[int]:
@@ -162,6 +178,7 @@ class ModelHandler(BaseHandler):
         super().initialize(context)
         self.context = context
         self.version = context.manifest.get("model", {}).get("modelVersion", "")
+        self.metrics = HandlerMetrics(context)
         self.explainer_model = None
         example = as_args(to_device(self.example_input(), self.device))
         with torch.inference_mode():
@@ -195,48 +212,55 @@ class ModelHandler(BaseHandler):
 
     def preprocess(self, data: list) -> Batch:
         batch = Batch(size=len(data))
-        for idx, row in enumerate(data):
-            if self.context.get_request_header(idx, "explain") == "True":
-                batch.explain.add(idx)
-            try:
-                batch.items[idx] = self.decode(self.payload(row))
-            except InputError as error:
-                logger.info("request %d of %d refused: %s: %s", idx, len(data), error.reason, error.message)
-                batch.errors[idx] = error
-        if batch.predicted:
-            batch.inputs = self.collate([batch.items[idx] for idx in batch.predicted])
+        with batch.timed("preprocess"):
+            for idx, row in enumerate(data):
+                if self.context.get_request_header(idx, "explain") == "True":
+                    batch.explain.add(idx)
+                try:
+                    batch.items[idx] = self.decode(self.payload(row))
+                except InputError as error:
+                    logger.info("request %d of %d refused: %s: %s", idx, len(data), error.reason, error.message)
+                    batch.errors[idx] = error
+            if batch.predicted:
+                batch.inputs = self.collate([batch.items[idx] for idx in batch.predicted])
         return batch
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
-        if batch.inputs is not None:
-            with torch.inference_mode():
-                outputs = self.forward(self.model, to_device(batch.inputs, self.device))
-            predicted = batch.predicted
-            batch.answers.update(zip(predicted, self.answer(outputs, [batch.items[idx] for idx in predicted])))
-        for idx in sorted(batch.explain & batch.items.keys()):
-            try:
-                batch.answers[idx] = self.explanation(batch.items[idx])
-            except InputError as error:
-                batch.errors[idx] = error
+        with batch.timed("inference"):
+            if batch.inputs is not None:
+                with torch.inference_mode():
+                    outputs = self.forward(self.model, to_device(batch.inputs, self.device))
+                predicted = batch.predicted
+                batch.answers.update(zip(predicted, self.answer(outputs, [batch.items[idx] for idx in predicted])))
+            for idx in sorted(batch.explain & batch.items.keys()):
+                try:
+                    batch.answers[idx] = self.explanation(batch.items[idx])
+                except InputError as error:
+                    batch.errors[idx] = error
         return batch
 
     def postprocess(self, batch: Batch) -> list:
-        responses = []
-        for idx in range(batch.size):
-            self.context.set_response_header(idx, VERSION_HEADER, self.version)
-            error = batch.errors.get(idx)
-            if error is not None:
-                self.context.set_response_status(error.status, error.message, idx)
-                self.context.set_response_content_type(idx, "application/json")
-                responses.append(error.body())
-                continue
-            reply = batch.answers[idx]
-            if not isinstance(reply, Reply):
-                reply = Reply(reply)
-            self.context.set_response_content_type(idx, reply.content_type)
-            for key, value in reply.headers.items():
-                self.context.set_response_header(idx, key, value)
-            responses.append(reply.body)
+        with batch.timed("postprocess"):
+            responses = []
+            for idx in range(batch.size):
+                self.context.set_response_header(idx, VERSION_HEADER, self.version)
+                error = batch.errors.get(idx)
+                if error is not None:
+                    self.context.set_response_status(error.status, error.message, idx)
+                    self.context.set_response_content_type(idx, "application/json")
+                    responses.append(error.body())
+                    continue
+                reply = batch.answers[idx]
+                if not isinstance(reply, Reply):
+                    reply = Reply(reply)
+                self.context.set_response_content_type(idx, reply.content_type)
+                for key, value in reply.headers.items():
+                    self.context.set_response_header(idx, key, value)
+                responses.append(reply.body)
+        answered = [batch.answers[idx] for idx in batch.predicted if idx not in batch.errors]
+        classes = [name for name in map(self.top_class, answered) if name is not None]
+        self.metrics.record(batch.size, batch.seconds, classes,
+                            [(error.reason, error.status) for error in batch.errors.values()])
         return responses
 
     def explain_handle(self, data_preprocess: Batch, raw_data: list) -> list:
@@ -295,6 +319,10 @@ class ModelHandler(BaseHandler):
     def answer(self, outputs: Any, items: list) -> list:
         """Model outputs for the good requests → one answer each, in order: JSON-serialisable, or a ``Reply``."""
         raise NotImplementedError
+
+    def top_class(self, answer: Any) -> str | None:
+        """The class a prediction's answer names first, counted per version (class drift); None: it names none."""
+        return None
 
     def explanation(self, item: Any) -> Any:
         """One request's explanation (see ``integrated_gradients``); a layer that can explain overrides this."""

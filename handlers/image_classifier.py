@@ -35,6 +35,9 @@ class ImageClassifier(ImageHandler):
             for row_values, row_indices in zip(values.tolist(), indices.tolist())
         ]
 
+    def top_class(self, answer: dict[str, float]) -> str | None:
+        return next(iter(answer), None)
+
     def label(self, index: int) -> str:
         name = (self.mapping or {}).get(str(index), str(index))
         return name[-1] if isinstance(name, list) else name

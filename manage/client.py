@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,32 @@ def address(api: str) -> str:
 
 def serve_home() -> Path:
     return Path(os.environ.get("SERVE_HOME", REPO / ".serve"))
+
+
+def free_ports(count: int) -> list[int]:
+    """Loopback ports nobody listens on right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    with ExitStack() as stack:
+        for s in sockets:
+            stack.enter_context(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def instance_env(home: Path) -> dict[str, str]:
+    """The environment of one more TorchServe (and its A/B proxy) beside any other: its own state folder, logs and
+    free ports. serve.sh, the client and ``python -m manage`` all read it."""
+    inference, management, metrics, grpc_inference, grpc_management, proxy = free_ports(6)
+    return {
+        "SERVE_HOME": str(home),
+        "LOG_DIR": str(home / "logs"),
+        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{inference}",
+        "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{management}",
+        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics}",
+        "TS_GRPC_INFERENCE_PORT": str(grpc_inference),
+        "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
+        "PROXY_ADDRESS": f"http://127.0.0.1:{proxy}",
+    }
 
 
 class TorchServe:

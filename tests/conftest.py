@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from archives.store import Manifest
 from export.samples import encode, photo
+from manage.client import instance_env
+from manage.proxy import Proxy
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    with ExitStack() as stack:
-        for s in sockets:
-            stack.enter_context(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 def serve_sh(*args: str) -> subprocess.CompletedProcess:
@@ -35,6 +27,12 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
     """The management command line, as a user runs it, with extra environment variables."""
     return subprocess.run([str(REPO / ".venv/bin/python"), "-m", "manage", *args], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **env}, timeout=300)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    """The output of a command that succeeded."""
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -57,17 +55,17 @@ def bad_inputs() -> dict[str, tuple[bytes, int, str]]:
     }
 
 
-def start_handler(handler_class, model_dir: Path, config: dict, name: str = "tiny"):
+def start_handler(handler_class, model_dir: Path, config: dict, name: str = "tiny", version: str = "1.0",
+                  metrics_config: Path = REPO / "monitoring" / "metrics.yaml"):
     """A handler initialised as a TorchServe worker does: real ts Context over model_dir (model.pt and extra files),
-    model-config ``config``, version 1.0."""
-    import ts
+    model-config ``config``, the project's metrics configuration."""
     from ts.context import Context
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics = MetricsCacheYamlImpl(str(metrics_config))
     metrics.initialize_cache()
     manifest = {"model": {"modelName": name, "serializedFile": "model.pt", "handler": "handler.py",
-                          "modelVersion": "1.0"}}
+                          "modelVersion": version}}
     context = Context(name, str(model_dir), manifest, 8, None, "0.12.0", metrics=metrics, model_yaml_config=config)
     handler = handler_class()
     handler.initialize(context)
@@ -105,18 +103,7 @@ def served(tmp_path_factory) -> Served:
     its own free port too, and stops with it."""
     from manage.client import TorchServe
 
-    home = tmp_path_factory.mktemp("serve")
-    inference, management, metrics, grpc_inference, grpc_management, proxy = free_ports(6)
-    env = {
-        "SERVE_HOME": str(home),
-        "LOG_DIR": str(home / "logs"),
-        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{inference}",
-        "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{management}",
-        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics}",
-        "TS_GRPC_INFERENCE_PORT": str(grpc_inference),
-        "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
-        "PROXY_ADDRESS": f"http://127.0.0.1:{proxy}",  # the A/B proxy, when a test starts it
-    }
+    env = instance_env(tmp_path_factory.mktemp("serve"))
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -129,3 +116,16 @@ def served(tmp_path_factory) -> Served:
             assert proxy_stopped.returncode == 0, proxy_stopped.stderr
             stopped = serve_sh("stop")
             assert stopped.returncode == 0, stopped.stderr
+
+
+@pytest.fixture
+def restored(served):
+    """Leaves TorchServe as serve.sh started it: every built version registered, the spec defaults, no proxy."""
+    yield
+    registered = served.client.registered()
+    for entry in Manifest().entries():
+        if (entry["model"], entry["version"]) not in registered:
+            ok(manage("register", entry["model"], entry["version"]))
+    ok(manage("apply-defaults"))
+    ok(manage("proxy-stop"))
+    assert not Proxy().routes_file.exists()

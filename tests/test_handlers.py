@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,12 @@ import torch
 from PIL import Image
 from ts.context import Context
 
+import ts
 from export.samples import encode, photo
 from handlers.base import InputError, payload_of
 from handlers.image_classifier import ImageClassifier
 from handlers.vision import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
-from tests.conftest import bad_inputs, run_batch, start_handler
+from tests.conftest import REPO, bad_inputs, run_batch, start_handler
 
 SIZE = 32
 LABELS = {"0": ["n00000000", "zero"], "1": "one", "2": "two"}
@@ -41,9 +44,13 @@ def model_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def make_handler(model_dir: Path, **settings) -> tuple[ImageClassifier, Context]:
+PROJECT_METRICS = REPO / "monitoring" / "metrics.yaml"
+TORCHSERVE_METRICS = Path(ts.__file__).parent / "configs" / "metrics.yaml"  # declares none of the handler metrics
+
+
+def make_handler(model_dir: Path, metrics_config: Path = PROJECT_METRICS, **settings) -> tuple[ImageClassifier, Context]:
     config = {"batchSize": 8, "handler": {"resize": SIZE, "crop": SIZE, **settings}}
-    return start_handler(ImageClassifier, model_dir, config)
+    return start_handler(ImageClassifier, model_dir, config, version="3.1", metrics_config=metrics_config)
 
 
 def handle(handler: ImageClassifier, context: Context, payloads: list[bytes], explain: set[int] = frozenset()) -> list:
@@ -87,7 +94,7 @@ def test_mixed_batch_fails_only_the_bad_requests(model_dir):
     results = handle(handler, context, payloads)
     statuses = [context.get_response_status(index)[0] for index in range(len(payloads))]
     assert len(results) == len(payloads)
-    assert {context.get_response_headers(i)["X-Model-Version"] for i in range(len(payloads))} == {"1.0"}
+    assert {context.get_response_headers(i)["X-Model-Version"] for i in range(len(payloads))} == {"3.1"}
     singles = [handle(handler, context, [g])[0] for g in good]
     for index, expected in ((0, singles[0]), (len(payloads) - 1, singles[1])):
         assert statuses[index] == 200
@@ -134,3 +141,58 @@ def test_explanation_names_its_class_and_gives_a_heat_map_beside_predictions(mod
     assert sum(map(sum, explained["heatmap"])) == pytest.approx(1.0, abs=1e-3)
     assert explained["steps"] == 8 and explained["convergence_delta"] < 0.05
     assert refused["error"] == "not_an_image"
+
+
+# What a worker prints for a metric and TorchServe's frontend parses (org.pytorch.serve.metrics.Metric):
+# [METRICS]name.unit:value|#label:value,label:value|#type:HISTOGRAM|#hostname:host,timestamp
+METRIC_LINE = re.compile(r"\[METRICS\](\w+)\.(\w+):([0-9.e-]+)\|#([^|]*)\|#type:(\w+)\|#hostname:[^,]+,\d+")
+
+
+def emitted(caplog) -> list[tuple[str, float, dict[str, str], str]]:
+    """(name, value, labels, type) of each metric line the handler emitted, parsed as the frontend parses them."""
+    found = []
+    for record in caplog.records:
+        match = METRIC_LINE.fullmatch(record.getMessage())
+        if match:
+            name, _, value, labels, kind = match.groups()
+            pairs = [pair.split(":") for pair in labels.split(",")]
+            assert all(len(pair) == 2 for pair in pairs), labels  # the frontend drops any other label
+            found.append((name, float(value), dict(pairs), kind))
+    return found
+
+
+def test_a_batch_emits_per_version_metrics(model_dir, caplog):
+    handler, context = make_handler(model_dir)
+    handler.mapping = {"0": "tabby, tabby cat", "1": "one: the first", "2": "two|2"}  # separators TorchServe splits on
+    bad = bad_inputs()
+    payloads = [encode(photo("coffee")), bad["text"][0], encode(photo("rocket"), "PNG"), bad["over pixel limit"][0]]
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        results = handle(handler, context, payloads)
+    metrics = [metric for metric in emitted(caplog) if metric[0].startswith("handler_")]
+    assert all(labels["model_name"] == "tiny" and labels["model_version"] == "3.1" for _, _, labels, _ in metrics)
+
+    def values(name: str) -> list[float]:
+        return [value for metric, value, _, _ in metrics if metric == name]
+
+    assert values("handler_batch_size") == [4.0]
+    steps = {step: values(f"handler_{step}_seconds") for step in ("preprocess", "inference", "postprocess")}
+    assert all(len(seconds) == 1 and 0 < seconds[0] < 60 for seconds in steps.values()), steps
+    assert values("handler_request_seconds") == [pytest.approx(sum(s[0] for s in steps.values()), abs=1e-9)] * 4
+    assert {kind for metric, _, _, kind in metrics if metric.endswith("_seconds")} == {"HISTOGRAM"}
+
+    top1 = [labels["class"] for metric, _, labels, _ in metrics if metric == "handler_top1_total"]
+    shown = {"tabby, tabby cat": "tabby; tabby cat", "one: the first": "one; the first", "two|2": "two; 2"}
+    assert top1 == [shown[next(iter(answer))] for answer in results[::2]]
+    refused = [(labels["reason"], labels["status"]) for metric, _, labels, _ in metrics
+               if metric == "handler_bad_inputs_total"]
+    assert sorted(refused) == [("image_too_large", "413"), ("not_an_image", "400")]
+
+
+def test_handler_works_where_the_metrics_are_not_declared(model_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="handlers.metrics"):
+        handler, context = make_handler(model_dir, metrics_config=TORCHSERVE_METRICS)
+    assert "not recorded" in caplog.text and "handler_request_seconds" in caplog.text
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        [answer, refused] = handle(handler, context, [encode(photo("coffee")), b"nope"])
+    assert len(answer) == 3 and refused["error"] == "not_an_image"
+    assert not [m for m in emitted(caplog) if m[0].startswith("handler_")]

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from archives.store import Manifest
+from manage.client import free_ports
 from manage.client import ready_workers as ready
-from tests.conftest import free_ports, manage, one_line_error
+from tests.conftest import manage, one_line_error
 
 pytestmark = pytest.mark.integration
 

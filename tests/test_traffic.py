@@ -15,35 +15,16 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from archives.store import Manifest
 from export import digits
 from export.samples import encode
 from manage.client import ServeError
 from manage.proxy import Proxy, parse_split
-from tests.conftest import manage, one_line_error
+from tests.conftest import manage, ok, one_line_error
 
 pytestmark = pytest.mark.integration
 
 IMAGES = [encode(image, "PNG") for image in digits.held_out()[0][:20]]
 VERSIONS = ("1.0", "2.0")
-
-
-def ok(result) -> str:
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-@pytest.fixture
-def restored(served):
-    """Leaves TorchServe as serve.sh started it: every built version registered, the spec defaults, no proxy."""
-    yield
-    registered = served.client.registered()
-    for entry in Manifest().entries():
-        if (entry["model"], entry["version"]) not in registered:
-            ok(manage("register", entry["model"], entry["version"]))
-    ok(manage("apply-defaults"))
-    ok(manage("proxy-stop"))
-    assert not Proxy().routes_file.exists()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,367 @@
+"""``make bench``: how close our TorchServe gets to this machine's limit, and how far ahead of what users would run
+instead, measured in one run with the same inputs and the same load generator.
+
+1. the limit: the served pipeline in-process (``load_test/limit.py``), each batch size, threads or processes;
+2. our handler in TorchServe with the shipped settings, over concurrency 1, 4, 16, 64, then the settings that matter
+   (workers, threads per worker, batchSize, maxBatchDelay) at concurrency 16;
+3. TorchServe's stock ``image_classifier`` handler on the same TorchScript weights: with TorchServe's defaults (what
+   a new user gets: a worker per core, batch size 1, torch's own thread count) and with our settings;
+4. the tutorial Flask app on the eager model.
+
+The load generator is wrk (C, one thread, closed loop: ``concurrency`` connections each sending the next photo as soon
+as the last answer arrived); its own CPU use is measured and reported next to the machine's. Output under
+``load_test/results/``: ``bench.md`` (tables, targets, machine), ``bench.json``, ``throughput.png``, ``latency.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from archives import load_specs
+from archives.store import Manifest
+from load_test import inputs, limit, servers
+from manage.client import REPO
+
+RESULTS = REPO / "load_test" / "results"
+WRK_SCRIPT = REPO / "load_test" / "wrk.lua"
+MODEL = "efficientnet_lite0"
+CONCURRENCY = (1, 4, 16, 64)
+BATCHES = (1, 2, 4, 8, 16)
+SWEEP_CONCURRENCY = 16
+# (workers, threads per worker, batchSize, maxBatchDelay ms): the server settings swept for our handler
+GRID = ((2, 1, 1, 0), (2, 1, 2, 5), (2, 1, 4, 5), (2, 1, 8, 5), (1, 2, 4, 5), (1, 2, 8, 5), (4, 1, 2, 5))
+
+
+@dataclass
+class Point:
+    server: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    failed: int
+    client_cores: float  # CPU the load generator used, in cores
+    machine_cores: float  # CPU the whole machine used, in cores
+
+
+def settings_name(workers: int, threads: int, batch: int, delay: int) -> str:
+    return f"{workers} workers x {threads} threads, batch {batch}, delay {delay} ms"
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def drive(server: str, url: str, files: list[Path], concurrency: int, seconds: float,
+          headers: dict[str, str]) -> Point:
+    """One wrk run (after a short unrecorded warm-up at the same concurrency)."""
+    command = ["wrk", "-t1", f"-c{concurrency}", "--timeout", "120s", "-s", str(WRK_SCRIPT)]
+    for key, value in headers.items():
+        command += ["-H", f"{key}: {value}"]
+    tail = [url, "--", *map(str, files)]
+    subprocess.run([*command, f"-d{max(1, round(seconds / 4))}s", *tail], capture_output=True, check=True)
+    before, busy_before = os.times(), machine_busy()
+    run = subprocess.run([*command, f"-d{seconds:g}s", *tail], capture_output=True, text=True, check=True)
+    after, busy_after = os.times(), machine_busy()
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    elapsed = summary["duration_us"] / 1e6
+    errors = summary["errors"]
+    failed = errors["status"] + errors["timeout"] + errors["connect"] + errors["read"] + errors["write"]
+    client = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    busy = (busy_after[0] - busy_before[0]) / (busy_after[1] - busy_before[1]) * os.cpu_count()
+    latency = summary["latency_us"]
+    return Point(server, concurrency, (summary["requests"] - errors["status"]) / elapsed, latency["p50"] / 1e3,
+                 latency["p90"] / 1e3, latency["p99"] / 1e3, summary["requests"], failed, client / elapsed, busy)
+
+
+class Bench:
+    def __init__(self, seconds: float, quick: bool, out: Path):
+        self.seconds, self.quick, self.out = seconds, quick, out
+        self.concurrency = CONCURRENCY[:2] if quick else CONCURRENCY
+        self.points: list[Point] = []
+        self.settings: list[Point] = []
+        self.started = time.monotonic()
+
+    def log(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.0f} s] {message}", flush=True)
+
+    def sweep(self, server: str, url: str, files: list[Path], headers: dict[str, str]) -> None:
+        for concurrency in self.concurrency:
+            point = drive(server, url, files, concurrency, self.seconds, headers)
+            self.points.append(point)
+            self.log(f"{server}, concurrency {concurrency}: {point.rps:.1f} req/s, p50 {point.p50_ms:.0f} ms, "
+                     f"p99 {point.p99_ms:.0f} ms, {point.failed} failed, client {point.client_cores:.2f} cores")
+
+
+def check_answers(post, photos: dict[str, bytes]) -> None:
+    """A server answers the real photos with their classes before it is measured."""
+    for name, expected in (("chelsea@1", "cat"), ("coffee@1", "espresso")):
+        label = servers.top1(post(photos[name]))
+        if expected not in label:
+            raise RuntimeError(f"{name}: answered {label!r}, expected a {expected}")
+
+
+def run(seconds: float, quick: bool, out: Path) -> dict:
+    import requests
+
+    bench = Bench(seconds, quick, out)
+    cores = os.cpu_count()
+    out.mkdir(parents=True, exist_ok=True)
+    photos = inputs.photos()
+    files = inputs.write(photos, out / "inputs")
+    manifest = Manifest()
+    spec = load_specs()[MODEL]
+    archive, _ = manifest.verify(MODEL, spec.default_version)
+    config = archive_config(archive)
+    shipped = (config["minWorkers"], config["handler"]["threads"], config["batchSize"], config["maxBatchDelay"])
+    payloads = list(photos.values())
+
+    # 1. the limit
+    limits = {"threads": {}, "processes": {}}
+    for batch in BATCHES[:1] if quick else BATCHES:
+        for mode, values in limits.items():
+            values[batch] = limit.throughput(archive, payloads, batch, mode, cores, seconds)
+            bench.log(f"limit, {mode}, batch {batch}: {values[batch]:.1f} img/s")
+    single = {threads: limit.single_image_latency(archive, payloads, threads) * 1e3 for threads in {1, cores}}
+    bench.log("in-process single-image latency: " + ", ".join(f"{t} threads {ms:.1f} ms" for t, ms in single.items()))
+
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        store = servers.bench_store(Path(tmp) / "store", manifest)
+        stock = servers.stock_archive(archive, store)
+        ours_name = f"ours: TorchServe, {settings_name(*shipped)}"
+
+        # 2 and 3a: our handler and the stock handler under TorchServe's defaults, in one TorchServe
+        with servers.torchserve(store, Path(tmp) / "serve") as (ts, start_seconds):
+            bench.log(f"serve.sh start: every model READY in {start_seconds:.1f} s")
+            headers = {"Authorization": f"Bearer {ts.token('inference')}"}
+            url = f"{ts.inference_url}/predictions/{MODEL}"
+            check_answers(lambda body: ts.predict(MODEL, body), photos)
+            bench.sweep(ours_name, url, files, headers)
+
+            for setting in GRID[:1] if quick else GRID:
+                name = "sweep_" + "_".join(map(str, setting))
+                servers.register(ts, servers.variant(archive, store, name, *setting), name)
+                point = drive(settings_name(*setting), f"{ts.inference_url}/predictions/{name}", files,
+                              SWEEP_CONCURRENCY, seconds, headers)
+                bench.settings.append(point)
+                servers.unregister(ts, name)
+                bench.log(f"{point.server}, concurrency {SWEEP_CONCURRENCY}: {point.rps:.1f} req/s, "
+                          f"p50 {point.p50_ms:.0f} ms")
+
+            servers.register(ts, stock, "stock", initial_workers=cores)  # a new user's TorchServe: a worker per core
+            check_answers(lambda body: ts.predict("stock", body), photos)
+            bench.sweep(f"stock handler, TorchServe defaults ({cores} workers x torch's {cores} threads, batch 1)",
+                        f"{ts.inference_url}/predictions/stock", files, headers)
+            servers.unregister(ts, "stock")
+
+        # 3b: the stock handler with our settings; its only way to one torch thread per worker is OMP_NUM_THREADS
+        with servers.torchserve(store, Path(tmp) / "serve-omp1", OMP_NUM_THREADS="1") as (ts, _):
+            headers = {"Authorization": f"Bearer {ts.token('inference')}"}
+            servers.register(ts, stock, "stock", initial_workers=shipped[0], batch_size=shipped[2],
+                             max_batch_delay=shipped[3])
+            check_answers(lambda body: ts.predict("stock", body), photos)
+            bench.sweep(f"stock handler, our settings ({settings_name(*shipped)})",
+                        f"{ts.inference_url}/predictions/stock", files, headers)
+
+    # 4. the Flask app
+    with servers.flask_app(out / "flask.log") as url:
+        check_answers(lambda body: requests.post(url, data=body, timeout=60), photos)
+        bench.sweep("Flask app, eager model (tutorial)", url, files, {})
+
+    return {
+        "machine": machine(),
+        "seconds_per_point": seconds,
+        "inputs": {name: len(body) for name, body in photos.items()},
+        "shipped": dict(zip(("workers", "threads", "batch_size", "max_batch_delay_ms"), shipped)),
+        "limit": {mode: {str(b): v for b, v in values.items()} for mode, values in limits.items()},
+        "single_image_ms": {str(t): v for t, v in single.items()},
+        "serve_start_seconds": start_seconds,
+        "servers": [asdict(p) for p in bench.points],
+        "settings": [asdict(p) for p in bench.settings],
+        "ours": ours_name,
+    }
+
+
+def archive_config(archive: Path) -> dict:
+    """The model-config.yaml inside an archive."""
+    with zipfile.ZipFile(archive) as mar:
+        return yaml.safe_load(mar.read("model-config.yaml"))
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    from importlib.metadata import version
+
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
+            "torchserve": version("torchserve"), "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True,
+                                                                        check=False).stdout.split()[1],
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+# --- the report ------------------------------------------------------------------------------------------------------
+
+
+def best(points: list[dict], server: str) -> dict:
+    return max((p for p in points if p["server"] == server), key=lambda p: p["rps"])
+
+
+def at(points: list[dict], server: str, concurrency: int) -> dict:
+    own = [p for p in points if p["server"] == server]
+    return next((p for p in own if p["concurrency"] == concurrency), own[-1])
+
+
+def targets(results: dict) -> list[tuple[str, str, str, bool]]:
+    """(target, measured, goal, met) for the efficientnet_lite0 targets."""
+    points = results["servers"]
+    names = list(dict.fromkeys(p["server"] for p in points))
+    ours, stock_default, stock_ours, flask = names
+    limit_best = max(v for values in results["limit"].values() for v in values.values())
+    ours_best = best(points, ours)["rps"]
+    single = results["single_image_ms"][str(results["shipped"]["threads"])]
+    p50 = at(points, ours, 1)["p50_ms"]
+    rows = [
+        ("served at saturation / in-process limit", ours_best / limit_best, 0.95),
+        ("ours / stock handler under TorchServe's defaults", ours_best / best(points, stock_default)["rps"], 6.0),
+        ("ours / stock handler under our settings", ours_best / best(points, stock_ours)["rps"], 1.3),
+        ("ours / Flask app at concurrency 16",
+         at(points, ours, 16)["rps"] / at(points, flask, 16)["rps"], 3.0),
+    ]
+    table = [(name, f"{value:.2f} x", f">= {goal:g} x", value >= goal) for name, value, goal in rows]
+    table.append((f"p50 at concurrency 1 - in-process single image ({results['shipped']['threads']} thread)",
+                  f"{p50 - single:+.1f} ms ({p50:.1f} vs {single:.1f})", "<= 5 ms", p50 - single <= 5))
+    start = results["serve_start_seconds"]
+    table.append(("serve.sh start to every model READY", f"{start:.1f} s", "<= 10 s", start <= 10))
+    return table
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"# Benchmark: {MODEL}, served on {m['cores']} cores",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Linux {m['kernel']}; Python {m['python']}, "
+        f"torch {m['torch']}, TorchServe {m['torchserve']}; load generator wrk {m['wrk']} (1 thread, closed loop); "
+        f"{results['seconds_per_point']:g} s per point after a warm-up; {m['date']}.",
+        f"Inputs: {len(results['inputs'])} real photos (6 photos at 0.5x, 1x, 2.5x: "
+        f"{min(results['inputs'].values()) // 1000}-{max(results['inputs'].values()) // 1000} kB JPEG), "
+        "the same bytes in the same order for every server.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | goal | met |",
+        "| --- | --- | --- | --- |",
+        *(f"| {name} | {value} | {goal} | {'yes' if met else '**no**'} |" for name, value, goal, met in targets(results)),
+        "",
+        "## Served: requests per second and latency by concurrency",
+        "",
+        "| server | concurrency | req/s | p50 ms | p90 ms | p99 ms | failed | load generator CPU | machine CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {p['server']} | {p['concurrency']} | {p['rps']:.1f} | {p['p50_ms']:.1f} | {p['p90_ms']:.1f} | "
+          f"{p['p99_ms']:.1f} | {p['failed']} | {p['client_cores']:.2f} cores | {p['machine_cores']:.2f} cores |"
+          for p in results["servers"]),
+        "",
+        f"## Server settings for our handler, at concurrency {SWEEP_CONCURRENCY}",
+        "",
+        "| settings | req/s | p50 ms | p99 ms | failed |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {p['server']} | {p['rps']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['failed']} |"
+          for p in results["settings"]),
+        "",
+        "## The limit: the same pipeline in-process (decode, preprocess, forward, top-k), images per second",
+        "",
+        f"| batch | one process, {m['cores']} threads | {m['cores']} processes x 1 thread |",
+        "| ---: | ---: | ---: |",
+        *(f"| {batch} | {results['limit']['threads'][batch]:.1f} | {results['limit']['processes'][batch]:.1f} |"
+          for batch in results["limit"]["threads"]),
+        "",
+        "Single image in-process (median over the inputs): "
+        + ", ".join(f"{t} thread(s) {ms:.1f} ms" for t, ms in results["single_image_ms"].items()) + ".",
+        "",
+        "![throughput](throughput.png)",
+        "",
+        "![latency](latency.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = results["servers"]
+    names = list(dict.fromkeys(p["server"] for p in points))
+    limit_best = max(v for values in results["limit"].values() for v in values.values())
+
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    for name in names:
+        own = [p for p in points if p["server"] == name]
+        axis.plot([p["concurrency"] for p in own], [p["rps"] for p in own], marker="o", label=name)
+    axis.axhline(limit_best, color="black", linestyle=":", label=f"in-process limit ({limit_best:.0f} img/s)")
+    axis.set(xscale="log", xlabel="concurrent clients", ylabel="requests per second",
+             title=f"{MODEL}: throughput on {results['machine']['cores']} cores")
+    axis.set_xticks(sorted({p["concurrency"] for p in points}), labels=sorted({p["concurrency"] for p in points}))
+    axis.set_ylim(bottom=0)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out / "throughput.png", dpi=110)
+
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    for index, name in enumerate(names):
+        own = [p for p in points if p["server"] == name]
+        color = f"C{index}"
+        x = [p["concurrency"] for p in own]
+        axis.plot(x, [p["p50_ms"] for p in own], marker="o", color=color, label=f"{name}: p50")
+        axis.plot(x, [p["p99_ms"] for p in own], marker="^", linestyle="--", color=color, label="p99")
+    axis.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)",
+             title=f"{MODEL}: latency, p50 (solid) and p99 (dashed)")
+    axis.set_xticks(sorted({p["concurrency"] for p in points}), labels=sorted({p["concurrency"] for p in points}))
+    axis.legend(fontsize=7, ncol=2)
+    axis.grid(alpha=0.3, which="both")
+    figure.tight_layout()
+    figure.savefig(out / "latency.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point")
+    parser.add_argument("--quick", action="store_true", help="a short run of every part (the harness test)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    results = run(args.seconds, args.quick, args.out)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2))
+    (args.out / "bench.md").write_text(markdown(results))
+    plots(results, args.out)
+    print()
+    print((args.out / "bench.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""What the load tests and the benchmark send: real photos at three sizes, and held-out digits.
+
+The photos ship inside scikit-image and scikit-learn (``export/samples.py``); each is sent at half, native and
+two-and-a-half times its size (213 to 1600 pixels on a side, 20 kB to 400 kB), so decoding weighs as it does with
+real uploads. Every server in a comparison gets the same bytes in the same order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from export.samples import PHOTOS, encode, photo
+
+SCALES = (0.5, 1.0, 2.5)
+
+
+def photos() -> dict[str, bytes]:
+    """``"chelsea@0.5"`` → JPEG bytes, for every photo at every scale."""
+    payloads = {}
+    for name in PHOTOS:
+        image = Image.fromarray(photo(name))
+        for scale in SCALES:
+            size = (round(image.width * scale), round(image.height * scale))
+            resized = image if scale == 1.0 else image.resize(size, Image.LANCZOS)
+            payloads[f"{name}@{scale:g}"] = encode(np.asarray(resized))
+    return payloads
+
+
+def digits() -> list[bytes]:
+    from export import digits as digits_data
+
+    images, _ = digits_data.held_out()
+    return [encode(image, "PNG") for image in images]
+
+
+def write(payloads: dict[str, bytes], folder: Path) -> list[Path]:
+    """The payloads as files (the load generator reads them), in a fixed order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, payload in payloads.items():
+        paths.append(folder / f"{name}.jpg")
+        paths[-1].write_bytes(payload)
+    return paths

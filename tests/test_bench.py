@@ -1,0 +1,54 @@
+"""The load-test harness itself: Locust scenarios against the tests' TorchServe and proxy, and a short `make bench`
+run whose servers must start, answer the real photos correctly, and produce a well-formed report with plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, manage, ok
+
+pytestmark = pytest.mark.integration
+
+
+def test_locust_scenarios_run_headless_and_count_every_request(served, restored, tmp_path):
+    ok(manage("ab", "digits", "1.0=50", "2.0=50"))
+    run = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "load_test/locustfile.py", "--headless", "--users", "9",
+         "--spawn-rate", "9", "--run-time", "6s", "--csv", str(tmp_path / "load"), "--only-summary",
+         "ClassifierUser", "DigitsUser", "ABUser"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(tmp_path / "load_stats.csv") as stats:
+        rows = {row["Name"]: row for row in csv.DictReader(stats)}
+    assert int(rows["efficientnet_lite0"]["Request Count"]) > 0 and int(rows["digits"]["Request Count"]) > 0
+    via_proxy = {name.rsplit(" ", 1)[1] for name in rows if name.startswith("digits via proxy ->")}
+    assert via_proxy and via_proxy <= {"1.0", "2.0"}, rows.keys()
+    assert all(int(row["Failure Count"]) == 0 for row in rows.values()), rows
+
+
+def test_a_short_bench_run_writes_a_well_formed_table_and_plots(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "load_test.bench", "--quick", "--seconds", "1", "--out",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=580, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    servers = list(dict.fromkeys(p["server"] for p in results["servers"]))
+    assert len(servers) == 4 and servers[0].startswith("ours")
+    assert all(p["failed"] == 0 and p["p50_ms"] <= p["p99_ms"] for p in results["servers"])
+    # in one second the stock handler under TorchServe's defaults may answer nothing (oversubscribed threads)
+    assert all(p["rps"] > 0 for p in results["servers"] if p["server"] in (servers[0], servers[-1]))
+    assert all(0 <= p["client_cores"] < p["machine_cores"] for p in results["servers"])
+    assert results["limit"]["threads"]["1"] > 0 and results["limit"]["processes"]["1"] > 0
+
+    report = (tmp_path / "bench.md").read_text()
+    targets = report.split("## Targets")[1].split("##")[0]
+    assert len([line for line in targets.splitlines() if line.startswith("| ") and "---" not in line]) == 7
+    served_rows = [line for line in report.split("## Served")[1].split("##")[0].splitlines() if line.startswith("| ")]
+    assert len(served_rows) == 2 + len(results["servers"])
+    for plot in ("throughput.png", "latency.png"):
+        with Image.open(tmp_path / plot) as image:
+            assert image.format == "PNG" and image.width > 500
