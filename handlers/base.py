@@ -15,12 +15,24 @@ only that request fails, its neighbours in the batch are answered as usual, and 
 Every batch is measured (``handlers/metrics.py``): the time of each step, its size, the top-1 class of each answer
 (``top_class``) and the reason of each refusal, labelled with the model's name and version.
 
+An answer is JSON unless the layer returns a ``Reply``: bytes with their own ``Content-Type`` (a PNG), and
+response headers of the request's own (``X-Input-Truncated``).
+
+Explanations: ``POST /explanations/<model>`` reaches the same handler with the request header ``explain: True``.
+It is read per request (TorchServe's own handler looks at the first request of a batch only), so a batch may mix
+predictions and explanations; each explained request gets ``explanation(item)`` from its layer, computed with
+Integrated Gradients (Captum) on the TorchScript weights loaded without ``optimize_for_inference``, whose fused
+CPU kernels have no gradients. A model whose layer does not explain answers 400 ``no_explanations``.
+
 Layers
 ------
 * this base: device and TorchScript loading (``BaseHandler``), settings from model-config.yaml's ``handler:`` section,
-  torch threads, warm-up, payload extraction, per-request errors and batching;
-* a task layer (``handlers/vision.py``): ``decode(payload) -> tensor`` for one request, ``collate(tensors) -> batch``;
-* a model layer (``handlers/image_classifier.py``): ``answer(outputs) -> list`` with one answer per request.
+  torch threads, warm-up, payload extraction, per-request errors, batching, replies and explanations;
+* a task layer (``handlers/vision.py``, ``handlers/text.py``, ...): ``decode(payload) -> item`` for one request (any
+  object), ``collate(items) -> inputs`` (whatever ``forward`` takes), ``forward(model, inputs) -> outputs``
+  (default: ``model(inputs)``, or ``model(*inputs)`` for a tuple) and ``example_input()``;
+* a model layer (``handlers/image_classifier.py``, ...): ``answer(outputs, items) -> list`` with one answer per
+  request, and optionally ``explanation(item)`` (not ``explain``: TorchServe's BaseHandler uses that name).
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -42,6 +55,20 @@ logger = logging.getLogger(__name__)
 
 PAYLOAD_KEYS = ("data", "body")
 VERSION_HEADER = "X-Model-Version"  # on every answer: the version that computed it, whichever URL was asked
+
+
+def as_args(inputs: Any) -> tuple:
+    """A model's input as call arguments: a tuple is spread, anything else is the one argument."""
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    """Tensors, and tuples and lists of them, moved to the device."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(x, device) for x in inputs)
+    return inputs
 
 
 def load_torchscript(path: str, device: torch.device, optimize_for_inference: bool) -> torch.jit.ScriptModule:
@@ -67,13 +94,24 @@ class InputError(Exception):
 
 
 @dataclass
+class Reply:
+    """An answer that is not JSON (``body`` is bytes), or that carries response headers of its own."""
+
+    body: Any
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Batch:
     """One TorchServe batch on its way through preprocess → inference → postprocess."""
 
     size: int
     errors: dict[int, InputError] = field(default_factory=dict)
-    inputs: Any = None  # the collated inputs of the good requests, in request order; None if there are none
-    outputs: Any = None
+    items: dict[int, Any] = field(default_factory=dict)  # request index → decoded input, for the good requests
+    explain: set[int] = field(default_factory=set)  # indices of the requests sent to /explanations
+    inputs: Any = None  # the collated inputs of the good prediction requests, in request order; None if none
+    answers: dict[int, Any] = field(default_factory=dict)  # request index → answer (JSON-able or Reply)
     seconds: dict[str, float] = field(default_factory=dict)  # time of each step that ran
 
     @contextmanager
@@ -84,9 +122,13 @@ class Batch:
         finally:
             self.seconds[step] = time.perf_counter() - started
 
+    @property
+    def predicted(self) -> list[int]:
+        return [idx for idx in self.items if idx not in self.explain]
 
-def payload_of(row: Any) -> bytes:
-    """The request body as bytes: raw body, multipart field, or base64 text."""
+
+def request_value(row: Any) -> Any:
+    """The request body as TorchServe passes it: bytes, or text / parsed JSON when the client said so."""
     value = row
     if isinstance(row, dict):
         value = next((row[key] for key in PAYLOAD_KEYS if row.get(key) is not None), None)
@@ -96,6 +138,12 @@ def payload_of(row: Any) -> bytes:
             fields = ", ".join(sorted(str(key)[:20] for key in row)[:5])
             raise InputError("no_file", f"the request has form fields ({fields}) but no file: send the raw file "
                                         "(curl -T file) or a multipart upload (curl -F data=@file)")
+    return value
+
+
+def payload_of(row: Any) -> bytes:
+    """The request body as bytes: raw body, multipart field, or base64 text."""
+    value = request_value(row)
     if isinstance(value, str):
         try:
             value = base64.b64decode(value, validate=True)
@@ -118,31 +166,37 @@ class ModelHandler(BaseHandler):
         "threads": 1,  # torch intra-op threads per worker: workers x threads should not exceed the cores
         "warmup_runs": 2,  # TorchScript optimises on its first calls; do them before the worker reports READY
         "optimize_for_inference": True,  # torch.jit.optimize_for_inference at load, on CPU
+        "explain_steps": 8,  # Integrated Gradients: steps from the baseline to the input ...
+        "explain_batch": 8,  # ... computed this many at a time (one batched forward and backward)
     }
 
     def initialize(self, context) -> None:
         self.settings = self.load_settings(getattr(context, "model_yaml_config", None) or {})
         torch.set_num_threads(int(self.settings["threads"]))
+        self.files = Path(context.system_properties["model_dir"])
         self.configure()
         super().initialize(context)
         self.context = context
         self.version = context.manifest.get("model", {}).get("modelVersion", "")
         self.metrics = HandlerMetrics(context)
-        example = self.example_input()
+        self.explainer_model = None
+        example = as_args(to_device(self.example_input(), self.device))
         with torch.inference_mode():
             for _ in range(int(self.settings["warmup_runs"])):
-                self.model(example.to(self.device))
+                self.model(*example)
         logger.info("%s ready on %s with settings %s", type(self).__name__, self.device, self.settings)
 
     def _load_torchscript_model(self, model_pt_path: str) -> torch.jit.ScriptModule:
         return load_torchscript(model_pt_path, self.device, bool(self.settings["optimize_for_inference"]))
 
     @classmethod
-    def from_config(cls, model_config: dict) -> "ModelHandler":
-        """A handler configured from a model-config, without TorchServe or a model: its decode, collate and answer
-        are what the build uses to measure parity and accuracy on exactly what the server computes."""
+    def from_config(cls, model_config: dict, files: Path | None = None) -> "ModelHandler":
+        """A handler configured from a model-config, without TorchServe or a model: its decode, collate, forward and
+        answer are what the build uses to measure parity and accuracy on exactly what the server computes. ``files``
+        is the folder of the archive's extra files (a tokenizer), as the server's model_dir will hold them."""
         handler = cls()
         handler.settings = cls.load_settings(model_config)
+        handler.files = files
         handler.configure()
         return handler
 
@@ -159,63 +213,118 @@ class ModelHandler(BaseHandler):
     def preprocess(self, data: list) -> Batch:
         batch = Batch(size=len(data))
         with batch.timed("preprocess"):
-            items = []
             for idx, row in enumerate(data):
+                if self.context.get_request_header(idx, "explain") == "True":
+                    batch.explain.add(idx)
                 try:
-                    items.append(self.decode(payload_of(row)))
+                    batch.items[idx] = self.decode(self.payload(row))
                 except InputError as error:
                     logger.info("request %d of %d refused: %s: %s", idx, len(data), error.reason, error.message)
                     batch.errors[idx] = error
-            if items:
-                batch.inputs = self.collate(items)
+            if batch.predicted:
+                batch.inputs = self.collate([batch.items[idx] for idx in batch.predicted])
         return batch
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
-        if batch.inputs is not None:
-            with batch.timed("inference"), torch.inference_mode():
-                batch.outputs = self.model(batch.inputs.to(self.device), *args, **kwargs)
+        with batch.timed("inference"):
+            if batch.inputs is not None:
+                with torch.inference_mode():
+                    outputs = self.forward(self.model, to_device(batch.inputs, self.device))
+                predicted = batch.predicted
+                batch.answers.update(zip(predicted, self.answer(outputs, [batch.items[idx] for idx in predicted])))
+            for idx in sorted(batch.explain & batch.items.keys()):
+                try:
+                    batch.answers[idx] = self.explanation(batch.items[idx])
+                except InputError as error:
+                    batch.errors[idx] = error
         return batch
 
     def postprocess(self, batch: Batch) -> list:
         with batch.timed("postprocess"):
-            answers = self.answer(batch.outputs) if batch.inputs is not None else []
-            pending = iter(answers)
             responses = []
             for idx in range(batch.size):
                 self.context.set_response_header(idx, VERSION_HEADER, self.version)
                 error = batch.errors.get(idx)
-                if error is None:
-                    responses.append(next(pending))
+                if error is not None:
+                    self.context.set_response_status(error.status, error.message, idx)
+                    self.context.set_response_content_type(idx, "application/json")
+                    responses.append(error.body())
                     continue
-                self.context.set_response_status(error.status, error.message, idx)
-                self.context.set_response_content_type(idx, "application/json")
-                responses.append(error.body())
-        classes = [name for name in map(self.top_class, answers) if name is not None]
+                reply = batch.answers[idx]
+                if not isinstance(reply, Reply):
+                    reply = Reply(reply)
+                self.context.set_response_content_type(idx, reply.content_type)
+                for key, value in reply.headers.items():
+                    self.context.set_response_header(idx, key, value)
+                responses.append(reply.body)
+        answered = [batch.answers[idx] for idx in batch.predicted if idx not in batch.errors]
+        classes = [name for name in map(self.top_class, answered) if name is not None]
         self.metrics.record(batch.size, batch.seconds, classes,
                             [(error.reason, error.status) for error in batch.errors.values()])
         return responses
+
+    def explain_handle(self, data_preprocess: Batch, raw_data: list) -> list:
+        """TorchServe calls this instead of inference + postprocess when the batch's first request is an
+        explanation; ``inference`` already tells explanations from predictions request by request."""
+        return self.postprocess(self.inference(data_preprocess))
+
+    # --- explanations: Integrated Gradients on the TorchScript weights -------------------------------------------
+
+    def explainer(self) -> torch.jit.ScriptModule:
+        """The model as exported, without optimize_for_inference (its fused kernels have no gradients): loaded on
+        the first explanation, a second copy of the weights in memory from then on."""
+        if self.explainer_model is None:
+            self.explainer_model = load_torchscript(self.model_pt_path, self.device, optimize_for_inference=False)
+        return self.explainer_model
+
+    def integrated_gradients(self, function, inputs: torch.Tensor, baselines: torch.Tensor, target=None,
+                             additional_forward_args=None) -> tuple[torch.Tensor, float]:
+        """Attributions of ``function(inputs)`` (one score per row, or ``target`` picks the column) to ``inputs``,
+        integrated along the straight line from ``baselines``; and the convergence delta (how far their sum is
+        from ``function(inputs) - function(baselines)``). ``explain_steps`` and ``explain_batch`` bound the cost."""
+        from captum.attr import IntegratedGradients
+
+        with torch.enable_grad():
+            attributions, delta = IntegratedGradients(function).attribute(
+                inputs, baselines=baselines, target=target, additional_forward_args=additional_forward_args,
+                n_steps=int(self.settings["explain_steps"]), internal_batch_size=int(self.settings["explain_batch"]),
+                return_convergence_delta=True)
+        return attributions.detach(), float(delta.abs().max())
 
     # --- what the task and model layers provide -------------------------------------------------------------------
 
     def configure(self) -> None:
         """Build what the layer needs from ``self.settings`` (transforms, tokenizers), before the model loads."""
 
-    def decode(self, payload: bytes) -> torch.Tensor:
-        """One request's payload → one input tensor; raises InputError for bad input."""
+    def payload(self, row: Any) -> Any:
+        """One request's body as ``decode`` takes it: bytes by default (see ``payload_of``)."""
+        return payload_of(row)
+
+    def decode(self, payload: Any) -> Any:
+        """One request's payload → one item (a tensor, or anything collate takes); raises InputError for bad input."""
         raise NotImplementedError
 
-    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
-        """The decoded inputs of the good requests → one batch for the model."""
+    def collate(self, items: list) -> Any:
+        """The decoded items of the good requests → what ``forward`` takes."""
         return torch.stack(items)
 
-    def example_input(self) -> torch.Tensor:
-        """A batch of one, in the model's input shape, for warm-up."""
+    def forward(self, model, inputs: Any) -> Any:
+        """Run the model on collated inputs (the build's parity check runs the eager model through this too)."""
+        return model(*as_args(inputs))
+
+    def example_input(self) -> Any:
+        """One model call's input, batch of one (a tensor, or a tuple of tensors): for warm-up and tracing."""
         raise NotImplementedError
 
-    def answer(self, outputs: torch.Tensor) -> list:
-        """Model outputs for the good requests → one JSON-serialisable answer each, in order."""
+    def answer(self, outputs: Any, items: list) -> list:
+        """Model outputs for the good requests → one answer each, in order: JSON-serialisable, or a ``Reply``."""
         raise NotImplementedError
 
     def top_class(self, answer: Any) -> str | None:
-        """The class an answer names first, counted per version (class drift); None: the answer names no class."""
+        """The class a prediction's answer names first, counted per version (class drift); None: it names none."""
         return None
+
+    def explanation(self, item: Any) -> Any:
+        """One request's explanation (see ``integrated_gradients``); a layer that can explain overrides this."""
+        name = self.context.manifest.get("model", {}).get("modelName", "this model")
+        raise InputError("no_explanations", f"{name} does not explain its outputs; ask /predictions/{name}")

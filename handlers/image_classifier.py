@@ -2,8 +2,16 @@
 
 Response (the shape of TorchServe's stock ``image_classifier``, so clients can switch without changes): a JSON
 object mapping label → probability, ``top_k`` entries, highest first. Labels come from ``index_to_name.json``
-shipped in the archive; a value that is a list (``["n01440764", "tench"]``) is shown by its last item. The top-1
-label of each answer is counted per version (``handler_top1_total``).
+shipped in the archive; a value that is a list (``["n01440764", "tench"]``) is shown by its last item.
+
+Explanation (``POST /explanations/<model>``, same body): Integrated Gradients of the top class's score with respect
+to the input pixels, from the mean-colour image (zero after normalisation). The answer names the class it explains
+and gives a compact heat map: ``explain_grid`` x ``explain_grid`` cells over the centre crop the model sees (the
+image resized to ``resize`` on its shorter side, centre ``crop``), each the share of the total absolute attribution
+(they sum to 1), rows top to bottom::
+
+    {"class": "tabby, tabby cat", "index": 281, "probability": 0.29, "grid": 14, "heatmap": [[0.0012, ...], ...],
+     "steps": 4, "convergence_delta": 0.03}
 """
 
 from __future__ import annotations
@@ -12,13 +20,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from handlers.vision import ImageHandler
+from handlers.vision import ImageHandler, heat_map
 
 
 class ImageClassifier(ImageHandler):
-    DEFAULTS: ClassVar[dict[str, Any]] = {**ImageHandler.DEFAULTS, "top_k": 5}
+    DEFAULTS: ClassVar[dict[str, Any]] = {**ImageHandler.DEFAULTS, "top_k": 5, "explain_grid": 14}
 
-    def answer(self, outputs: torch.Tensor) -> list[dict[str, float]]:
+    def answer(self, outputs: torch.Tensor, items: list) -> list[dict[str, float]]:
         probabilities = torch.softmax(outputs.float(), dim=1)
         k = min(int(self.settings["top_k"]), probabilities.shape[1])
         values, indices = probabilities.topk(k, dim=1)
@@ -33,3 +41,15 @@ class ImageClassifier(ImageHandler):
     def label(self, index: int) -> str:
         name = (self.mapping or {}).get(str(index), str(index))
         return name[-1] if isinstance(name, list) else name
+
+    def explanation(self, item: torch.Tensor) -> dict[str, Any]:
+        inputs = self.collate([item]).to(self.device)
+        with torch.inference_mode():
+            probabilities = torch.softmax(self.model(inputs).float(), dim=1)[0]
+        index = int(probabilities.argmax())
+        attributions, delta = self.integrated_gradients(self.explainer(), inputs, torch.zeros_like(inputs),
+                                                        target=index)
+        grid = heat_map(attributions, int(self.settings["explain_grid"]))
+        return {"class": self.label(index), "index": index, "probability": round(float(probabilities[index]), 6),
+                "grid": len(grid), "heatmap": grid, "steps": int(self.settings["explain_steps"]),
+                "convergence_delta": round(delta, 6)}

@@ -34,6 +34,45 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def open_image(payload: bytes, max_pixels: int) -> Image.Image:
+    """The image in the bytes, header read only: refused if it is not an image or has more than max_pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(payload))
+    except UnidentifiedImageError:
+        raise InputError("not_an_image", f"the body ({len(payload)} bytes) is not an image format we can read "
+                                         "(JPEG, PNG, WebP, GIF, BMP, TIFF, ...)")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InputError("image_too_large", f"image refused: {error}", status=413)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InputError("image_too_large", f"image is {width}x{height} = {width * height / 1e6:.1f} MP; "
+                                            f"the limit is {max_pixels / 1e6:.1f} MP", status=413)
+    if width == 0 or height == 0:
+        raise InputError("corrupt_image", f"image has no pixels ({width}x{height})")
+    return image
+
+
+def load_image(image: Image.Image, color_mode: str) -> Image.Image:
+    """An opened image decoded, EXIF orientation applied, in ``color_mode``; a broken file is a 400."""
+    try:
+        image.load()
+        return ImageOps.exif_transpose(image).convert(color_mode)
+    except (OSError, SyntaxError, ValueError) as error:
+        reason = "truncated_image" if "truncated" in str(error) else "corrupt_image"
+        raise InputError(reason, f"the {image.format} image cannot be decoded: {error}")
+
+
+def heat_map(attributions: torch.Tensor, grid: int) -> list[list[float]]:
+    """Attributions over one image (1 x C x H x W) → a grid x grid heat map: each cell's share of the total
+    absolute attribution (the cells sum to 1), rows top to bottom."""
+    magnitude = attributions.abs().sum(dim=1, keepdim=True).float()
+    cells = torch.nn.functional.adaptive_avg_pool2d(magnitude, min(grid, *magnitude.shape[-2:]))[0, 0]
+    cells = cells / cells.sum().clamp(min=1e-12)
+    return [[round(v, 5) for v in row] for row in cells.tolist()]
+
+
 class ImageTransform:
     """Bytes → uint8 HWC tensor (decode), and a list of those → normalised NCHW float batch (collate).
 
@@ -60,22 +99,7 @@ class ImageTransform:
         return cls(**{key: settings[key] for key in keys})
 
     def open(self, payload: bytes) -> Image.Image:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(payload))
-        except UnidentifiedImageError:
-            raise InputError("not_an_image", f"the body ({len(payload)} bytes) is not an image format we can read "
-                                             "(JPEG, PNG, WebP, GIF, BMP, TIFF, ...)")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise InputError("image_too_large", f"image refused: {error}", status=413)
-        width, height = image.size
-        if width * height > self.max_pixels:
-            raise InputError("image_too_large", f"image is {width}x{height} = {width * height / 1e6:.1f} MP; "
-                                                f"the limit is {self.max_pixels / 1e6:.1f} MP", status=413)
-        if width == 0 or height == 0:
-            raise InputError("corrupt_image", f"image has no pixels ({width}x{height})")
-        return image
+        return open_image(payload, self.max_pixels)
 
     def decode(self, payload: bytes) -> torch.Tensor:
         image = self.open(payload)
@@ -84,12 +108,7 @@ class ImageTransform:
             # the shorter side at or above DRAFT_MARGIN x ``resize``.
             scale = DRAFT_MARGIN * self.resize / min(image.size)
             image.draft(self.color_mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-        try:
-            image.load()
-            image = ImageOps.exif_transpose(image).convert(self.color_mode)
-        except (OSError, SyntaxError, ValueError) as error:
-            reason = "truncated_image" if "truncated" in str(error) else "corrupt_image"
-            raise InputError(reason, f"the {image.format} image cannot be decoded: {error}")
+        image = load_image(image, self.color_mode)
         image = self._resize_shorter_side(image)
         image = self._center_crop(image)
         array = np.asarray(image, dtype=np.uint8)

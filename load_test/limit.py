@@ -38,18 +38,24 @@ def load_pipeline(archive: Path, threads: int):
     return handler, model
 
 
+def through(handler, model, payloads: list[bytes]) -> list:
+    """Payloads through the handler's own decode, collate, forward and answer, on ``model``."""
+    items = [handler.decode(p) for p in payloads]
+    return handler.answer(handler.forward(model, handler.collate(items)), items)
+
+
 def run_batches(handler, model, payloads: list[bytes], batch: int, seconds: float, start_at: float = 0.0) -> tuple[int, float]:
     """Images through the whole pipeline in batches of ``batch`` for ``seconds``: (images, elapsed)."""
     with torch.inference_mode():
         for _ in range(3):  # warm-up: TorchScript optimises on its first calls
-            model(handler.collate([handler.decode(p) for p in payloads[:batch]]))
+            through(handler, model, payloads[:batch])
         while time.time() < start_at:
             time.sleep(0.01)
         done, position, begin = 0, 0, time.perf_counter()
         while time.perf_counter() - begin < seconds:
             chunk = [payloads[(position + i) % len(payloads)] for i in range(batch)]
             position += batch
-            handler.answer(model(handler.collate([handler.decode(p) for p in chunk])))
+            through(handler, model, chunk)
             done += batch
         return done, time.perf_counter() - begin
 
@@ -63,7 +69,7 @@ def single_image_latency(archive: Path, payloads: list[bytes], threads: int, rep
         for _ in range(repeats):
             for payload in payloads:
                 begin = time.perf_counter()
-                handler.answer(model(handler.collate([handler.decode(payload)])))
+                through(handler, model, [payload])
                 times.append(time.perf_counter() - begin)
     return statistics.median(times)
 

@@ -200,9 +200,10 @@ def predict(args) -> None:
 
 
 def samples(args) -> None:
-    """Real photos to efficientnet_lite0, held-out digits to every digits version: the top-5 of each."""
-    from export import digits
-    from export.samples import encode, photo_files
+    """Real photos to efficientnet_lite0, held-out digits to every digits version (the top-5 of each), sentences to
+    minilm, a half-size photo to super_resolution, and one explanation."""
+    from export import digits, super_resolution
+    from export.samples import SENTENCES, encode, photo_files
 
     ts = TorchServe()
     for name, payload in photo_files().items():
@@ -216,6 +217,19 @@ def samples(args) -> None:
             answer = ts.predict("digits", encode(image, "PNG"), version).json()
             top = ", ".join(f"{name} {p:.2f}" for name, p in answer.items())
             print(f"digits {version:<12} label {label}   {top}")
+    texts = [SENTENCES[name] for name in ("cat", "kitten", "markets")]
+    vectors = ts.request("inference", "POST", "/predictions/minilm", json={"texts": texts}).json()["embeddings"]
+    for name, other in (("kitten", vectors[1]), ("markets", vectors[2])):
+        cosine = sum(a * b for a, b in zip(vectors[0], other))
+        print(f"minilm             cosine(cat, {name}) = {cosine:.3f}")
+    _, payload = super_resolution.held_out(2)["chelsea"]
+    answer = ts.predict("super_resolution", payload)
+    print(f"super_resolution   chelsea at half size → {answer.headers['Content-Type']} "
+          f"{answer.headers['X-Output-Size']} ({len(answer.content)} bytes)")
+    explanation = ts.request("inference", "POST", "/explanations/efficientnet_lite0",
+                             data=photo_files()["chelsea"], headers={"Content-Type": "application/octet-stream"})
+    print(f"explanation        chelsea: {explanation.json()['class']}, "
+          f"{explanation.json()['grid']}x{explanation.json()['grid']} heat map")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     command("token", token, "print the current key (renewed if expired)").add_argument(
         "kind", choices=["inference", "management"])
     command("predict", predict, "send a file, print the answer", "model", "file", version={})
-    command("samples", samples, "send the sample photos and digits, print the top-5")
+    command("samples", samples, "send the samples to every model (photos, digits, sentences, an upscaling), print the answers")
     command("archives", archives_to_serve, "(serve.sh) the verified archives to load")
     command("wait", wait_ready, "(serve.sh) wait until every built version is READY",
             timeout={"type": float, "default": 180.0})

@@ -55,6 +55,33 @@ def bad_inputs() -> dict[str, tuple[bytes, int, str]]:
     }
 
 
+def start_handler(handler_class, model_dir: Path, config: dict, name: str = "tiny", version: str = "1.0",
+                  metrics_config: Path = REPO / "monitoring" / "metrics.yaml"):
+    """A handler initialised as a TorchServe worker does: real ts Context over model_dir (model.pt and extra files),
+    model-config ``config``, the project's metrics configuration."""
+    from ts.context import Context
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    metrics = MetricsCacheYamlImpl(str(metrics_config))
+    metrics.initialize_cache()
+    manifest = {"model": {"modelName": name, "serializedFile": "model.pt", "handler": "handler.py",
+                          "modelVersion": version}}
+    context = Context(name, str(model_dir), manifest, 8, None, "0.12.0", metrics=metrics, model_yaml_config=config)
+    handler = handler_class()
+    handler.initialize(context)
+    return handler, context
+
+
+def run_batch(handler, context, rows: list, explain: set[int] = frozenset()) -> list:
+    """One TorchServe batch: each row a request body (a dict row is passed as it is); ``explain``: the indices
+    sent to /explanations."""
+    from ts.context import RequestProcessor
+
+    context.request_processor = [RequestProcessor({"explain": "True"} if i in explain else {}) for i in range(len(rows))]
+    context.metrics.request_ids = {i: f"req-{i}" for i in range(len(rows))}
+    return handler.handle([row if isinstance(row, dict) else {"body": row} for row in rows], context)
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
     from export.samples import photo_files

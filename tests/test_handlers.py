@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.context import Context
 
 import ts
 from export.samples import encode, photo
 from handlers.base import InputError, payload_of
 from handlers.image_classifier import ImageClassifier
 from handlers.vision import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
-from tests.conftest import REPO, bad_inputs
+from tests.conftest import REPO, bad_inputs, run_batch, start_handler
 
 SIZE = 32
 LABELS = {"0": ["n00000000", "zero"], "1": "one", "2": "two"}
@@ -50,21 +49,12 @@ TORCHSERVE_METRICS = Path(ts.__file__).parent / "configs" / "metrics.yaml"  # de
 
 
 def make_handler(model_dir: Path, metrics_config: Path = PROJECT_METRICS, **settings) -> tuple[ImageClassifier, Context]:
-    metrics = MetricsCacheYamlImpl(str(metrics_config))
-    metrics.initialize_cache()
-    manifest = {"model": {"modelName": "tiny", "serializedFile": "model.pt", "handler": "image_classifier.py",
-                          "modelVersion": "3.1"}}
     config = {"batchSize": 8, "handler": {"resize": SIZE, "crop": SIZE, **settings}}
-    context = Context("tiny", str(model_dir), manifest, 8, None, "0.12.0", metrics=metrics, model_yaml_config=config)
-    handler = ImageClassifier()
-    handler.initialize(context)
-    return handler, context
+    return start_handler(ImageClassifier, model_dir, config, version="3.1", metrics_config=metrics_config)
 
 
-def handle(handler: ImageClassifier, context: Context, payloads: list[bytes]) -> list:
-    context.request_processor = [RequestProcessor({}) for _ in payloads]
-    context.metrics.request_ids = {i: f"req-{i}" for i in range(len(payloads))}
-    return handler.handle([{"body": p} for p in payloads], context)
+def handle(handler: ImageClassifier, context: Context, payloads: list[bytes], explain: set[int] = frozenset()) -> list:
+    return run_batch(handler, context, payloads, explain)
 
 
 def test_transform_matches_torchvision_on_a_real_photo():
@@ -148,6 +138,19 @@ def test_payload_forms():
         with pytest.raises(InputError) as caught:
             payload_of(row)
         assert caught.value.reason == reason and caught.value.status == 400
+
+
+def test_explanation_names_its_class_and_gives_a_heat_map_beside_predictions(model_dir):
+    handler, context = make_handler(model_dir, explain_grid=4, explain_steps=8, explain_batch=8)
+    coffee = encode(photo("coffee"))
+    predicted, explained, refused = handle(handler, context, [coffee, coffee, b"nope"], explain={1, 2})
+    assert [context.get_response_status(i)[0] for i in range(3)] == [200, 200, 400]
+    assert explained["class"] == next(iter(predicted)) and explained["probability"] == pytest.approx(
+        next(iter(predicted.values())), abs=1e-5)
+    assert explained["grid"] == 4 and len(explained["heatmap"]) == 4 and {len(r) for r in explained["heatmap"]} == {4}
+    assert sum(map(sum, explained["heatmap"])) == pytest.approx(1.0, abs=1e-3)
+    assert explained["steps"] == 8 and explained["convergence_delta"] < 0.05
+    assert refused["error"] == "not_an_image"
 
 
 # What a worker prints for a metric and TorchServe's frontend parses (org.pytorch.serve.metrics.Metric):

@@ -1,0 +1,71 @@
+"""Image-to-image: one image per request → the same image ``scale`` times larger, as a PNG.
+
+Input: the bytes of any image PIL reads, any size up to ``max_pixels`` (413 ``image_too_large`` above, naming the
+limit, checked from the header before decoding; the other image errors as in ``handlers/vision.py``).
+
+The model upscales the luma (Y of YCbCr) from the image and its bicubic upscaling; the chroma is upscaled bicubic,
+as in ESPCN. Response: ``Content-Type: image/png``, the upscaled RGB image, ``X-Output-Size: <width>x<height>``.
+
+Batching: images of a batch are of any size, so each request runs through the model on its own inside the batch
+(no padding, which would cost compute and edge artefacts; a fully convolutional network gains little from stacking
+on a CPU: its cost is linear in pixels). Explanations are not offered (400 ``no_explanations``).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from handlers.base import ModelHandler, Reply
+from handlers.vision import load_image, open_image
+
+SIZE_HEADER = "X-Output-Size"
+
+
+# One request, decoded: (its luma, the luma's bicubic upscaling: 1 x 1 x H x W in 0..1; the upscaled Cb and Cr).
+# A tuple, not a class: TorchServe wants exactly one class in a handler's entry module.
+Upscaling = tuple[torch.Tensor, torch.Tensor, tuple[Image.Image, Image.Image]]
+
+
+def luma_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+
+
+class SuperResolution(ModelHandler):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **ModelHandler.DEFAULTS,
+        "scale": 2,  # as trained: the spec's source and this must agree
+        "max_pixels": 1_000_000,  # input pixels; the output has scale² as many
+        "png_compress_level": 1,  # 0-9: fast, larger files at 1
+    }
+
+    def decode(self, payload: bytes) -> Upscaling:
+        ycbcr = load_image(open_image(payload, int(self.settings["max_pixels"])), "RGB").convert("YCbCr")
+        size = (ycbcr.width * int(self.settings["scale"]), ycbcr.height * int(self.settings["scale"]))
+        y, cb, cr = ycbcr.split()
+        return (luma_tensor(y), luma_tensor(y.resize(size, Image.BICUBIC)),
+                (cb.resize(size, Image.BICUBIC), cr.resize(size, Image.BICUBIC)))
+
+    def collate(self, items: list[Upscaling]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(low, bicubic) for low, bicubic, _ in items]
+
+    def forward(self, model, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        return [model(low, bicubic) for low, bicubic in inputs]
+
+    def example_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = int(self.settings["scale"])
+        return torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16 * scale, 16 * scale)
+
+    def answer(self, outputs: list[torch.Tensor], items: list[Upscaling]) -> list[Reply]:
+        replies = []
+        for output, (_, _, chroma) in zip(outputs, items):
+            y = output[0, 0].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+            image = Image.merge("YCbCr", (Image.fromarray(y), *chroma)).convert("RGB")
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG", compress_level=int(self.settings["png_compress_level"]))
+            replies.append(Reply(buffer.getvalue(), "image/png", {SIZE_HEADER: f"{image.width}x{image.height}"}))
+        return replies
