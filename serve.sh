@@ -60,7 +60,7 @@ start() {
   local started=$SECONDS
   echo "starting TorchServe (java: $JAVA_HOME) with: $archives"
   # TorchServe writes its key file into the current folder: keep it in SERVE_HOME.
-  (cd "$SERVE_HOME" && "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" \
+  (cd "$SERVE_HOME" && "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" --log-config "$ROOT/log4j2.xml" \
       --model-store "$MODEL_STORE" --models $archives >>"$LOG_DIR/torchserve.out" 2>&1)
   if ! manage wait; then
     echo "TorchServe did not become ready; last lines of $LOG_DIR/model_log.log and ts_log.log:" >&2
