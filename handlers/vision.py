@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 # A JPEG is decoded at a reduced scale only down to DRAFT_MARGIN x the resize target, so that an antialiased
 # resize still does the last step: top-1 then agrees with full decoding on the benchmark's photos.
 DRAFT_MARGIN = 2
+EXIF_ORIENTATION = 0x0112
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -58,7 +59,9 @@ def load_image(image: Image.Image, color_mode: str) -> Image.Image:
     """An opened image decoded, EXIF orientation applied, in ``color_mode``; a broken file is a 400."""
     try:
         image.load()
-        return ImageOps.exif_transpose(image).convert(color_mode)
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
+        return image if image.mode == color_mode else image.convert(color_mode)  # each would copy the full image
     except (OSError, SyntaxError, ValueError) as error:
         reason = "truncated_image" if "truncated" in str(error) else "corrupt_image"
         raise InputError(reason, f"the {image.format} image cannot be decoded: {error}")

@@ -81,14 +81,28 @@ def ts_pid() -> int:
     return int((serve_home() / "tmp" / ".model_server.pid").read_text().strip())
 
 
+def settle(idle_cores: float = 0.3, timeout: float = 60.0) -> None:
+    """Wait until the machine is idle: a server keeps working through the requests queued when the last run ended."""
+    deadline = time.monotonic() + timeout
+    previous = machine_busy()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        current = machine_busy()
+        if (current[0] - previous[0]) / (current[1] - previous[1]) * os.cpu_count() < idle_cores:
+            return
+        previous = current
+
+
 def drive(server: str, url: str, files: list[Path], concurrency: int, seconds: float,
           headers: dict[str, str], frontend: int | None = None) -> Point:
-    """One wrk run (after a short unrecorded warm-up at the same concurrency)."""
+    """One wrk run (after a short unrecorded warm-up at the same concurrency), each on an idle machine."""
     command = ["wrk", "-t1", f"-c{concurrency}", "--timeout", "120s", "-s", str(WRK_SCRIPT)]
     for key, value in headers.items():
         command += ["-H", f"{key}: {value}"]
     tail = [url, "--", *map(str, files)]
+    settle()
     subprocess.run([*command, f"-d{max(1, round(seconds / 4))}s", *tail], capture_output=True, check=True)
+    settle()
     before, busy_before = os.times(), machine_busy()
     frontend_before = process_seconds(frontend) if frontend else 0.0
     run = subprocess.run([*command, f"-d{seconds:g}s", *tail], capture_output=True, text=True, check=True)
