@@ -264,8 +264,12 @@ def machine() -> dict:
 # --- the report ------------------------------------------------------------------------------------------------------
 
 
-def best(points: list[dict], server: str) -> dict:
-    return max((p for p in points if p["server"] == server), key=lambda p: p["rps"])
+def saturated(points: list[dict], server: str) -> float:
+    """Throughput at saturation: the best at concurrency 16 or more, where every server has work queued (in a
+    short run, the highest concurrency measured)."""
+    own = [p for p in points if p["server"] == server]
+    loaded = [p for p in own if p["concurrency"] >= SWEEP_CONCURRENCY] or own[-1:]
+    return max(p["rps"] for p in loaded)
 
 
 def at(points: list[dict], server: str, concurrency: int) -> dict:
@@ -279,13 +283,14 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
     names = list(dict.fromkeys(p["server"] for p in points))
     ours, stock_default, stock_ours, flask = names
     limit_best = max(v for values in results["limit"].values() for v in values.values())
-    ours_best = best(points, ours)["rps"]
+    ours_best = saturated(points, ours)
     single = results["single_image_ms"][str(results["shipped"]["threads"])]
     p50 = at(points, ours, 1)["p50_ms"]
     rows = [
-        ("served at saturation / in-process limit", ours_best / limit_best, 0.95),
-        ("ours / stock handler under TorchServe's defaults", ours_best / best(points, stock_default)["rps"], 6.0),
-        ("ours / stock handler under our settings", ours_best / best(points, stock_ours)["rps"], 1.3),
+        ("served at saturation (concurrency >= 16) / in-process limit", ours_best / limit_best, 0.95),
+        ("ours / stock handler under TorchServe's defaults, at saturation",
+         ours_best / max(saturated(points, stock_default), 1e-9), 6.0),
+        ("ours / stock handler under our settings, at saturation", ours_best / saturated(points, stock_ours), 1.3),
         ("ours / Flask app at concurrency 16",
          at(points, ours, 16)["rps"] / at(points, flask, 16)["rps"], 3.0),
     ]
