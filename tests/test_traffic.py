@@ -189,7 +189,8 @@ class Load:
 
 
 def test_a_live_switch_under_load_drops_nothing(served, expected, restored):
-    """Production on 1.0; under continuous load: register 2.0, split 90/10, promote 2.0, unregister 1.0."""
+    """Production on 1.0; under continuous load: register 2.0, split 90/10, ramp up in four more reloads, promote
+    2.0, unregister 1.0."""
     ok(manage("set-default", "digits", "1.0"))
     ok(manage("unregister", "digits", "2.0"))
     ok(manage("ab", "digits", "1.0=100"))
@@ -198,6 +199,8 @@ def test_a_live_switch_under_load_drops_nothing(served, expected, restored):
         time.sleep(1)
         for step, command in [("register", ("register", "digits", "2.0")),
                               ("split", ("ab", "digits", "1.0=90", "2.0=10")),
+                              *[(f"ramp {share}", ("ab", "digits", f"1.0={100 - share}", f"2.0={share}"))
+                                for share in (20, 35, 50, 75)],
                               ("promote", ("promote", "digits", "2.0")),
                               ("unregister", ("unregister", "digits", "1.0"))]:
             ok(manage(*command))
@@ -206,7 +209,7 @@ def test_a_live_switch_under_load_drops_nothing(served, expected, restored):
     problems = [a.problem for a in load.answers if a.problem]
     assert not problems, f"{len(problems)} of {len(load.answers)} requests failed: {problems[:5]}"
     assert len(load.answers) > 200
-    during_split = {a.version for a in load.answers if steps["split"] < a.sent < steps["promote"]}
+    during_split = {a.version for a in load.answers if steps["split"] < a.sent < steps["ramp 20"]}
     after_promote = {a.version for a in load.answers if a.sent > steps["promote"]}
     assert during_split == set(VERSIONS) and after_promote == {"2.0"}
     print(f"live switch: {len(load.answers)} requests, 0 failed, {Counter(a.version for a in load.answers)}")
