@@ -17,12 +17,13 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import requests
 import yaml
 
 from archives.store import Manifest
-from manage.client import REPO, TorchServe, free_ports, instance_env
+from manage.client import REPO, TorchServe, free_ports, instance_env, ready_workers
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -74,12 +75,11 @@ def stock_archive(archive: Path, folder: Path, name: str = "stock") -> Path:
 
 def register(ts: TorchServe, archive: Path, name: str, **params: int) -> None:
     """Register an archive of the store under ``name``; returns when its workers are up."""
-    query = "".join(f"&{key}={value}" for key, value in params.items())
-    ts.management("POST", f"/models?url={archive.name}&model_name={name}&synchronous=true{query}")
+    ts.register(archive.name, model_name=name, **params)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # synchronous registration returns with the workers started, not READY
-        workers = ts.versions(name)[0].get("workers", [])
-        if workers and all(w["status"] == "READY" for w in workers):
+        info = ts.versions(name)[0]
+        if info.get("workers") and ready_workers(info) == len(info["workers"]):
             return
         time.sleep(0.2)
     raise RuntimeError(f"{name}: workers not READY after 120 s")
@@ -93,9 +93,7 @@ def unregister(ts: TorchServe, name: str) -> None:
 def torchserve(store: Path, home: Path, **env: str) -> Iterator[tuple[TorchServe, float]]:
     """TorchServe started by serve.sh with ``store`` on free ports: (client, seconds until every model was READY)."""
     environment = {**instance_env(home), "MODEL_STORE": str(store), **env}
-    saved = {key: os.environ.get(key) for key in environment}
-    os.environ.update(environment)
-    try:
+    with mock.patch.dict(os.environ, environment):  # serve.sh, the client and python -m manage all read it
         began = time.perf_counter()
         started = subprocess.run([str(REPO / "serve.sh"), "start"], capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - began
@@ -105,12 +103,6 @@ def torchserve(store: Path, home: Path, **env: str) -> Iterator[tuple[TorchServe
             yield TorchServe(timeout=120), seconds
         finally:
             subprocess.run([str(REPO / "serve.sh"), "stop"], capture_output=True, check=False)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextmanager

@@ -157,9 +157,11 @@ class TorchServe:
     def set_default(self, model: str, version: str) -> None:
         self.management("PUT", f"/models/{model}/{version}/set-default")
 
-    def register(self, archive_name: str) -> str:
-        """Register an archive from the model store; returns when its workers are up (synchronous)."""
-        return self.management("POST", f"/models?url={archive_name}&synchronous=true")["status"]
+    def register(self, archive_name: str, **params: str | int) -> str:
+        """Register an archive from the model store; returns when its workers are up (synchronous). ``params`` are
+        the management API's other register parameters (model_name, initial_workers, batch_size, ...)."""
+        query = "".join(f"&{key}={value}" for key, value in params.items())
+        return self.management("POST", f"/models?url={archive_name}&synchronous=true{query}")["status"]
 
     def unregister(self, model: str, version: str) -> str:
         return self.management("DELETE", f"/models/{model}/{version}")["status"]

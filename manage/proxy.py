@@ -106,7 +106,8 @@ class Routes:
         self.models[model] = {"split": split, "default": default, "history": history}
         self.generation += 1
 
-    def pop(self, model: str) -> dict[str, Any]:
+    def previous(self, model: str) -> dict[str, Any]:
+        """The state the last change replaced (the rollback target); it stays in the history until ``drop_last``."""
         history = self.models.get(model, {}).get("history", [])
         if not history:
             raise ServeError(f"{model} has no earlier split or default to roll back to")
@@ -363,7 +364,7 @@ def rollback(model: str) -> str:
     """Return MODEL to the default and split it had before the last ab or promote."""
     ts, proxy = TorchServe(), Proxy()
     with proxy.locked() as routes:
-        target = routes.pop(model)
+        target = routes.previous(model)
         _check_ready(ts, model, sorted({*target["split"], target["default"]}))
         ts.set_default(model, target["default"])
         routes.drop_last(model)
