@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Build model versions into versioned TorchServe archives: archives/<model>.yaml → model_store/<model>_<version>.mar.
 
-For each version: get the weights (its ``source``), export to TorchScript, check parity with the eager model on real
-inputs (refused above 1e-4 max abs), measure held-out accuracy where the source has a held-out set, package the
-TorchScript file, the handlers, labels and model-config with torch-model-archiver, and record the archive in
-model_store/manifest.json.
+For each version: get the weights (its ``source``), export to TorchScript, and to ONNX for a version whose
+``runtime`` is ``onnxruntime``; check parity of each export, loaded as the server loads it, with the eager model on
+real inputs (refused above 1e-4 max abs); measure held-out accuracy where the source has a held-out set; package the
+served file (model.pt or model.onnx), the handlers, labels and model-config with torch-model-archiver, and record the
+archive in model_store/manifest.json. An ONNX archive of a model that explains its outputs also carries model.pt:
+explanations need gradients, which ONNX Runtime does not compute.
 
 A built version is immutable: rebuilding unchanged input is a no-op; a version whose input (spec, handler code,
 weights) changed is refused unless --force. Usage:
@@ -35,14 +37,16 @@ from tqdm import tqdm
 
 from archives import SPECS_DIR, SpecError, VersionSpec, load_specs
 from archives.store import REPO, Manifest, default_store, sha256_file
+from export.onnx import OnnxExportError, export_onnx, model_call
+from export.parity import ParityError, check_parity
 from export.sources import SourceError, source_for
-from export.torchscript import ParityError, check_parity, export_torchscript
-from handlers.base import ModelHandler, load_torchscript
+from export.torchscript import export_torchscript
+from handlers.base import ModelHandler
+from handlers.runtime import RUNTIME_FILES, TORCHSCRIPT_FILE, load_model
 
 logger = logging.getLogger("build_mar")
 
 HANDLERS_DIR = REPO / "handlers"
-SERIALIZED_FILE = "model.pt"
 EVAL_BATCH = 64
 
 
@@ -80,8 +84,8 @@ def input_fingerprint(spec: VersionSpec) -> str:
     """What the archive is built from: the spec, the weights' identity, handler code, labels and extra files."""
     source, params = source_for(spec.source)
     digest = hashlib.sha256()
-    described = {k: getattr(spec, k) for k in ("model", "version", "handler", "source", "export", "model_config",
-                                                "labels", "extra_files")}
+    described = {k: getattr(spec, k) for k in ("model", "version", "handler", "source", "export", "runtime",
+                                                "model_config", "labels", "extra_files")}
     digest.update(json.dumps(described, sort_keys=True, default=list).encode())
     digest.update(source.identity(**params).encode())
     files = handler_files() + [p for p in [labels_path(spec)] if p] + [resolve_file(f) for f in spec.extra_files]
@@ -90,9 +94,18 @@ def input_fingerprint(spec: VersionSpec) -> str:
     return digest.hexdigest()
 
 
-def measure_accuracy(exported_path: Path, handler: ModelHandler, evaluation) -> dict:
+def load_served(path: Path, handler: ModelHandler):
+    """An exported file loaded as the server will load it, with the model's own settings."""
+    return load_model(path, torch.device("cpu"), int(handler.settings["threads"]),
+                      bool(handler.settings["optimize_for_inference"]))
+
+
+def explains(handler: ModelHandler) -> bool:
+    return type(handler).explanation is not ModelHandler.explanation
+
+
+def measure_accuracy(model, handler: ModelHandler, evaluation) -> dict:
     payloads, labels = evaluation
-    model = load_torchscript(str(exported_path), torch.device("cpu"), handler.settings["optimize_for_inference"])
     correct = 0
     with torch.inference_mode():
         for start in tqdm(range(0, len(payloads), EVAL_BATCH), desc="held-out accuracy", unit="batch", leave=False,
@@ -170,22 +183,37 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
         cases = {f"{sample} (batch of 1)": handler.collate([item]) for sample, item in items.items()}
         cases[f"all {len(items)} samples as one batch"] = handler.collate(list(items.values()))
 
+        example = handler.collate(list(items.values())[:2])
+        exported = {"torchscript": work / TORCHSCRIPT_FILE}
         logger.info("%s: [2/5] export to TorchScript (%s)", name, ", ".join(f"{k}={v}" for k, v in spec.export.items()))
-        serialized = export_torchscript(built.model, handler.collate(list(items.values())[:2]),
-                                        work / SERIALIZED_FILE, **spec.export)
+        export_torchscript(built.model, example, exported["torchscript"], **spec.export)
+        if spec.runtime == "onnxruntime":
+            logger.info("%s: [2/5] export to ONNX (dynamic axes %s)", name, handler.DYNAMIC_AXES)
+            exported["onnxruntime"] = work / RUNTIME_FILES["onnxruntime"]
+            try:
+                export_onnx(built.model, model_call(built.model, handler.forward, example), exported["onnxruntime"],
+                            handler.DYNAMIC_AXES)
+            except OnnxExportError as error:
+                raise BuildError(f"{name}: refused: {error}") from None
+        serialized = exported[spec.runtime]
+        if spec.runtime != "torchscript" and not explains(handler):
+            del exported["torchscript"]  # only explanations would use it
 
-        logger.info("%s: [3/5] parity with eager on %d real inputs", name, len(cases))
-        try:
-            parity = check_parity(built.model, serialized, cases, handler.settings["optimize_for_inference"],
-                                  forward=handler.forward)
-        except ParityError as error:
-            raise BuildError(f"{name}: refused: {error}") from None
-        logger.info("%s: parity ok, max |exported - eager| = %.2e (%s)", name, parity.max_abs_diff, parity.worst_input)
+        logger.info("%s: [3/5] parity with eager on %d real inputs (%s)", name, len(cases), ", ".join(exported))
+        parities = {}
+        for runtime, path in exported.items():
+            try:
+                parities[runtime] = check_parity(built.model, load_served(path, handler), cases, forward=handler.forward)
+            except ParityError as error:
+                raise BuildError(f"{name}: refused: {runtime}: {error}") from None
+            logger.info("%s: %s parity ok, max |exported - eager| = %.2e (%s)", name, runtime,
+                        parities[runtime].max_abs_diff, parities[runtime].worst_input)
+        parity = parities[spec.runtime]
 
         accuracy = None
         if built.evaluation is not None:
             logger.info("%s: [4/5] held-out accuracy through the serving preprocessing", name)
-            accuracy = measure_accuracy(serialized, handler, built.evaluation)
+            accuracy = measure_accuracy(load_served(serialized, handler), handler, built.evaluation)
             logger.info("%s: held-out accuracy %.4f (%d/%d)", name, accuracy["held_out"], accuracy["correct"],
                         accuracy["samples"])
 
@@ -197,14 +225,18 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
             "handler": spec.handler,
             "weights": built.weights,
             "export": spec.export,
+            "runtime": spec.runtime,
             "parity": parity.as_dict(),
             "accuracy": accuracy,
             "quality": built.quality,
             "input_fingerprint": fingerprint,
             "torch": torch.__version__,
+            **({"onnxruntime": metadata.version("onnxruntime")} if spec.runtime == "onnxruntime" else {}),
             "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         stage_labels_and_info(spec, built.labels, info, extra)
+        if spec.runtime != "torchscript" and "torchscript" in exported:  # for explanations
+            shutil.copy2(exported["torchscript"], extra / TORCHSCRIPT_FILE)
         config = work / "model-config.yaml"
         config.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
         (work / "out").mkdir()
@@ -244,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--specs", type=Path, default=SPECS_DIR, help="folder of model specs (default: archives/)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("model_archiver").setLevel(logging.WARNING)
+    for chatty in ("model_archiver", "onnxscript", "onnx_ir"):  # the ONNX exporter logs each graph rewrite
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
     try:
         manifest = Manifest(args.store or default_store())
@@ -253,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, SpecError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"\n{'model':<20} {'version':<8} {'accuracy':>9} {'parity':>9}  {'size':>8}  sha256")
+    print(f"\n{'model':<20} {'version':<8} {'runtime':<12} {'accuracy':>9} {'parity':>9}  {'size':>8}  sha256")
     for e in entries:
         acc = f"{e['accuracy']['held_out']:.4f}" if e["accuracy"] else "-"
-        print(f"{e['model']:<20} {e['version']:<8} {acc:>9} {e['parity']['max_abs_diff']:>9.1e}  "
+        print(f"{e['model']:<20} {e['version']:<8} {e.get('runtime', 'torchscript'):<12} {acc:>9} {e['parity']['max_abs_diff']:>9.1e}  "
               f"{e['size_bytes'] / 1e6:>6.1f}MB  {e['sha256'][:16]}")
     return 0
 

@@ -1,9 +1,10 @@
 """Model specs: one YAML file per model in this folder (see README, "Add your own model").
 
 A spec names the model, its handler module (``handler``, a file in handlers/), its default version and its versions
-(each with the ``source`` of its weights), its labels and other extra files, how to export it, and ``model_config``:
-the model-config.yaml that goes into the archive, exactly as TorchServe reads it (minWorkers, batchSize, ... at the
-top, the handler's own settings under ``handler:``). A version may override ``export`` and ``model_config`` keys.
+(each with the ``source`` of its weights), its labels and other extra files, how to export it, the ``runtime`` that
+serves it (``torchscript`` or ``onnxruntime``), and ``model_config``: the model-config.yaml that goes into the archive,
+exactly as TorchServe reads it (minWorkers, batchSize, ... at the top, the handler's own settings under
+``handler:``). A version may override ``runtime``, ``export`` and ``model_config`` keys.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ SPECS_DIR = Path(__file__).resolve().parent
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 VERSION = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MODEL_KEYS = {"name", "description", "handler", "default_version", "versions", "labels", "extra_files", "export",
-              "model_config"}
-VERSION_KEYS = {"source", "description", "export", "model_config"}
+              "model_config", "runtime"}
+VERSION_KEYS = {"source", "description", "export", "model_config", "runtime"}
+RUNTIMES = ("torchscript", "onnxruntime")
 EXPORT_DEFAULTS = {"method": "trace", "freeze": True}
 
 
@@ -38,6 +40,7 @@ class VersionSpec:
     labels: str | None  # a JSON file: repo-relative path, or "package:<module>/<file>" inside an installed package
     extra_files: tuple[str, ...]  # repo-relative paths
     export: dict[str, Any]
+    runtime: str  # torchscript | onnxruntime
     model_config: dict[str, Any]  # model-config.yaml as TorchServe reads it; handler settings under "handler"
 
     @property
@@ -91,6 +94,9 @@ def load_spec(path: Path) -> ModelSpec:
             raise SpecError(f"{path}: version {version}: unknown keys {sorted(unknown)}; known: {sorted(VERSION_KEYS)}")
         if "source" not in entry or "type" not in (entry["source"] or {}):
             raise SpecError(f"{path}: version {version}: missing 'source: {{type: ...}}'")
+        runtime = entry.get("runtime", raw.get("runtime", RUNTIMES[0]))
+        if runtime not in RUNTIMES:
+            raise SpecError(f"{path}: version {version}: runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
         versions[version] = VersionSpec(
             model=name,
             version=version,
@@ -100,6 +106,7 @@ def load_spec(path: Path) -> ModelSpec:
             labels=raw.get("labels"),
             extra_files=tuple(raw.get("extra_files") or ()),
             export={**EXPORT_DEFAULTS, **(raw.get("export") or {}), **(entry.get("export") or {})},
+            runtime=runtime,
             model_config=_merge_model_config(raw.get("model_config") or {}, entry.get("model_config") or {}),
         )
     if str(raw["default_version"]) not in versions:

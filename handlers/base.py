@@ -26,11 +26,12 @@ CPU kernels have no gradients. A model whose layer does not explain answers 400 
 
 Layers
 ------
-* this base: device and TorchScript loading (``BaseHandler``), settings from model-config.yaml's ``handler:`` section,
+* this base: device and model loading on its runtime (``handlers/runtime.py``: TorchScript or ONNX Runtime), settings from model-config.yaml's ``handler:`` section,
   torch threads, warm-up, payload extraction, per-request errors, batching, replies and explanations;
 * a task layer (``handlers/vision.py``, ``handlers/text.py``, ...): ``decode(payload) -> item`` for one request (any
   object), ``collate(items) -> inputs`` (whatever ``forward`` takes), ``forward(model, inputs) -> outputs``
-  (default: ``model(inputs)``, or ``model(*inputs)`` for a tuple) and ``example_input()``;
+  (default: ``model(inputs)``, or ``model(*inputs)`` for a tuple), ``example_input()`` and ``DYNAMIC_AXES`` (the
+  axes of the model's inputs that vary, for the ONNX export);
 * a model layer (``handlers/image_classifier.py``, ...): ``answer(outputs, items) -> list`` with one answer per
   request, and optionally ``explanation(item)`` (not ``explain``: TorchServe's BaseHandler uses that name).
 """
@@ -48,8 +49,10 @@ from typing import Any, ClassVar
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import load_label_mapping
 
 from handlers.metrics import HandlerMetrics
+from handlers.runtime import TORCHSCRIPT_FILE, load_model, load_torchscript, runtime_of
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +72,6 @@ def to_device(inputs: Any, device: torch.device) -> Any:
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(to_device(x, device) for x in inputs)
     return inputs
-
-
-def load_torchscript(path: str, device: torch.device, optimize_for_inference: bool) -> torch.jit.ScriptModule:
-    """Load an exported model as the server runs it. ``optimize_for_inference`` (CPU only: it folds and converts
-    convolutions for oneDNN) cannot be saved, so it is applied here, at load time, and by the build's parity check."""
-    model = torch.jit.load(path, map_location=device).eval()
-    if optimize_for_inference and device.type == "cpu":
-        model = torch.jit.optimize_for_inference(model)
-    return model
 
 
 class InputError(Exception):
@@ -169,25 +163,37 @@ class ModelHandler(BaseHandler):
         "explain_steps": 8,  # Integrated Gradients: steps from the baseline to the input ...
         "explain_batch": 8,  # ... computed this many at a time (one batched forward and backward)
     }
+    # The axes of each model input that vary from call to call, kept dynamic when the model is exported to ONNX:
+    # one tuple per input. Default: one input, batched on its first axis.
+    DYNAMIC_AXES: ClassVar[tuple[tuple[int, ...], ...]] = ((0,),)
 
     def initialize(self, context) -> None:
-        self.settings = self.load_settings(getattr(context, "model_yaml_config", None) or {})
-        torch.set_num_threads(int(self.settings["threads"]))
-        self.files = Path(context.system_properties["model_dir"])
-        self.configure()
-        super().initialize(context)
+        """Load the archive's model on its runtime (``handlers/runtime.py``) and warm it up. TorchServe's own
+        loader is bypassed: it would give an ONNX Runtime session every core of the machine in every worker."""
         self.context = context
-        self.version = context.manifest.get("model", {}).get("modelVersion", "")
+        self.manifest = context.manifest
+        self.settings = self.load_settings(getattr(context, "model_yaml_config", None) or {})
+        threads = int(self.settings["threads"])
+        torch.set_num_threads(threads)
+        properties = context.system_properties
+        self.files = Path(properties["model_dir"])
+        gpu = properties.get("gpu_id")
+        self.device = torch.device(f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu")
+        self.configure()
+        self.model_pt_path = str(self.files / self.manifest["model"]["serializedFile"])
+        self.runtime = runtime_of(self.model_pt_path)
+        self.model = load_model(self.model_pt_path, self.device, threads, bool(self.settings["optimize_for_inference"]))
+        self.mapping = load_label_mapping(str(self.files / "index_to_name.json"))
+        self.version = self.manifest.get("model", {}).get("modelVersion", "")
         self.metrics = HandlerMetrics(context)
         self.explainer_model = None
         example = as_args(to_device(self.example_input(), self.device))
         with torch.inference_mode():
             for _ in range(int(self.settings["warmup_runs"])):
                 self.model(*example)
-        logger.info("%s ready on %s with settings %s", type(self).__name__, self.device, self.settings)
-
-    def _load_torchscript_model(self, model_pt_path: str) -> torch.jit.ScriptModule:
-        return load_torchscript(model_pt_path, self.device, bool(self.settings["optimize_for_inference"]))
+        self.initialized = True
+        logger.info("%s ready on %s (%s) with settings %s", type(self).__name__, self.device, self.runtime,
+                    self.settings)
 
     @classmethod
     def from_config(cls, model_config: dict, files: Path | None = None) -> "ModelHandler":
@@ -271,10 +277,12 @@ class ModelHandler(BaseHandler):
     # --- explanations: Integrated Gradients on the TorchScript weights -------------------------------------------
 
     def explainer(self) -> torch.jit.ScriptModule:
-        """The model as exported, without optimize_for_inference (its fused kernels have no gradients): loaded on
-        the first explanation, a second copy of the weights in memory from then on."""
+        """The TorchScript export without optimize_for_inference (its fused kernels have no gradients, and ONNX
+        Runtime computes none): loaded on the first explanation, a second copy of the weights in memory from then on.
+        Archives of a model that explains ship it beside an ONNX file for this."""
         if self.explainer_model is None:
-            self.explainer_model = load_torchscript(self.model_pt_path, self.device, optimize_for_inference=False)
+            self.explainer_model = load_torchscript(self.files / TORCHSCRIPT_FILE, self.device,
+                                                    optimize_for_inference=False)
         return self.explainer_model
 
     def integrated_gradients(self, function, inputs: torch.Tensor, baselines: torch.Tensor, target=None,

@@ -42,6 +42,7 @@ class SuperResolution(ModelHandler):
         "max_pixels": 1_000_000,  # input pixels; the output has scale² as many
         "png_compress_level": 1,  # 0-9: fast, larger files at 1
     }
+    DYNAMIC_AXES = ((2, 3), (2, 3))  # low and bicubic luma: height and width (one image per call)
 
     def decode(self, payload: bytes) -> Upscaling:
         ycbcr = load_image(open_image(payload, int(self.settings["max_pixels"])), "RGB").convert("YCbCr")

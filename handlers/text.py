@@ -72,6 +72,7 @@ class TextHandler(ModelHandler):
         "max_tokens": 256,  # longer texts are truncated to this many word pieces, and the answer says so
         "max_texts": 64,  # texts in one request
     }
+    DYNAMIC_AXES = ((0, 1), (0, 1))  # ids and mask: batch and word pieces
 
     def configure(self) -> None:
         from tokenizers import Tokenizer

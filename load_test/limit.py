@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from handlers.base import load_torchscript
+from handlers.runtime import load_torchscript
 
 
 def load_pipeline(archive: Path, threads: int):

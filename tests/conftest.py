@@ -82,6 +82,12 @@ def run_batch(handler, context, rows: list, explain: set[int] = frozenset()) -> 
     return handler.handle([row if isinstance(row, dict) else {"body": row} for row in rows], context)
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> Manifest:
+    """An empty model store of the test's own."""
+    return Manifest(tmp_path / "store")
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
     from export.samples import photo_files

@@ -36,11 +36,6 @@ def write_spec(directory: Path, spec: dict) -> Path:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Manifest:
-    return Manifest(tmp_path / "store")
-
-
-@pytest.fixture
 def built(tmp_path: Path, store: Manifest):
     spec = load_spec(write_spec(tmp_path, SPEC)).versions["1.0"]
     return spec, build_mar.build_version(spec, store)

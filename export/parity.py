@@ -1,0 +1,71 @@
+"""The parity check that gates every archive, whatever its runtime.
+
+``check_parity`` takes the exported model loaded back as the server loads it (``handlers.runtime.load_model``) and
+compares it with the eager model on named batches of real inputs (the build passes each input alone and all of them
+together, so the batch axis is proven dynamic). A batch is whatever the handler's ``collate`` makes and is run through
+the handler's ``forward`` (a tensor, a tuple such as token ids and mask, a list of differently sized images); every
+tensor in the outputs is compared. Any output more than ``tolerance`` (max abs) away from eager, or an input the
+exported model cannot take, fails the check, naming the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+PARITY_TOLERANCE = 1e-4
+
+
+class ParityError(RuntimeError):
+    """The exported model's outputs differ from the eager model's by more than the tolerance."""
+
+
+@dataclass
+class ParityResult:
+    max_abs_diff: float
+    worst_input: str
+    inputs: int
+    tolerance: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def tensors_of(outputs: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's outputs: a tensor, or tuples, lists and dicts of them."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, (tuple, list)):
+        return [t for item in outputs for t in tensors_of(item)]
+    return []
+
+
+def check_parity(eager: torch.nn.Module, exported: Callable, cases: dict[str, Any],
+                 tolerance: float = PARITY_TOLERANCE, forward: Callable | None = None) -> ParityResult:
+    """Compare the export, loaded as the server loads it, with eager on each named batch of inputs, both run
+    through ``forward(model, batch)`` (default: ``model(batch)``)."""
+    forward = forward or (lambda model, batch: model(batch))
+    worst_name, worst = "", -1.0
+    with torch.inference_mode():
+        for name, batch in cases.items():
+            expected = tensors_of(forward(eager, batch))
+            try:
+                actual = tensors_of(forward(exported, batch))
+            except Exception as error:  # the runtime's own error (a fixed axis, a missing operator), named and kept
+                raise ParityError(f"parity check failed on {name}: the exported model cannot run it: "
+                                  f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error
+            shapes = [tuple(t.shape) for t in expected], [tuple(t.shape) for t in actual]
+            if shapes[0] != shapes[1]:
+                raise ParityError(f"parity check failed on {name}: exported output shapes {shapes[1]} "
+                                  f"!= eager {shapes[0]}")
+            diff = max(float((e.float() - a.float()).abs().max()) for e, a in zip(expected, actual))
+            if diff != diff or diff > tolerance:  # NaN counts as a failure
+                raise ParityError(f"parity check failed on {name}: max |exported - eager| = {diff:.3g} "
+                                  f"> tolerance {tolerance:g}")
+            if diff > worst:
+                worst_name, worst = name, diff
+    return ParityResult(max_abs_diff=worst, worst_input=worst_name, inputs=len(cases), tolerance=tolerance)
