@@ -1,12 +1,17 @@
 """``make bench``: how close our TorchServe gets to this machine's limit, and how far ahead of what users would run
 instead, measured in one run with the same inputs and the same load generator.
 
-1. the limit: the served pipeline in-process (``load_test/limit.py``), each batch size, threads or processes;
-2. our handler in TorchServe with the shipped settings, over concurrency 1, 4, 16, 64, then the settings that matter
-   (workers, threads per worker, batchSize, maxBatchDelay) at concurrency 16;
-3. TorchServe's stock ``image_classifier`` handler on the same TorchScript weights: with TorchServe's defaults (what
+1. the runtimes: the model's forward pass alone, one thread, on TorchScript (with and without
+   optimize_for_inference) and on ONNX Runtime, taking turns over several rounds;
+2. the limit: the served pipeline in-process (``load_test/limit.py``) on each runtime, each batch size, threads or
+   processes;
+3. our handler in TorchServe, one version per runtime, with the shipped settings: each version's footprint (archive,
+   load time, worker memory), then concurrency 1, 4, 16, 64; served against the in-process limit in pairs (each served
+   run right after an in-process run); then the settings that matter (workers, threads per worker, batchSize,
+   maxBatchDelay) at concurrency 16 on the default version;
+4. TorchServe's stock ``image_classifier`` handler on the same TorchScript weights: with TorchServe's defaults (what
    a new user gets: a worker per core, batch size 1, torch's own thread count) and with our settings;
-4. the tutorial Flask app on the eager model.
+5. the tutorial Flask app on the eager model.
 
 The load generator is wrk (C, one thread, closed loop: ``concurrency`` connections each sending the next photo as soon
 as the last answer arrived); its own CPU use is measured and reported next to the machine's. Output under
@@ -19,6 +24,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,8 +45,10 @@ RESULTS = REPO / "load_test" / "results"
 WRK_SCRIPT = REPO / "load_test" / "wrk.lua"
 MODEL = "efficientnet_lite0"
 CONCURRENCY = (1, 4, 16, 64)
-BATCHES = (1, 2, 4, 8, 16)
+BATCHES = (1, 2, 4, 8)
 SWEEP_CONCURRENCY = 16
+ROUNDS = 3  # interleaved repeats of the comparisons the host's drift would otherwise skew
+RUNTIMES = {"torchscript": "TorchScript", "onnxruntime": "ONNX Runtime"}
 # (workers, threads per worker, batchSize, maxBatchDelay ms): the server settings swept for our handler
 GRID = ((2, 1, 1, 0), (2, 1, 2, 1), (2, 1, 2, 5), (2, 1, 4, 2), (2, 1, 8, 5), (1, 2, 1, 0), (1, 2, 4, 2), (4, 1, 1, 0))
 
@@ -150,54 +159,131 @@ def check_answers(post, photos: dict[str, bytes]) -> None:
             raise RuntimeError(f"{name}: answered {label!r}, expected a {expected}")
 
 
+def runtime_versions(spec) -> dict[str, str]:
+    """The model's first version on each runtime, the default version's runtime first."""
+    default = spec.versions[spec.default_version]
+    found = {default.runtime: default.version}
+    for version in spec.versions.values():
+        found.setdefault(version.runtime, version.version)
+    return found
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory, from /proc."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def worker_load_ms(ts, name: str) -> list[float]:
+    """TorchServe's own WorkerLoadTime of each worker of model ``name`` (start of the process to READY)."""
+    import requests
+
+    text = requests.get(f"{ts.metrics_url}/metrics", timeout=30).text
+    pattern = re.compile(rf'^WorkerLoadTime{{WorkerName="W-\d+-{re.escape(name)}_[^"]*".*}} (\S+)$', re.MULTILINE)
+    return [float(value) for value in pattern.findall(text)]
+
+
+def footprint(ts, archive: Path, name: str, workers: int, photos: dict[str, bytes], headers: dict[str, str]) -> dict:
+    """Archive size; wall time to register ``archive`` alone on an idle server (to every worker READY) and
+    TorchServe's WorkerLoadTime; each worker's RSS after answering every photo."""
+    import requests
+
+    settle()
+    began = time.perf_counter()
+    servers.register(ts, archive, name, initial_workers=workers)
+    register_seconds = time.perf_counter() - began
+    for body in list(photos.values()) * workers:
+        requests.post(f"{ts.inference_url}/predictions/{name}", data=body, headers=headers, timeout=60).raise_for_status()
+    pids = [worker["pid"] for worker in ts.versions(name)[0]["workers"]]
+    result = {"archive_mb": archive.stat().st_size / 1e6, "register_seconds": register_seconds,
+              "worker_load_ms": max(worker_load_ms(ts, name)), "worker_rss_mib": max(rss_mib(pid) for pid in pids)}
+    servers.unregister(ts, name)
+    return result
+
+
 def run(seconds: float, quick: bool, out: Path) -> dict:
     import requests
 
     bench = Bench(seconds, quick, out)
     cores = os.cpu_count()
+    rounds = 1 if quick else ROUNDS
     out.mkdir(parents=True, exist_ok=True)
     photos = inputs.photos()
     files = inputs.write(photos, out / "inputs")
+    payloads = list(photos.values())
     manifest = Manifest()
     spec = load_specs()[MODEL]
-    archive, _ = manifest.verify(MODEL, spec.default_version)
-    config = archive_config(archive)
+    versions = runtime_versions(spec)
+    archives = {runtime: manifest.verify(MODEL, version)[0] for runtime, version in versions.items()}
+    default = next(iter(versions))  # the default version's runtime
+    config = archive_config(archives[default])
     shipped = (config["minWorkers"], config["handler"]["threads"], config["batchSize"], config["maxBatchDelay"])
-    payloads = list(photos.values())
 
-    # 1. the limit
-    limits = {"threads": {}, "processes": {}}
-    for batch in BATCHES[:1] if quick else BATCHES:
-        for mode, values in limits.items():
-            values[batch] = limit.throughput(archive, payloads, batch, mode, cores, seconds)
-            bench.log(f"limit, {mode}, batch {batch}: {values[batch]:.1f} img/s")
-    best_mode, best_batch = max(((mode, batch) for mode in limits for batch in limits[mode]),
-                                key=lambda key: limits[key[0]][key[1]])
+    # 1. the model's forward alone on each runtime, one thread, one image; the runtimes take turns, round after
+    # round, so that the host's drift falls on all of them alike
+    variants = {"TorchScript, traced and frozen": ("torchscript", False),
+                "TorchScript + optimize_for_inference (served)": ("torchscript", None),
+                "ONNX Runtime": ("onnxruntime", None)}
+    variants = {name: v for name, v in variants.items() if v[0] in archives}
+    forward = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (runtime, optimize) in variants.items():
+            forward[name].append(limit.forward_rate(archives[runtime], payloads, 1, seconds / 2, 1, optimize))
+    for name, rates in forward.items():
+        bench.log(f"forward alone, 1 thread, batch 1, {name}: {statistics.median(rates):.1f} img/s (rounds: "
+                  + ", ".join(f"{r:.1f}" for r in rates) + ")")
 
+    # 2. the limit on each runtime
+    limits = {runtime: {"threads": {}, "processes": {}} for runtime in archives}
+    best = {}
+    for runtime, archive in archives.items():
+        for batch in BATCHES[:1] if quick else BATCHES:
+            for mode, values in limits[runtime].items():
+                values[batch] = limit.throughput(archive, payloads, batch, mode, cores, seconds)
+                bench.log(f"limit, {RUNTIMES[runtime]}, {mode}, batch {batch}: {values[batch]:.1f} img/s")
+        best[runtime] = max(((mode, batch) for mode in limits[runtime] for batch in limits[runtime][mode]),
+                            key=lambda key: limits[runtime][key[0]][key[1]])
+
+    names = {runtime: f"ours, {RUNTIMES[runtime]} ({MODEL} {version}): TorchServe, {settings_name(*shipped)}"
+             for runtime, version in versions.items()}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         store = servers.bench_store(Path(tmp) / "store", manifest)
-        stock = servers.stock_archive(archive, store)
-        ours_name = f"ours: TorchServe, {settings_name(*shipped)}"
+        stock = servers.stock_archive(archives["torchscript"], store)
 
-        # 2 and 3a: our handler and the stock handler under TorchServe's defaults, in one TorchServe
+        # 3 and 4a: our handler on each runtime and the stock handler under TorchServe's defaults, in one TorchServe
         with servers.torchserve(store, Path(tmp) / "serve") as (ts, start_seconds):
             bench.log(f"serve.sh start: every model READY in {start_seconds:.1f} s")
             headers = {"Authorization": f"Bearer {ts.token('inference')}"}
-            url = f"{ts.inference_url}/predictions/{MODEL}"
-            check_answers(lambda body: ts.predict(MODEL, body), photos)
-            # this machine's speed drifts (shared host): the in-process references are taken right beside the
-            # served points they are compared with, while TorchServe idles
-            single = {t: limit.single_image_latency(archive, payloads, t) * 1e3 for t in sorted({1, cores})}
-            bench.log("in-process single-image latency: " + ", ".join(f"{t} thread(s) {ms:.1f} ms"
-                                                                     for t, ms in single.items()))
-            bench.sweep(ours_name, url, files, headers, frontend=ts_pid())
-            again = limit.throughput(archive, payloads, best_batch, best_mode, cores, seconds)
-            bench.log(f"limit again ({best_mode}, batch {best_batch}): {again:.1f} img/s")
-            limits[best_mode][best_batch] = max(limits[best_mode][best_batch], again)
+            footprints = {}
+            for runtime, archive in archives.items():
+                footprints[runtime] = footprint(ts, archive, f"footprint_{runtime}", shipped[0], photos, headers)
+                bench.log(f"footprint, {RUNTIMES[runtime]}: " + ", ".join(f"{k} {v:.1f}"
+                                                                          for k, v in footprints[runtime].items()))
+            # this machine's speed drifts (shared host): in-process references are taken right beside the served
+            # points they are compared with, while TorchServe idles
+            single = {runtime: {t: limit.single_image_latency(archive, payloads, t) * 1e3 for t in sorted({1, cores})}
+                      for runtime, archive in archives.items()}
+            for runtime, version in versions.items():
+                url = f"{ts.inference_url}/predictions/{MODEL}/{version}"
+                check_answers(lambda body: requests.post(url, data=body, headers=headers, timeout=60), photos)
+                bench.log(f"in-process single image, {RUNTIMES[runtime]}: "
+                          + ", ".join(f"{t} thread(s) {ms:.1f} ms" for t, ms in single[runtime].items()))
+                bench.sweep(names[runtime], url, files, headers, frontend=ts_pid())
+
+            # served against the limit, paired: each served run right after an in-process run of the limit
+            pairs = []
+            url = f"{ts.inference_url}/predictions/{MODEL}/{versions[default]}"
+            for _ in range(rounds):
+                in_process = limit.throughput(archives[default], payloads, best[default][1], best[default][0], cores,
+                                              seconds)
+                served = drive(names[default], url, files, SWEEP_CONCURRENCY, seconds, headers)
+                pairs.append({"limit": in_process, "served": served.rps})
+                bench.log(f"paired: limit {in_process:.1f} img/s, served {served.rps:.1f} req/s "
+                          f"({served.rps / in_process:.2f} x)")
 
             for setting in GRID[:1] if quick else GRID:
                 name = "sweep_" + "_".join(map(str, setting))
-                servers.register(ts, servers.variant(archive, store, name, *setting), name)
+                servers.register(ts, servers.variant(archives[default], store, name, *setting), name)
                 point = drive(settings_name(*setting), f"{ts.inference_url}/predictions/{name}", files,
                               SWEEP_CONCURRENCY, seconds, headers)
                 bench.settings.append(point)
@@ -211,7 +297,7 @@ def run(seconds: float, quick: bool, out: Path) -> dict:
                         f"{ts.inference_url}/predictions/stock", files, headers)
             servers.unregister(ts, "stock")
 
-        # 3b: the stock handler with our settings; its only way to one torch thread per worker is OMP_NUM_THREADS
+        # 4b: the stock handler with our settings; its only way to one torch thread per worker is OMP_NUM_THREADS
         with servers.torchserve(store, Path(tmp) / "serve-omp1", OMP_NUM_THREADS="1") as (ts, _):
             headers = {"Authorization": f"Bearer {ts.token('inference')}"}
             servers.register(ts, stock, "stock", initial_workers=shipped[0], batch_size=shipped[2],
@@ -220,7 +306,7 @@ def run(seconds: float, quick: bool, out: Path) -> dict:
             bench.sweep(f"stock handler, our settings ({settings_name(*shipped)})",
                         f"{ts.inference_url}/predictions/stock", files, headers)
 
-    # 4. the Flask app
+    # 5. the Flask app
     with servers.flask_app(out / "flask.log") as url:
         check_answers(lambda body: requests.post(url, data=body, timeout=60), photos)
         bench.sweep("Flask app, eager model (tutorial)", url, files, {})
@@ -230,12 +316,18 @@ def run(seconds: float, quick: bool, out: Path) -> dict:
         "seconds_per_point": seconds,
         "inputs": {name: len(body) for name, body in photos.items()},
         "shipped": dict(zip(("workers", "threads", "batch_size", "max_batch_delay_ms"), shipped)),
-        "limit": {mode: {str(b): v for b, v in values.items()} for mode, values in limits.items()},
-        "single_image_ms": {str(t): v for t, v in single.items()},
+        "versions": versions,
+        "default_runtime": default,
+        "forward": forward,
+        "limit": {runtime: {mode: {str(b): v for b, v in values.items()} for mode, values in modes.items()}
+                  for runtime, modes in limits.items()},
+        "paired": pairs,
+        "single_image_ms": {runtime: {str(t): v for t, v in values.items()} for runtime, values in single.items()},
+        "footprint": footprints,
         "serve_start_seconds": start_seconds,
         "servers": [asdict(p) for p in bench.points],
         "settings": [asdict(p) for p in bench.settings],
-        "ours": ours_name,
+        "ours": names,
     }
 
 
@@ -256,6 +348,7 @@ def machine() -> dict:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**20, 1),
             "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": version("onnxruntime"),
             "torchserve": version("torchserve"), "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True,
                                                                         check=False).stdout.split()[1],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -277,22 +370,33 @@ def at(points: list[dict], server: str, concurrency: int) -> dict:
     return next((p for p in own if p["concurrency"] == concurrency), own[-1])
 
 
+def limit_best(results: dict, runtime: str) -> float:
+    return max(v for values in results["limit"][runtime].values() for v in values.values())
+
+
 def targets(results: dict) -> list[tuple[str, str, str, bool]]:
     """(target, measured, goal, met) for the efficientnet_lite0 targets."""
-    points = results["servers"]
-    names = list(dict.fromkeys(p["server"] for p in points))
-    ours, stock_default, stock_ours, flask = names
-    limit_best = max(v for values in results["limit"].values() for v in values.values())
+    points, default = results["servers"], results["default_runtime"]
+    ours = results["ours"][default]
+    stock_default, stock_ours, flask = [name for name in dict.fromkeys(p["server"] for p in points)
+                                        if name not in results["ours"].values()]
+    forward = {name: statistics.median(rates) for name, rates in results["forward"].items()}
     ours_best = saturated(points, ours)
-    single = results["single_image_ms"][str(results["shipped"]["threads"])]
+    single = results["single_image_ms"][default][str(results["shipped"]["threads"])]
     p50 = at(points, ours, 1)["p50_ms"]
-    rows = [
-        ("served at saturation (concurrency >= 16) / in-process limit", ours_best / limit_best, 0.95),
+    paired = statistics.median(pair["served"] / pair["limit"] for pair in results["paired"])
+    rows = []
+    if "ONNX Runtime" in forward:
+        for name, rate in forward.items():
+            if name != "ONNX Runtime":
+                rows.append((f"forward, 1 thread: ONNX Runtime / {name}", forward["ONNX Runtime"] / rate, 3.0))
+    rows += [
+        (f"served at concurrency {SWEEP_CONCURRENCY} / in-process limit ({RUNTIMES[default]}), median of "
+         f"{len(results['paired'])} paired runs", paired, 0.95),
         ("ours / stock handler under TorchServe's defaults, at saturation",
-         ours_best / max(saturated(points, stock_default), 1e-9), 6.0),
+         ours_best / max(saturated(points, stock_default), 1e-9), 20.0),
         ("ours / stock handler under our settings, at saturation", ours_best / saturated(points, stock_ours), 1.3),
-        ("ours / Flask app at concurrency 16",
-         at(points, ours, 16)["rps"] / at(points, flask, 16)["rps"], 3.0),
+        ("ours / Flask app at concurrency 16", at(points, ours, 16)["rps"] / at(points, flask, 16)["rps"], 3.0),
     ]
     table = [(name, f"{value:.2f} x", f">= {goal:g} x", value >= goal) for name, value, goal in rows]
     table.append((f"p50 at concurrency 1 - in-process single image ({results['shipped']['threads']} thread)",
@@ -303,22 +407,41 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
 
 
 def markdown(results: dict) -> str:
-    m = results["machine"]
+    m, runtimes = results["machine"], list(results["limit"])
+    footprint_keys = (("archive_mb", "archive MB"), ("register_seconds", "register to READY, s"),
+                      ("worker_load_ms", "WorkerLoadTime, ms"), ("worker_rss_mib", "worker RSS after warm-up, MiB"))
     lines = [
         f"# Benchmark: {MODEL}, served on {m['cores']} cores",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Linux {m['kernel']}; Python {m['python']}, "
-        f"torch {m['torch']}, TorchServe {m['torchserve']}; load generator wrk {m['wrk']} (1 thread, closed loop); "
-        f"{results['seconds_per_point']:g} s per point after a warm-up; {m['date']}.",
+        f"torch {m['torch']}, ONNX Runtime {m.get('onnxruntime', '-')}, TorchServe {m['torchserve']}; load generator "
+        f"wrk {m['wrk']} (1 thread, closed loop); {results['seconds_per_point']:g} s per point after a warm-up; "
+        f"{m['date']}.",
         f"Inputs: {len(results['inputs'])} real photos (6 photos at 0.5x, 1x, 2.5x: "
         f"{min(results['inputs'].values()) // 1000}-{max(results['inputs'].values()) // 1000} kB JPEG), "
         "the same bytes in the same order for every server.",
+        "Versions: " + ", ".join(f"{RUNTIMES[r]} {v}" for r, v in results["versions"].items())
+        + f"; the default is {results['versions'][results['default_runtime']]}.",
         "",
         "## Targets",
         "",
         "| target | measured | goal | met |",
         "| --- | --- | --- | --- |",
         *(f"| {name} | {value} | {goal} | {'yes' if met else '**no**'} |" for name, value, goal, met in targets(results)),
+        "",
+        "## Runtimes: the forward pass alone, 1 thread, batch 1 (images per second, runtimes taking turns)",
+        "",
+        "| model file and runtime | median | rounds |",
+        "| --- | ---: | --- |",
+        *(f"| {name} | {statistics.median(rates):.1f} | {', '.join(f'{r:.1f}' for r in rates)} |"
+          for name, rates in results["forward"].items()),
+        "",
+        "## Runtimes: footprint (the version registered alone on an idle TorchServe)",
+        "",
+        "| | " + " | ".join(RUNTIMES[r] for r in runtimes) + " |",
+        "| --- |" + " ---: |" * len(runtimes),
+        *(f"| {label} | " + " | ".join(f"{results['footprint'][r][key]:.1f}" for r in runtimes) + " |"
+          for key, label in footprint_keys),
         "",
         "## Served: requests per second and latency by concurrency",
         "",
@@ -331,7 +454,16 @@ def markdown(results: dict) -> str:
           f"{'-' if p.get('frontend_cores') is None else format(p['frontend_cores'], '.2f')} |"
           for p in results["servers"]),
         "",
-        f"## Server settings for our handler, at concurrency {SWEEP_CONCURRENCY}",
+        f"## Served against the limit, paired ({RUNTIMES[results['default_runtime']]}, concurrency "
+        f"{SWEEP_CONCURRENCY}; each served run right after an in-process run)",
+        "",
+        "| round | in-process limit, img/s | served, req/s | ratio |",
+        "| ---: | ---: | ---: | ---: |",
+        *(f"| {i + 1} | {pair['limit']:.1f} | {pair['served']:.1f} | {pair['served'] / pair['limit']:.2f} |"
+          for i, pair in enumerate(results["paired"])),
+        "",
+        f"## Server settings for our handler ({RUNTIMES[results['default_runtime']]}), at concurrency "
+        f"{SWEEP_CONCURRENCY}",
         "",
         "| settings | req/s | p50 ms | p99 ms | failed |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -340,13 +472,16 @@ def markdown(results: dict) -> str:
         "",
         "## The limit: the same pipeline in-process (decode, preprocess, forward, top-k), images per second",
         "",
-        f"| batch | one process, {m['cores']} threads | {m['cores']} processes x 1 thread |",
-        "| ---: | ---: | ---: |",
-        *(f"| {batch} | {results['limit']['threads'][batch]:.1f} | {results['limit']['processes'][batch]:.1f} |"
-          for batch in results["limit"]["threads"]),
+        "| batch | " + " | ".join(f"{RUNTIMES[r]}: 1 process x {m['cores']} threads | {RUNTIMES[r]}: {m['cores']} "
+                                  f"processes x 1 thread" for r in runtimes) + " |",
+        "| ---: |" + " ---: | ---: |" * len(runtimes),
+        *(f"| {batch} | " + " | ".join(f"{results['limit'][r]['threads'][batch]:.1f} | "
+                                       f"{results['limit'][r]['processes'][batch]:.1f}" for r in runtimes) + " |"
+          for batch in results["limit"][runtimes[0]]["threads"]),
         "",
         "Single image in-process (median over the inputs): "
-        + ", ".join(f"{t} thread(s) {ms:.1f} ms" for t, ms in results["single_image_ms"].items()) + ".",
+        + "; ".join(f"{RUNTIMES[r]}: " + ", ".join(f"{t} thread(s) {ms:.1f} ms" for t, ms in values.items())
+                    for r, values in results["single_image_ms"].items()) + ".",
         "",
         "![throughput](throughput.png)",
         "",
@@ -364,13 +499,14 @@ def plots(results: dict, out: Path) -> None:
 
     points = results["servers"]
     names = list(dict.fromkeys(p["server"] for p in points))
-    limit_best = max(v for values in results["limit"].values() for v in values.values())
 
     figure, axis = plt.subplots(figsize=(9, 5.5))
     for name in names:
         own = [p for p in points if p["server"] == name]
         axis.plot([p["concurrency"] for p in own], [p["rps"] for p in own], marker="o", label=name)
-    axis.axhline(limit_best, color="black", linestyle=":", label=f"in-process limit ({limit_best:.0f} img/s)")
+    for runtime, style in zip(results["limit"], (":", "-.")):
+        best = limit_best(results, runtime)
+        axis.axhline(best, color="black", linestyle=style, label=f"in-process limit, {RUNTIMES[runtime]} ({best:.0f} img/s)")
     axis.set(xscale="log", xlabel="concurrent clients", ylabel="requests per second",
              title=f"{MODEL}: throughput on {results['machine']['cores']} cores")
     axis.set_xticks(sorted({p["concurrency"] for p in points}), labels=sorted({p["concurrency"] for p in points}))

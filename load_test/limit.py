@@ -1,7 +1,7 @@
 """The limit: the served pipeline run in-process, with no server in between.
 
 decode → preprocess → forward → top-k, through the handler's own code (``from_config``: the same decode, collate and
-answer TorchServe runs) on the archive's own TorchScript file, loaded as the worker loads it. Measured for each batch
+answer TorchServe runs) on the archive's own model file (TorchScript or ONNX), loaded as the worker loads it. Measured for each batch
 size, in the two ways of using the cores: one process with all cores as torch threads, or one single-threaded process
 per core, all at once. The best of those is the limit a server on this machine is measured against.
 """
@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from handlers.runtime import load_torchscript
+from handlers.runtime import load_model
 
 
-def load_pipeline(archive: Path, threads: int):
-    """The handler (configured from the archive's model-config) and its model, as a TorchServe worker has them."""
+def load_pipeline(archive: Path, threads: int, optimize_for_inference: bool | None = None):
+    """The handler (configured from the archive's model-config) and its model, as a TorchServe worker has them
+    (``optimize_for_inference``: None as the archive says; False to see what TorchScript does without it)."""
     from build_mar import handler_class
 
     torch.set_num_threads(threads)
@@ -32,10 +33,26 @@ def load_pipeline(archive: Path, threads: int):
         handler = handler_class(Path(manifest["model"]["handler"]).stem).from_config(
             yaml.safe_load(mar.read("model-config.yaml")))
         handler.mapping = json.loads(mar.read("index_to_name.json"))
-        mar.extract("model.pt", tmp)
-        model = load_torchscript(str(Path(tmp) / "model.pt"), torch.device("cpu"),
-                                 bool(handler.settings["optimize_for_inference"]))
+        serialized = manifest["model"]["serializedFile"]
+        mar.extract(serialized, tmp)
+        optimize = handler.settings["optimize_for_inference"] if optimize_for_inference is None else optimize_for_inference
+        model = load_model(Path(tmp) / serialized, torch.device("cpu"), threads, bool(optimize))
     return handler, model
+
+
+def forward_rate(archive: Path, payloads: list[bytes], batch: int, seconds: float, threads: int = 1,
+                 optimize_for_inference: bool | None = None) -> float:
+    """Images per second through the model's forward alone (inputs decoded and collated beforehand)."""
+    handler, model = load_pipeline(archive, threads, optimize_for_inference)
+    inputs = handler.collate([handler.decode(p) for p in payloads[:batch]])
+    with torch.inference_mode():
+        for _ in range(10):  # TorchScript's profiling executor optimises over its first calls
+            handler.forward(model, inputs)
+        done, begin = 0, time.perf_counter()
+        while time.perf_counter() - begin < seconds:
+            handler.forward(model, inputs)
+            done += batch
+        return done / (time.perf_counter() - begin)
 
 
 def through(handler, model, payloads: list[bytes]) -> list:
