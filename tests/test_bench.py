@@ -37,16 +37,21 @@ def test_a_short_bench_run_writes_a_well_formed_table_and_plots(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "bench.json").read_text())
     servers = list(dict.fromkeys(p["server"] for p in results["servers"]))
-    assert len(servers) == 4 and servers[0].startswith("ours")
+    assert len(servers) == 5 and servers[0].startswith("ours, ONNX Runtime") and servers[1].startswith("ours, TorchScript")
     assert all(p["failed"] == 0 and p["p50_ms"] <= p["p99_ms"] for p in results["servers"])
     # in one second the stock handler under TorchServe's defaults may answer nothing (oversubscribed threads)
     assert all(p["rps"] > 0 for p in results["servers"] if p["server"] in (servers[0], servers[-1]))
     assert all(0 <= p["client_cores"] < p["machine_cores"] for p in results["servers"])
-    assert results["limit"]["threads"]["1"] > 0 and results["limit"]["processes"]["1"] > 0
+    for runtime in ("torchscript", "onnxruntime"):
+        assert results["limit"][runtime]["threads"]["1"] > 0 and results["limit"][runtime]["processes"]["1"] > 0
+        footprint = results["footprint"][runtime]
+        assert footprint["worker_rss_mib"] > 100 and footprint["worker_load_ms"] > 0 and footprint["archive_mb"] > 1
+    assert len(results["forward"]) == 3 and all(rate > 0 for rates in results["forward"].values() for rate in rates)
+    assert len(results["paired"]) == 1 and results["paired"][0]["served"] > 0
 
     report = (tmp_path / "bench.md").read_text()
     targets = report.split("## Targets")[1].split("##")[0]
-    assert len([line for line in targets.splitlines() if line.startswith("| ") and "---" not in line]) == 7
+    assert len([line for line in targets.splitlines() if line.startswith("| ") and "---" not in line]) == 9
     served_rows = [line for line in report.split("## Served")[1].split("##")[0].splitlines() if line.startswith("| ")]
     assert len(served_rows) == 2 + len(results["servers"])
     for plot in ("throughput.png", "latency.png"):
