@@ -8,6 +8,7 @@
 #   make monitor | monitor-stop                 Prometheus scraping TorchServe's metrics (http://127.0.0.1:9090)
 #   make load-test [SCENARIO=ClassifierUser|DigitsUser|ABUser] [USERS=16 RATE=4 DURATION=60s]   Locust, headless
 #   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/
+#   make bench-runtimes                         every model on TorchScript and on ONNX Runtime, in-process
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -28,7 +29,7 @@ MANAGE := $(PY) -m manage
 
 .PHONY: help install archive serve stop status samples predict test demo clean \
         models describe register unregister scale set-default ab promote rollback routes proxy-stop \
-        monitor monitor-stop load-test bench
+        monitor monitor-stop load-test bench bench-runtimes
 
 help:
 	@sed -n '/^[^#]/q;s/^# \{0,1\}//p' Makefile
@@ -109,6 +110,9 @@ load-test: samples
 # Starts its own servers on free ports; run it on a quiet machine (about 10 minutes with SECONDS=10).
 bench: archive
 	$(PY) -m load_test.bench --seconds $(SECONDS)
+
+bench-runtimes: install
+	$(PY) -m load_test.runtimes
 
 test: archive
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -216,8 +216,8 @@ def run(seconds: float, quick: bool, out: Path) -> dict:
     versions = runtime_versions(spec)
     archives = {runtime: manifest.verify(MODEL, version)[0] for runtime, version in versions.items()}
     default = next(iter(versions))  # the default version's runtime
-    config = archive_config(archives[default])
-    shipped = (config["minWorkers"], config["handler"]["threads"], config["batchSize"], config["maxBatchDelay"])
+    settings = {runtime: archive_settings(archive) for runtime, archive in archives.items()}
+    shipped = settings[default]
 
     # 1. the model's forward alone on each runtime, one thread, one image; the runtimes take turns, round after
     # round, so that the host's drift falls on all of them alike
@@ -244,7 +244,7 @@ def run(seconds: float, quick: bool, out: Path) -> dict:
         best[runtime] = max(((mode, batch) for mode in limits[runtime] for batch in limits[runtime][mode]),
                             key=lambda key: limits[runtime][key[0]][key[1]])
 
-    names = {runtime: f"ours, {RUNTIMES[runtime]} ({MODEL} {version}): TorchServe, {settings_name(*shipped)}"
+    names = {runtime: f"ours, {RUNTIMES[runtime]} ({MODEL} {version}): TorchServe, {settings_name(*settings[runtime])}"
              for runtime, version in versions.items()}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         store = servers.bench_store(Path(tmp) / "store", manifest)
@@ -256,7 +256,8 @@ def run(seconds: float, quick: bool, out: Path) -> dict:
             headers = {"Authorization": f"Bearer {ts.token('inference')}"}
             footprints = {}
             for runtime, archive in archives.items():
-                footprints[runtime] = footprint(ts, archive, f"footprint_{runtime}", shipped[0], photos, headers)
+                footprints[runtime] = footprint(ts, archive, f"footprint_{runtime}", settings[runtime][0], photos,
+                                                headers)
                 bench.log(f"footprint, {RUNTIMES[runtime]}: " + ", ".join(f"{k} {v:.1f}"
                                                                           for k, v in footprints[runtime].items()))
             # this machine's speed drifts (shared host): in-process references are taken right beside the served
@@ -331,10 +332,11 @@ def run(seconds: float, quick: bool, out: Path) -> dict:
     }
 
 
-def archive_config(archive: Path) -> dict:
-    """The model-config.yaml inside an archive."""
+def archive_settings(archive: Path) -> tuple[int, int, int, int]:
+    """(workers, threads per worker, batchSize, maxBatchDelay) from the model-config.yaml inside an archive."""
     with zipfile.ZipFile(archive) as mar:
-        return yaml.safe_load(mar.read("model-config.yaml"))
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+    return config["minWorkers"], config["handler"]["threads"], config["batchSize"], config["maxBatchDelay"]
 
 
 def machine() -> dict:

@@ -45,13 +45,19 @@ def forward_rate(archive: Path, payloads: list[bytes], batch: int, seconds: floa
     """Images per second through the model's forward alone (inputs decoded and collated beforehand)."""
     handler, model = load_pipeline(archive, threads, optimize_for_inference)
     inputs = handler.collate([handler.decode(p) for p in payloads[:batch]])
+    return rate(lambda: handler.forward(model, inputs), batch, seconds)
+
+
+def rate(step, per_call: int, seconds: float, warmup: int = 10) -> float:
+    """Items per second: ``step()`` (``per_call`` items each time) called over and over for ``seconds``, after
+    ``warmup`` unmeasured calls (TorchScript's profiling executor optimises over its first calls)."""
     with torch.inference_mode():
-        for _ in range(10):  # TorchScript's profiling executor optimises over its first calls
-            handler.forward(model, inputs)
+        for _ in range(warmup):
+            step()
         done, begin = 0, time.perf_counter()
         while time.perf_counter() - begin < seconds:
-            handler.forward(model, inputs)
-            done += batch
+            step()
+            done += per_call
         return done / (time.perf_counter() - begin)
 
 

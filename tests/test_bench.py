@@ -57,3 +57,12 @@ def test_a_short_bench_run_writes_a_well_formed_table_and_plots(tmp_path):
     for plot in ("throughput.png", "latency.png"):
         with Image.open(tmp_path / plot) as image:
             assert image.format == "PNG" and image.width > 500
+
+
+def test_the_runtime_comparison_prints_both_runtimes_for_a_model():
+    run = subprocess.run([sys.executable, "-m", "load_test.runtimes", "--model", "digits", "--rounds", "1",
+                          "--seconds", "0.2"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [row] = [line for line in run.stdout.splitlines() if line.startswith("| digits |")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "16" and all(float(cell.split()[0]) > 0 for cell in cells[2:])
