@@ -42,7 +42,7 @@ from export.parity import ParityError, check_parity
 from export.sources import SourceError, source_for
 from export.torchscript import export_torchscript
 from handlers.base import ModelHandler
-from handlers.runtime import RUNTIME_FILES, TORCHSCRIPT_FILE, load_model
+from handlers.runtime import RUNTIME_FILES, load_model
 
 logger = logging.getLogger("build_mar")
 
@@ -102,6 +102,34 @@ def load_served(path: Path, handler: ModelHandler):
 
 def explains(handler: ModelHandler) -> bool:
     return type(handler).explanation is not ModelHandler.explanation
+
+
+def runtimes_to_ship(spec: VersionSpec, handler: ModelHandler) -> list[str]:
+    """The runtimes whose files go into the archive: the version's own, and TorchScript for explanations (they need
+    gradients, which ONNX Runtime does not compute)."""
+    return list(dict.fromkeys([spec.runtime] + (["torchscript"] if explains(handler) else [])))
+
+
+def export_model(model, handler: ModelHandler, spec: VersionSpec, example, work: Path,
+                 runtimes: list[str]) -> dict[str, Path]:
+    """The eager model exported for each runtime into ``work`` (``example``: a collated batch of real inputs);
+    {runtime: file}. An ONNX graph that cannot be captured is a BuildError."""
+    exported = {}
+    for runtime in runtimes:
+        path = work / RUNTIME_FILES[runtime]
+        if runtime == "torchscript":
+            logger.info("%s %s: [2/5] export to TorchScript (%s)", spec.model, spec.version,
+                        ", ".join(f"{k}={v}" for k, v in spec.export.items()))
+            export_torchscript(model, example, path, **spec.export)
+        else:
+            logger.info("%s %s: [2/5] export to ONNX (dynamic axes %s)", spec.model, spec.version,
+                        handler.DYNAMIC_AXES)
+            try:
+                export_onnx(model, model_call(model, handler.forward, example), path, handler.DYNAMIC_AXES)
+            except OnnxExportError as error:
+                raise BuildError(f"{spec.model} {spec.version}: refused: {error}") from None
+        exported[runtime] = path
+    return exported
 
 
 def measure_accuracy(model, handler: ModelHandler, evaluation) -> dict:
@@ -183,21 +211,9 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
         cases = {f"{sample} (batch of 1)": handler.collate([item]) for sample, item in items.items()}
         cases[f"all {len(items)} samples as one batch"] = handler.collate(list(items.values()))
 
-        example = handler.collate(list(items.values())[:2])
-        exported = {"torchscript": work / TORCHSCRIPT_FILE}
-        logger.info("%s: [2/5] export to TorchScript (%s)", name, ", ".join(f"{k}={v}" for k, v in spec.export.items()))
-        export_torchscript(built.model, example, exported["torchscript"], **spec.export)
-        if spec.runtime == "onnxruntime":
-            logger.info("%s: [2/5] export to ONNX (dynamic axes %s)", name, handler.DYNAMIC_AXES)
-            exported["onnxruntime"] = work / RUNTIME_FILES["onnxruntime"]
-            try:
-                export_onnx(built.model, model_call(built.model, handler.forward, example), exported["onnxruntime"],
-                            handler.DYNAMIC_AXES)
-            except OnnxExportError as error:
-                raise BuildError(f"{name}: refused: {error}") from None
+        exported = export_model(built.model, handler, spec, handler.collate(list(items.values())[:2]), work,
+                                runtimes_to_ship(spec, handler))
         serialized = exported[spec.runtime]
-        if spec.runtime != "torchscript" and not explains(handler):
-            del exported["torchscript"]  # only explanations would use it
 
         logger.info("%s: [3/5] parity with eager on %d real inputs (%s)", name, len(cases), ", ".join(exported))
         parities = {}
@@ -235,8 +251,9 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
             "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         stage_labels_and_info(spec, built.labels, info, extra)
-        if spec.runtime != "torchscript" and "torchscript" in exported:  # for explanations
-            shutil.copy2(exported["torchscript"], extra / TORCHSCRIPT_FILE)
+        for path in exported.values():
+            if path != serialized:  # the TorchScript file an ONNX archive carries for explanations
+                shutil.copy2(path, extra / path.name)
         config = work / "model-config.yaml"
         config.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
         (work / "out").mkdir()

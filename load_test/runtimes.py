@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 
 from archives import load_specs
-from build_mar import handler_class, load_served, stage_extra_files
-from export.onnx import export_onnx, model_call
+from build_mar import export_model, handler_class, load_served, stage_extra_files
 from export.sources import source_for
-from export.torchscript import export_torchscript
 from handlers.runtime import RUNTIME_FILES
 from load_test.limit import rate, through
 
@@ -39,10 +37,8 @@ def measure(spec, rounds: int, seconds: float) -> dict[str, dict[str, list[float
         size = int(spec.model_config.get("batchSize", 1))
         payloads = (list(built.samples.values()) * size)[:size]
         example = handler.collate([handler.decode(p) for p in payloads[:2]])
-        export_torchscript(built.model, example, work / RUNTIME_FILES["torchscript"], **spec.export)
-        export_onnx(built.model, model_call(built.model, handler.forward, example), work / RUNTIME_FILES["onnxruntime"],
-                    handler.DYNAMIC_AXES)
-        models = {runtime: load_served(work / name, handler) for runtime, name in RUNTIME_FILES.items()}
+        exported = export_model(built.model, handler, spec, example, work, list(RUNTIME_FILES))
+        models = {runtime: load_served(path, handler) for runtime, path in exported.items()}
         inputs = handler.collate([handler.decode(p) for p in payloads])
         results = {runtime: {"forward": [], "pipeline": []} for runtime in models}
         for _ in range(rounds):
