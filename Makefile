@@ -1,9 +1,12 @@
 # The pipeline's entry points. From a fresh clone: `make demo`, then `make test`.
+#   make import NAME=.. FROM=.. [ARCH=..] [EVAL=..] [LABELS=..] [TRANSFORM=..] [CODE=..] [VERSION=..]
+#               [RUNTIME=onnxruntime|torchscript] [MIN_ACCURACY=0..1] [ALLOW_PICKLE=1]
+#                                               bring your own model: spec, build, checks, register (README)
 #   make archive [MODEL=digits [VERSION=2.0]] [FORCE=1]   build archives into model_store/
 #   make serve | stop | status                  TorchServe with every built archive
 #   make predict                                samples through every model: photos, digits, sentences, an upscaling
 #   make models | describe | register | unregister | scale | set-default   MODEL=.. VERSION=.. [MIN=.. MAX=..]
-#   make ab MODEL=digits SPLIT="1.0=90 2.0=10" | promote MODEL=.. VERSION=.. | rollback MODEL=.. | routes
+#   make ab MODEL=digits SPLIT="1.0=90 2.0=10" | promote MODEL=.. VERSION=.. [FORCE=1] | rollback MODEL=.. | routes
 #                                               the A/B proxy (nginx) on :8090; make stop stops it too
 #   make monitor | monitor-stop                 Prometheus scraping TorchServe's metrics (http://127.0.0.1:9090)
 #   make load-test [SCENARIO=ClassifierUser|DigitsUser|ABUser] [USERS=16 RATE=4 DURATION=60s]   Locust, headless
@@ -25,9 +28,11 @@ RATE ?= 4
 DURATION ?= 60s
 SECONDS ?= 10
 PYTEST_ARGS ?=
+NAME ?=
+FROM ?=
 MANAGE := $(PY) -m manage
 
-.PHONY: help install archive serve stop status samples predict test demo clean \
+.PHONY: help install import archive serve stop status samples predict test demo clean \
         models describe register unregister scale set-default ab promote rollback routes proxy-stop \
         monitor monitor-stop load-test bench bench-runtimes
 
@@ -41,6 +46,14 @@ install: .venv/.installed
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
 	@touch $@
+
+# make import: every optional variable becomes the command line's option of the same name, when given.
+IMPORT_OPTIONS := $(foreach v,ARCH EVAL LABELS TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY,\
+                    $(if $($(v)),--$(subst _,-,$(shell echo $(v) | tr A-Z a-z)) '$($(v))')) \
+                  $(if $(ALLOW_PICKLE),--allow-pickle)
+import: install
+	@test -n "$(NAME)" -a -n "$(FROM)" || { echo "usage: make import NAME=<model> FROM=<path> [ARCH=..] [EVAL=..] ..." >&2; exit 2; }
+	$(MANAGE) import '$(NAME)' '$(FROM)' $(IMPORT_OPTIONS)
 
 archive: install
 	$(PY) build_mar.py $(if $(MODEL),--model $(MODEL)) $(if $(VERSION),--version $(VERSION)) $(if $(FORCE),--force)
@@ -82,7 +95,7 @@ ab:
 	@$(MANAGE) ab $(MODEL) $(SPLIT)
 
 promote:
-	@$(MANAGE) promote $(MODEL) $(VERSION)
+	@$(MANAGE) promote $(MODEL) $(VERSION) $(if $(FORCE),--force)
 
 rollback:
 	@$(MANAGE) rollback $(MODEL)

@@ -18,6 +18,7 @@ weights) changed is refused unless --force. Usage:
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import hashlib
 import importlib
@@ -25,9 +26,11 @@ import inspect
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -35,19 +38,30 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from archives import SPECS_DIR, SpecError, VersionSpec, load_specs
+from archives import SPECS_DIR, SpecError, VersionSpec, load_specs, resolve_file
 from archives.store import REPO, Manifest, default_store, sha256_file
+from export.architecture import ArchitectureError
+from export.checkpoint import CheckpointError
+from export.datasets import DataError, as_mapping, read_eval, read_labels
+from export.huggingface import HuggingFaceError
 from export.onnx import OnnxExportError, export_onnx, model_call
-from export.parity import ParityError, check_parity
+from export.parity import ParityError, check_parity, tensors_of
+from export.preprocessing import PreprocessingError, compare, load_transform
 from export.sources import SourceError, source_for
 from export.torchscript import export_torchscript
-from handlers.base import ModelHandler
-from handlers.runtime import RUNTIME_FILES, load_model
+from handlers.base import BUILD_RECORD, ModelHandler, Reply
+from handlers.runtime import RUNTIME_FILES, load_model, runtime_of
 
 logger = logging.getLogger("build_mar")
 
 HANDLERS_DIR = REPO / "handlers"
+WORKER_CHECK = REPO / "export" / "worker_check.py"
 EVAL_BATCH = 64
+EVAL_SAMPLES = 8  # images of the user's eval set (one per class) that join the parity check and the worker check
+ANSWER_TOLERANCE = 1e-5  # the worker's answers against the build's own, same runtime and threads
+# What a user's input or files can get wrong: refused with one line, never a traceback.
+USER_ERRORS = (SourceError, DataError, CheckpointError, ArchitectureError, HuggingFaceError, PreprocessingError,
+               OnnxExportError)
 
 
 class BuildError(RuntimeError):
@@ -64,20 +78,22 @@ def handler_class(module_name: str) -> type[ModelHandler]:
     return classes[0]
 
 
-def resolve_file(reference: str) -> Path:
-    """A file a spec names: a repo-relative path, or ``package:<module>/<path>`` inside an installed package."""
-    if reference.startswith("package:"):
-        module, _, relative = reference.removeprefix("package:").partition("/")
-        return Path(importlib.import_module(module).__file__).parent / relative
-    return REPO / reference
-
-
-def labels_path(spec: VersionSpec) -> Path | None:
-    return resolve_file(spec.labels) if spec.labels else None
-
-
 def handler_files() -> list[Path]:
     return sorted(p for p in HANDLERS_DIR.glob("*.py"))
+
+
+def spec_labels(spec: VersionSpec) -> dict | None:
+    """The labels the spec names (a list of names or a file), as an index → name map."""
+    if spec.labels is None:
+        return None
+    return as_mapping(spec.labels) if isinstance(spec.labels, list) else read_labels(resolve_file(spec.labels))
+
+
+def source_files(spec: VersionSpec) -> dict[str, Path]:
+    """Files the archive carries for the handler: the spec's extra files and the source's own (a tokenizer)."""
+    source, params = source_for(spec.source)
+    files = {Path(reference).name: resolve_file(reference) for reference in spec.extra_files}
+    return {**files, **(source.files(**params) if source.files else {})}
 
 
 def input_fingerprint(spec: VersionSpec) -> str:
@@ -85,11 +101,12 @@ def input_fingerprint(spec: VersionSpec) -> str:
     source, params = source_for(spec.source)
     digest = hashlib.sha256()
     described = {k: getattr(spec, k) for k in ("model", "version", "handler", "source", "export", "runtime",
-                                                "model_config", "labels", "extra_files")}
+                                                "model_config", "labels", "extra_files", "eval", "min_accuracy",
+                                                "transform")}
     digest.update(json.dumps(described, sort_keys=True, default=list).encode())
     digest.update(source.identity(**params).encode())
-    files = handler_files() + [p for p in [labels_path(spec)] if p] + [resolve_file(f) for f in spec.extra_files]
-    for path in files:
+    labels = [resolve_file(spec.labels)] if isinstance(spec.labels, str) else []
+    for path in handler_files() + labels + list(source_files(spec).values()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
@@ -104,25 +121,33 @@ def explains(handler: ModelHandler) -> bool:
     return type(handler).explanation is not ModelHandler.explanation
 
 
-def runtimes_to_ship(spec: VersionSpec, handler: ModelHandler) -> list[str]:
+def runtimes_to_ship(spec: VersionSpec, handler: ModelHandler, model) -> list[str]:
     """The runtimes whose files go into the archive: the version's own, and TorchScript for explanations (they need
-    gradients, which ONNX Runtime does not compute)."""
-    return list(dict.fromkeys([spec.runtime] + (["torchscript"] if explains(handler) else [])))
+    gradients, which ONNX Runtime does not compute) where the model is a torch module to export."""
+    extra = ["torchscript"] if explains(handler) and isinstance(model, torch.nn.Module) else []
+    return list(dict.fromkeys([spec.runtime] + extra))
 
 
 def export_model(model, handler: ModelHandler, spec: VersionSpec, example, work: Path,
-                 runtimes: list[str]) -> dict[str, Path]:
+                 runtimes: list[str], given: Path | None = None) -> dict[str, Path]:
     """The eager model exported for each runtime into ``work`` (``example``: a collated batch of real inputs);
-    {runtime: file}. An ONNX graph that cannot be captured is a BuildError."""
+    {runtime: file}. A file the user gave (``given``) is shipped as it is for its own runtime. An ONNX graph that
+    cannot be captured is a BuildError."""
     exported = {}
     for runtime in runtimes:
         path = work / RUNTIME_FILES[runtime]
-        if runtime == "torchscript":
-            logger.info("%s %s: [2/5] export to TorchScript (%s)", spec.model, spec.version,
+        if given is not None and runtime_of(given) == runtime:
+            logger.info("%s %s: [2/6] %s file shipped as it is (%s)", spec.model, spec.version, runtime, given.name)
+            shutil.copy2(given, path)
+        elif not isinstance(model, torch.nn.Module):
+            raise BuildError(f"{spec.model} {spec.version}: refused: a {runtime_of(given)} file cannot be served on "
+                             f"{runtime}; use runtime: {runtime_of(given)}")
+        elif runtime == "torchscript":
+            logger.info("%s %s: [2/6] export to TorchScript (%s)", spec.model, spec.version,
                         ", ".join(f"{k}={v}" for k, v in spec.export.items()))
             export_torchscript(model, example, path, **spec.export)
         else:
-            logger.info("%s %s: [2/5] export to ONNX (dynamic axes %s)", spec.model, spec.version,
+            logger.info("%s %s: [2/6] export to ONNX (dynamic axes %s)", spec.model, spec.version,
                         handler.DYNAMIC_AXES)
             try:
                 export_onnx(model, model_call(model, handler.forward, example), path, handler.DYNAMIC_AXES)
@@ -132,33 +157,157 @@ def export_model(model, handler: ModelHandler, spec: VersionSpec, example, work:
     return exported
 
 
-def measure_accuracy(model, handler: ModelHandler, evaluation) -> dict:
-    payloads, labels = evaluation
-    correct = 0
+def eval_digest(payloads: list[bytes], labels: list[int]) -> str:
+    """What an evaluation set is, by content: two versions measured on the same digest can be compared."""
+    digest = hashlib.sha256()
+    for payload, label in zip(payloads, labels):
+        digest.update(str(label).encode() + b"\0" + hashlib.sha256(payload).digest())
+    return digest.hexdigest()
+
+
+def measure_accuracy(model, handler: ModelHandler, payloads: list[bytes], labels: list[int], name: str) -> dict:
+    """Top-1 (``held_out``) and, with more than five classes, top-5 accuracy through the handler's own decoding:
+    what the server computes."""
+    top1 = top5 = classes = 0
     with torch.inference_mode():
-        for start in tqdm(range(0, len(payloads), EVAL_BATCH), desc="held-out accuracy", unit="batch", leave=False,
-                                  disable=None):
+        for start in tqdm(range(0, len(payloads), EVAL_BATCH), desc=f"accuracy on {name}", unit="batch",
+                          leave=False, disable=None):
             batch = handler.collate([handler.decode(p) for p in payloads[start:start + EVAL_BATCH]])
-            predicted = handler.forward(model, batch).argmax(dim=1)
-            correct += int((predicted == torch.tensor(labels[start:start + EVAL_BATCH])).sum())
-    return {"held_out": round(correct / len(labels), 6), "correct": correct, "samples": len(labels)}
+            outputs = handler.forward(model, batch)
+            classes = outputs.shape[1]
+            ranked = outputs.topk(min(5, classes), dim=1).indices
+            target = torch.tensor(labels[start:start + EVAL_BATCH])[:, None]
+            top1 += int((ranked[:, :1] == target).sum())
+            top5 += int((ranked == target).any(dim=1).sum())
+    result = {"held_out": round(top1 / len(labels), 6), "correct": top1, "samples": len(labels)}
+    if classes > 5:
+        result["top5"] = round(top5 / len(labels), 6)
+    result["eval_set"] = {"name": name, "sha256": eval_digest(payloads, labels)}
+    return result
+
+
+def evaluation_of(spec: VersionSpec, labels: dict | None,
+                  own: tuple[list[bytes], list[int]] | None = None) -> tuple[list[bytes], list[int], str] | None:
+    """The held-out set a version is measured on: the spec's ``eval`` (its classes mapped onto the labels by name),
+    else the source's ``own``."""
+    if spec.eval is not None:
+        if labels is None:
+            raise SourceError(f"eval {spec.eval} needs labels to map its classes onto; the model has none")
+        data = read_eval(resolve_file(spec.eval))
+        return data.payloads, data.indices(labels), spec.eval
+    if own is not None:
+        payloads, indices = own
+        return payloads, list(indices), f"{spec.source['type']} held-out set"
+    return None
+
+
+def against_default(spec: VersionSpec, default: VersionSpec | None, manifest: Manifest, served, handler,
+                    labels: dict | None, own: dict | None) -> dict | None:
+    """A new version measured on the default version's evaluation set too, beside the default's own figure."""
+    if default is None or default.version == spec.version:
+        return None
+    evaluation = evaluation_of(default, labels)
+    if evaluation is None and own is None:
+        return None
+    # without an eval set of its own, the default was measured on its source's held-out set: the digests tell
+    accuracy = own if evaluation is None else measure_accuracy(served, handler, *evaluation)
+    theirs = manifest.accuracy_on(spec.model, default.version, accuracy["eval_set"]["sha256"])
+    return {"version": default.version, "accuracy": accuracy, "default_held_out": theirs,
+            "difference": None if theirs is None else round(accuracy["held_out"] - theirs, 6)}
+
+
+def check_labels(spec: VersionSpec, labels: dict | None, outputs) -> None:
+    """A classifier's labels must name every output: as many labels as the model has outputs."""
+    if labels is None:
+        return
+    [first, *_] = tensors_of(outputs)
+    if first.dim() != 2 or first.shape[1] != len(labels):
+        raise BuildError(f"{spec.model} {spec.version}: refused: the labels name {len(labels)} classes but the "
+                         f"model has {first.shape[1] if first.dim() == 2 else tuple(first.shape)} outputs")
+
+
+def check_preprocessing(spec: VersionSpec, handler: ModelHandler, served, payloads: dict[str, bytes]) -> dict | None:
+    """The served preprocessing against the user's own evaluation transform, on real images."""
+    if spec.transform is None:
+        return None
+    code = spec.transform.get("code")
+    transform = load_transform(spec.transform["name"], resolve_file(code) if code else None)
+    result = compare(handler, transform, served, payloads)
+    logger.info("%s %s: served preprocessing vs %s on %d images: top-1 agreement %.3f, mean |diff| %.2e", spec.model,
+                spec.version, spec.transform["name"], result["images"], result["top1_agreement"],
+                result["mean_abs_diff"])
+    return result
+
+
+def answer_bytes(answer) -> tuple[str, bytes]:
+    """An answer as TorchServe sends it: (content type, body)."""
+    reply = answer if isinstance(answer, Reply) else Reply(answer)
+    body = reply.body
+    if not isinstance(body, (bytes, bytearray)):
+        body = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    return reply.content_type, bytes(body)
+
+
+def same_answer(expected: bytes, served: bytes, tolerance: float = ANSWER_TOLERANCE) -> bool:
+    """Byte-equal, or JSON with the same structure and numbers within ``tolerance``."""
+    if expected == served:
+        return True
+    try:
+        a, b = json.loads(expected), json.loads(served)
+    except ValueError:
+        return False
+
+    def close(x, y) -> bool:
+        if isinstance(x, dict) and isinstance(y, dict):
+            return list(x) == list(y) and all(close(x[k], y[k]) for k in x)
+        if isinstance(x, list) and isinstance(y, list):
+            return len(x) == len(y) and all(close(i, j) for i, j in zip(x, y))
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
+            return abs(x - y) <= tolerance
+        return x == y
+
+    return close(a, b)
+
+
+def check_served(spec: VersionSpec, archive_path: Path, handler: ModelHandler, served,
+                 samples: dict[str, bytes]) -> dict:
+    """Extract the archive, load it in a separate interpreter as a TorchServe worker does (TorchServe's own loader,
+    nothing of this repository or of the user's code on the path) and check that it answers every sample as the
+    build computed it."""
+    expected = {}
+    with torch.inference_mode():
+        for name, payload in samples.items():
+            item = handler.decode(payload)
+            [answer] = handler.answer(handler.forward(served, handler.collate([item])), [item])
+            expected[name] = answer_bytes(answer)
+    with tempfile.TemporaryDirectory(prefix="worker-") as folder:
+        with zipfile.ZipFile(archive_path) as mar:
+            mar.extractall(folder)
+        job = {"model_dir": folder, "requests": [{"body": base64.b64encode(p).decode(),
+                                                  "headers": {"content-type": "application/octet-stream"}}
+                                                 for p in samples.values()]}
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, "-I", str(WORKER_CHECK)], input=json.dumps(job), capture_output=True,
+                             text=True, cwd=folder, timeout=600)
+        seconds = time.monotonic() - started
+    if run.returncode != 0:
+        last = [line for line in run.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise BuildError(f"{spec.model} {spec.version}: refused: the archive does not load as a TorchServe worker "
+                         f"loads it: {last[0][:400]}")
+    for name, answer in zip(samples, json.loads(run.stdout)):
+        body = base64.b64decode(answer["body"])
+        content_type, wanted = expected[name]
+        if answer["status"] != 200 or answer["content_type"] != content_type or not same_answer(wanted, body):
+            raise BuildError(f"{spec.model} {spec.version}: refused: loaded as a worker, the archive answers {name} "
+                             f"with HTTP {answer['status']} {body[:200]!r}, not as the build computed it")
+    return {"requests": len(samples), "identical": True, "seconds": round(seconds, 2)}
 
 
 def stage_extra_files(spec: VersionSpec, into: Path) -> None:
-    """The handlers package and the spec's extra files (a tokenizer): what the handler finds in its model_dir."""
+    """The handlers package and the files the handler reads (a tokenizer): what it finds in its model_dir."""
     shutil.copytree(HANDLERS_DIR, into / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for reference in spec.extra_files:
-        shutil.copy2(resolve_file(reference), into / Path(reference).name)
-
-
-def stage_labels_and_info(spec: VersionSpec, labels: dict | None, info: dict, into: Path) -> None:
-    """index_to_name.json (from the source, else the spec's labels file; models without classes have none) and the
-    build record."""
-    if labels is None and spec.labels:
-        labels = json.loads(labels_path(spec).read_text())
-    if labels is not None:
-        (into / "index_to_name.json").write_text(json.dumps(labels, indent=1))
-    (into / "model_info.json").write_text(json.dumps(info, indent=2))
+    for name, path in source_files(spec).items():
+        shutil.copy2(path, into / name)
 
 
 def archive(spec: VersionSpec, serialized: Path, extra: Path, config: Path, out: Path) -> Path:
@@ -178,10 +327,19 @@ def archive(spec: VersionSpec, serialized: Path, extra: Path, config: Path, out:
     return out / f"{spec.model}.mar"
 
 
-def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) -> dict:
-    """Build one version into the store, or find it up to date. Returns its manifest entry."""
+def refused(spec: VersionSpec, error: Exception) -> BuildError:
+    return BuildError(f"{spec.model} {spec.version}: refused: {error}")
+
+
+def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
+                  default: VersionSpec | None = None) -> dict:
+    """Build one version into the store, or find it up to date. Returns its manifest entry. ``default``: the
+    model's default version, whose evaluation set a new version is measured on too."""
     name = f"{spec.model} {spec.version}"
-    fingerprint = input_fingerprint(spec)
+    try:
+        fingerprint = input_fingerprint(spec)
+    except USER_ERRORS as error:
+        raise refused(spec, error) from None
     entry = manifest.get(spec.model, spec.version)
     target = manifest.store / spec.archive_name
     if entry and target.exists() and not force:
@@ -200,22 +358,31 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
     with tempfile.TemporaryDirectory(prefix=f"build-{spec.model}-") as tmp:
         work = Path(tmp)
         extra = work / "extra"
-        stage_extra_files(spec, extra)
-        handler = handler_class(spec.handler).from_config(spec.model_config, files=extra)
-        logger.info("%s: [1/5] weights from source %s", name, spec.source["type"])
         try:
+            stage_extra_files(spec, extra)
+            handler = handler_class(spec.handler).from_config(spec.model_config, files=extra)
+            logger.info("%s: [1/6] weights from source %s", name, spec.source["type"])
             built = source.build(handler, **params)
-        except SourceError as error:
-            raise BuildError(f"{name}: refused: {error}") from None
-        items = {sample: handler.decode(payload) for sample, payload in built.samples.items()}
+            labels = spec_labels(spec) or built.labels
+            evaluation = evaluation_of(spec, labels, built.evaluation)
+        except USER_ERRORS as error:
+            raise refused(spec, error) from None
+        samples = dict(built.samples)
+        if evaluation is not None and spec.eval is not None:  # the user's own data joins the parity check
+            payloads, indices, _ = evaluation
+            firsts = {index: payload for payload, index in zip(payloads, indices)}
+            samples.update({f"eval class {index}": payload for index, payload in list(firsts.items())[:EVAL_SAMPLES]})
+        items = {sample: handler.decode(payload) for sample, payload in samples.items()}
         cases = {f"{sample} (batch of 1)": handler.collate([item]) for sample, item in items.items()}
         cases[f"all {len(items)} samples as one batch"] = handler.collate(list(items.values()))
+        with torch.inference_mode():
+            check_labels(spec, labels, handler.forward(built.model, next(iter(cases.values()))))
 
         exported = export_model(built.model, handler, spec, handler.collate(list(items.values())[:2]), work,
-                                runtimes_to_ship(spec, handler))
+                                runtimes_to_ship(spec, handler, built.model), built.file)
         serialized = exported[spec.runtime]
 
-        logger.info("%s: [3/5] parity with eager on %d real inputs (%s)", name, len(cases), ", ".join(exported))
+        logger.info("%s: [3/6] parity with eager on %d real inputs (%s)", name, len(cases), ", ".join(exported))
         parities = {}
         for runtime, path in exported.items():
             try:
@@ -225,32 +392,51 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
             logger.info("%s: %s parity ok, max |exported - eager| = %.2e (%s)", name, runtime,
                         parities[runtime].max_abs_diff, parities[runtime].worst_input)
         parity = parities[spec.runtime]
+        served = load_served(serialized, handler)
 
-        accuracy = None
-        if built.evaluation is not None:
-            logger.info("%s: [4/5] held-out accuracy through the serving preprocessing", name)
-            accuracy = measure_accuracy(load_served(serialized, handler), handler, built.evaluation)
-            logger.info("%s: held-out accuracy %.4f (%d/%d)", name, accuracy["held_out"], accuracy["correct"],
+        logger.info("%s: [4/6] preprocessing and held-out accuracy through the served pipeline", name)
+        try:
+            images = {f"eval {i}": p for i, p in enumerate(evaluation[0])} if spec.eval else built.samples
+            preprocessing = check_preprocessing(spec, handler, served, images)
+            accuracy = None if evaluation is None else measure_accuracy(served, handler, *evaluation)
+            compared = against_default(spec, default, manifest, served, handler, labels, accuracy)
+        except USER_ERRORS as error:
+            raise refused(spec, error) from None
+        if accuracy is not None:
+            logger.info("%s: held-out top-1 %.4f%s (%d/%d)", name, accuracy["held_out"],
+                        f", top-5 {accuracy['top5']:.4f}" if "top5" in accuracy else "", accuracy["correct"],
                         accuracy["samples"])
+        if spec.min_accuracy is not None:
+            if accuracy is None:
+                raise BuildError(f"{name}: refused: min_accuracy {spec.min_accuracy} needs an eval set to measure on")
+            if accuracy["held_out"] < spec.min_accuracy:
+                raise BuildError(f"{name}: refused: top-1 {accuracy['held_out']:.4f} on {accuracy['eval_set']['name']}"
+                                 f" ({accuracy['samples']} samples) is under min_accuracy {spec.min_accuracy:g}")
 
-        logger.info("%s: [5/5] package with torch-model-archiver", name)
+        logger.info("%s: [5/6] package with torch-model-archiver", name)
         info = {
             "model": spec.model,
             "version": spec.version,
             "description": spec.description,
             "handler": spec.handler,
+            "source": spec.source,
             "weights": built.weights,
             "export": spec.export,
             "runtime": spec.runtime,
+            "handler_settings": handler.settings,
+            "preprocessing_check": preprocessing,
             "parity": parity.as_dict(),
             "accuracy": accuracy,
+            "against_default": compared,
             "quality": built.quality,
             "input_fingerprint": fingerprint,
             "torch": torch.__version__,
             **({"onnxruntime": metadata.version("onnxruntime")} if spec.runtime == "onnxruntime" else {}),
             "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        stage_labels_and_info(spec, built.labels, info, extra)
+        if labels is not None:
+            (extra / "index_to_name.json").write_text(json.dumps(labels, indent=1))
+        (extra / BUILD_RECORD).write_text(json.dumps(info, indent=2))
         for path in exported.values():
             if path != serialized:  # the TorchScript file an ONNX archive carries for explanations
                 shutil.copy2(path, extra / path.name)
@@ -258,6 +444,9 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False) ->
         config.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
         (work / "out").mkdir()
         produced = archive(spec, serialized, extra, config, work / "out")
+
+        logger.info("%s: [6/6] load the archive as a TorchServe worker and answer %d samples", name, len(samples))
+        info["worker_check"] = check_served(spec, produced, handler, served, samples)
         manifest.store.mkdir(parents=True, exist_ok=True)
         shutil.move(produced, target)
 
@@ -297,18 +486,33 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
     try:
-        manifest = Manifest(args.store or default_store())
-        entries = [build_version(v, manifest, args.force) for v in select(load_specs(args.specs), args.model,
-                                                                          args.version)]
+        specs = load_specs(args.specs)
+        entries = build(specs, select(specs, args.model, args.version), Manifest(args.store or default_store()),
+                        args.force)
     except (BuildError, SpecError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"\n{'model':<20} {'version':<8} {'runtime':<12} {'accuracy':>9} {'parity':>9}  {'size':>8}  sha256")
-    for e in entries:
-        acc = f"{e['accuracy']['held_out']:.4f}" if e["accuracy"] else "-"
-        print(f"{e['model']:<20} {e['version']:<8} {e.get('runtime', 'torchscript'):<12} {acc:>9} {e['parity']['max_abs_diff']:>9.1e}  "
-              f"{e['size_bytes'] / 1e6:>6.1f}MB  {e['sha256'][:16]}")
+    print("\n" + summary(entries))
     return 0
+
+
+def build(specs, versions: list[VersionSpec], manifest: Manifest, force: bool = False) -> list[dict]:
+    """Build versions, each model's default first: the others are measured against it."""
+    defaults = {name: spec.versions[spec.default_version] for name, spec in specs.items()}
+    ordered = sorted(versions, key=lambda v: v.version != defaults[v.model].version)
+    return [build_version(v, manifest, force, defaults[v.model]) for v in ordered]
+
+
+def summary(entries: list[dict]) -> str:
+    """The build records as a table: one line per version."""
+    lines = [f"{'model':<20} {'version':<8} {'runtime':<12} {'top-1':>7} {'top-5':>7} {'parity':>9}  {'size':>8}  "
+             "sha256"]
+    for e in entries:
+        accuracy = e["accuracy"] or {}
+        top1, top5 = (f"{accuracy[k]:.4f}" if k in accuracy else "-" for k in ("held_out", "top5"))
+        lines.append(f"{e['model']:<20} {e['version']:<8} {e['runtime']:<12} {top1:>7} {top5:>7} "
+                     f"{e['parity']['max_abs_diff']:>9.1e}  {e['size_bytes'] / 1e6:>6.1f}MB  {e['sha256'][:16]}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

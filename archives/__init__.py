@@ -5,10 +5,21 @@ A spec names the model, its handler module (``handler``, a file in handlers/), i
 serves it (``torchscript`` or ``onnxruntime``), and ``model_config``: the model-config.yaml that goes into the archive,
 exactly as TorchServe reads it (minWorkers, batchSize, ... at the top, the handler's own settings under
 ``handler:``). A version may override ``runtime``, ``export`` and ``model_config`` keys.
+
+Labels are a list of names (index order) or a file: a repo-relative or absolute path, or ``package:<module>/<file>``,
+holding a JSON index → name map, a JSON list, or one name per line. A source may bring its own (digits, a Hugging Face
+``id2label``).
+
+A version may also name what proves it (``make import`` writes these for a user's model):
+``eval`` (a held-out set: an image folder in ImageFolder layout, or a CSV / JSONL file of ``text`` and ``label``; the
+build measures top-1 and top-5 through the served preprocessing), ``min_accuracy`` (the build refuses a version below
+it) and ``transform`` (``{name: "module:attribute", code: folder}``, the torchvision evaluation transform the model
+was trained with; the build checks the served preprocessing against it).
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +32,19 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 VERSION = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MODEL_KEYS = {"name", "description", "handler", "default_version", "versions", "labels", "extra_files", "export",
               "model_config", "runtime"}
-VERSION_KEYS = {"source", "description", "export", "model_config", "runtime"}
+VERSION_KEYS = {"source", "description", "export", "model_config", "runtime", "eval", "min_accuracy", "transform"}
 RUNTIMES = ("torchscript", "onnxruntime")
 EXPORT_DEFAULTS = {"method": "trace", "freeze": True}
+
+
+def resolve_file(reference: str | Path) -> Path:
+    """A file a spec names: a path (relative to the repository, or absolute), or ``package:<module>/<path>`` inside
+    an installed package (weights and data that ship in registry packages, wherever they are installed)."""
+    reference = str(reference)
+    if reference.startswith("package:"):
+        module, _, relative = reference.removeprefix("package:").partition("/")
+        return Path(importlib.import_module(module).__file__).parent / relative
+    return SPECS_DIR.parent / Path(reference).expanduser()
 
 
 class SpecError(ValueError):
@@ -37,11 +58,14 @@ class VersionSpec:
     handler: str  # a module in handlers/
     source: dict[str, Any]
     description: str
-    labels: str | None  # a JSON file: repo-relative path, or "package:<module>/<file>" inside an installed package
+    labels: str | list[str] | None  # names in index order, or a file (see the module docstring)
     extra_files: tuple[str, ...]  # repo-relative paths
     export: dict[str, Any]
     runtime: str  # torchscript | onnxruntime
     model_config: dict[str, Any]  # model-config.yaml as TorchServe reads it; handler settings under "handler"
+    eval: str | None = None  # a held-out set (image folder, CSV or JSONL)
+    min_accuracy: float | None = None  # top-1 on ``eval`` below this refuses the build
+    transform: dict[str, str] | None = None  # {name: "module:attribute", code: folder}: the training eval transform
 
     @property
     def archive_name(self) -> str:
@@ -97,17 +121,31 @@ def load_spec(path: Path) -> ModelSpec:
         runtime = entry.get("runtime", raw.get("runtime", RUNTIMES[0]))
         if runtime not in RUNTIMES:
             raise SpecError(f"{path}: version {version}: runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+        minimum = entry.get("min_accuracy")
+        if minimum is not None and not (isinstance(minimum, (int, float)) and 0 <= minimum <= 1):
+            raise SpecError(f"{path}: version {version}: min_accuracy {minimum!r} must be a number from 0 to 1")
+        transform = entry.get("transform")
+        if transform is not None and not (isinstance(transform, dict) and isinstance(transform.get("name"), str)
+                                          and ":" in transform["name"]):
+            raise SpecError(f"{path}: version {version}: transform must be {{name: 'module:attribute', code: folder}}")
+        labels = raw.get("labels")
+        if labels is not None and not isinstance(labels, str) and not (
+                isinstance(labels, list) and labels and all(isinstance(n, (str, int)) for n in labels)):
+            raise SpecError(f"{path}: labels must be a file or a list of names")
         versions[version] = VersionSpec(
             model=name,
             version=version,
             handler=raw["handler"],
             source=dict(entry["source"]),
             description=entry.get("description", ""),
-            labels=raw.get("labels"),
+            labels=labels if labels is None or isinstance(labels, str) else [str(n) for n in labels],
             extra_files=tuple(raw.get("extra_files") or ()),
             export={**EXPORT_DEFAULTS, **(raw.get("export") or {}), **(entry.get("export") or {})},
             runtime=runtime,
             model_config=_merge_model_config(raw.get("model_config") or {}, entry.get("model_config") or {}),
+            eval=None if entry.get("eval") is None else str(entry["eval"]),
+            min_accuracy=None if minimum is None else float(minimum),
+            transform=None if transform is None else {k: str(v) for k, v in transform.items()},
         )
     if str(raw["default_version"]) not in versions:
         raise SpecError(f"{path}: default_version {raw['default_version']!r} is not one of {sorted(versions)}")

@@ -54,6 +54,25 @@ class Manifest:
         tmp.write_text(json.dumps({"models": ordered}, indent=2) + "\n")
         tmp.replace(self.path)
 
+    def measured(self, model: str, version: str) -> list[dict[str, Any]]:
+        """A built version's accuracy records: on its own evaluation set, and on the default version's set it was
+        measured on too."""
+        entry = self.get(model, version) or {}
+        records = (entry.get("accuracy"), (entry.get("against_default") or {}).get("accuracy"))
+        return [record for record in records if record and "eval_set" in record]
+
+    def accuracy_on(self, model: str, version: str, digest: str) -> float | None:
+        """A built version's top-1 on the evaluation set ``digest``, if it was measured on it."""
+        return next((r["held_out"] for r in self.measured(model, version) if r["eval_set"]["sha256"] == digest), None)
+
+    def compare_accuracy(self, model: str, version: str, other: str) -> tuple[str, float, float] | None:
+        """(evaluation set, top-1 of ``version``, top-1 of ``other``) on a set both were measured on, or None."""
+        for record in self.measured(model, other):
+            mine = self.accuracy_on(model, version, record["eval_set"]["sha256"])
+            if mine is not None:
+                return record["eval_set"]["name"], mine, record["held_out"]
+        return None
+
     def verify(self, model: str, version: str) -> tuple[Path, dict[str, Any]]:
         """The archive of a built version, after checking its sha256; ValueError says what is wrong."""
         entry = self.get(model, version)

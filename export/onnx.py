@@ -85,3 +85,29 @@ def export_onnx(model: torch.nn.Module, args: tuple, path: Path, dynamic_axes: t
     except onnx.checker.ValidationError as error:
         raise OnnxExportError(f"the exported ONNX graph is not valid: {str(error).strip()[:400]}") from None
     return path
+
+
+class OnnxReference:
+    """A user's ONNX file run by ``onnx.reference`` (the ONNX specification's own Python implementation of each
+    operator), called like a torch module: the "eager" side of the parity check for an ONNX file served as it is, so
+    that ONNX Runtime, with its graph optimisations, is held to what the file itself says. Slow (numpy), used only
+    at build time."""
+
+    def __init__(self, path: Path):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            self.evaluator = ReferenceEvaluator(onnx.load(str(path)))
+        except Exception as error:  # onnx's own parse or load errors, named for the user
+            raise OnnxExportError(f"{Path(path).name} is not an ONNX model we can read: "
+                                  f"{' '.join(str(error).split())[:300]}") from None
+        self.input_names = list(self.evaluator.input_names)
+
+    def __call__(self, *inputs: torch.Tensor):
+        feeds = {name: tensor.detach().cpu().numpy() for name, tensor in zip(self.input_names, inputs)}
+        outputs = [torch.from_numpy(array) for array in self.evaluator.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def eval(self) -> "OnnxReference":
+        return self

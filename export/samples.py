@@ -59,6 +59,29 @@ def photo_files(fmt: str = "JPEG") -> dict[str, bytes]:
     return {name: encode(photo(name), fmt) for name in PHOTOS}
 
 
+def image_modes() -> dict[str, bytes]:
+    """Photos in the image modes people send besides RGB: grayscale, RGBA, palette and CMYK."""
+    modes = {}
+    for name, (source, mode, fmt) in {"chelsea (grayscale PNG)": ("chelsea", "L", "PNG"),
+                                      "coffee (RGBA PNG)": ("coffee", "RGBA", "PNG"),
+                                      "rocket (palette PNG)": ("rocket", "P", "PNG"),
+                                      "astronaut (CMYK JPEG)": ("astronaut", "CMYK", "JPEG")}.items():
+        buffer = io.BytesIO()
+        Image.fromarray(photo(source)).convert(mode).save(buffer, format=fmt)
+        modes[name] = buffer.getvalue()
+    return modes
+
+
+def samples_for(handler) -> dict[str, bytes]:
+    """Real inputs for a model's handler, encoded as a client sends them: sentences for a text model, else photos
+    (JPEG, and the other image modes)."""
+    from handlers.text import TextHandler
+
+    if isinstance(handler, TextHandler):
+        return {name: text.encode() for name, text in SENTENCES.items()}
+    return {**photo_files(), **image_modes()}
+
+
 def write_samples(folder: Path) -> list[Path]:
     """The photos as JPEG files, one held-out digit as digit.png, sentences (sentences.json, {"texts": [...]}) and a
     held-out photo at half size for super-resolution (chelsea_small.png), for trying the server with curl."""

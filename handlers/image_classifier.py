@@ -2,7 +2,8 @@
 
 Response (the shape of TorchServe's stock ``image_classifier``, so clients can switch without changes): a JSON
 object mapping label → probability, ``top_k`` entries, highest first. Labels come from ``index_to_name.json``
-shipped in the archive; a value that is a list (``["n01440764", "tench"]``) is shown by its last item.
+shipped in the archive; a value that is a list (``["n01440764", "tench"]``) is shown by its last item. The answer is
+``handlers/classifier.py``'s, shared with the text classifier.
 
 Explanation (``POST /explanations/<model>``, same body): Integrated Gradients of the top class's score with respect
 to the input pixels, from the mean-colour image (zero after normalisation). The answer names the class it explains
@@ -20,27 +21,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from handlers.classifier import CLASSIFIER_DEFAULTS, Classifier
 from handlers.vision import ImageHandler, heat_map
 
 
-class ImageClassifier(ImageHandler):
-    DEFAULTS: ClassVar[dict[str, Any]] = {**ImageHandler.DEFAULTS, "top_k": 5, "explain_grid": 14}
-
-    def answer(self, outputs: torch.Tensor, items: list) -> list[dict[str, float]]:
-        probabilities = torch.softmax(outputs.float(), dim=1)
-        k = min(int(self.settings["top_k"]), probabilities.shape[1])
-        values, indices = probabilities.topk(k, dim=1)
-        return [
-            {self.label(index): value for value, index in zip(row_values, row_indices)}
-            for row_values, row_indices in zip(values.tolist(), indices.tolist())
-        ]
-
-    def top_class(self, answer: dict[str, float]) -> str | None:
-        return next(iter(answer), None)
-
-    def label(self, index: int) -> str:
-        name = (self.mapping or {}).get(str(index), str(index))
-        return name[-1] if isinstance(name, list) else name
+class ImageClassifier(Classifier, ImageHandler):
+    DEFAULTS: ClassVar[dict[str, Any]] = {**ImageHandler.DEFAULTS, **CLASSIFIER_DEFAULTS, "explain_grid": 14}
 
     def explanation(self, item: torch.Tensor) -> dict[str, Any]:
         inputs = self.collate([item]).to(self.device)

@@ -4,7 +4,9 @@ answered (from the archive's manifest, so a request sent to ``/predictions/<mode
 Declared in ``monitoring/metrics.yaml`` (``model_metrics``), which TorchServe's frontend and workers both load; the
 frontend exports them on the metrics API. Per batch: preprocess, inference and postprocess time and the batch size
 (histograms); per request: the handler time of its batch (histogram), the top-1 class of each answer and the reason
-of each refusal (counters). Times are in seconds, to fit the histogram buckets TorchServe uses (5 ms .. 10 s).
+of each refusal (counters). Times are in seconds, to fit the histogram buckets TorchServe uses (5 ms .. 10 s). When a
+worker loads, the version's held-out accuracy from its build record (gauge ``handler_accuracy``, top-1 and top-5,
+labelled with the evaluation set).
 
 A metric that the metrics configuration does not declare (or a context without metrics, as in the build) is not
 recorded: the handler works the same.
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 STEPS = ("preprocess", "inference", "postprocess")
 HISTOGRAMS = ("handler_request_seconds", *(f"handler_{step}_seconds" for step in STEPS), "handler_batch_size")
 COUNTERS = ("handler_top1_total", "handler_bad_inputs_total")
+GAUGES = ("handler_accuracy",)
+ACCURACY_KEYS = {"held_out": "top1", "top5": "top5"}  # build record key → label
 # TorchServe sends a metric to the frontend as one log line "name.unit:value|#label:value,label:value|...":
 # a label value must not contain ',', ':' or '|', nor a line break.
 UNSAFE = re.compile(r"[,:|\r\n]+")
@@ -47,6 +51,7 @@ class HandlerMetrics:
             return
         declared = [(name, MetricTypes.HISTOGRAM) for name in HISTOGRAMS]
         declared += [(name, MetricTypes.COUNTER) for name in COUNTERS]
+        declared += [(name, MetricTypes.GAUGE) for name in GAUGES]
         for name, kind in declared:
             try:
                 self.metrics[name] = cache.get_metric(name, kind)
@@ -60,6 +65,15 @@ class HandlerMetrics:
         metric = self.metrics.get(name)
         if metric is not None:
             metric.add_or_update(value, [*self.labels, *map(label_value, labels)])
+
+    def accuracy(self, record: dict | None) -> None:
+        """The version's held-out accuracy (the build record's ``accuracy``), once, when the worker loads."""
+        if not record:
+            return
+        evaluation = (record.get("eval_set") or {}).get("name", "held-out set")
+        for key, k in ACCURACY_KEYS.items():
+            if key in record:
+                self.add("handler_accuracy", record[key], k, evaluation)
 
     def record(self, size: int, seconds: dict[str, float], top_classes: list[str], refusals: list[tuple[str, int]]):
         """One batch: its size, each step's time, the top-1 class of each answer, (reason, status) of each refusal."""

@@ -11,6 +11,17 @@ batch of every text of every request in a TorchServe batch is padded to its own 
 Refused with a 400: an empty or blank text (``empty_text``), bytes that are not UTF-8 (``not_utf8``), a body that
 starts with ``{`` but is not JSON (``bad_json``), JSON without a string ``text`` or a list of strings ``texts``
 (``no_text``); more than ``max_texts`` texts is a 413 (``too_many_texts``).
+
+Shared by the model layers on top (``sentence_embedding.py``, ``text_classifier.py``):
+
+* ``rows_per_item(rows, items)``: a batch's output rows (one per text) grouped by request;
+* ``reply(item, body)``: the answer with ``X-Input-Truncated: true`` when any of the request's texts was truncated
+  (otherwise ``false``);
+* ``explain_tokens(encoding, function, target, extra)``: Integrated Gradients of ``function(words, mask, *extra)``
+  with respect to one text's word embeddings (the TorchScript model's ``embed_tokens(ids)``; ``function`` calls its
+  ``encode_embeddings(words, mask)``), from a baseline of padding between the text's first and last word pieces
+  (``[CLS]`` and ``[SEP]`` are kept): ``{"tokens": [[piece, score], ...], "truncated", "steps",
+  "convergence_delta"}``, one score per word piece.
 """
 
 from __future__ import annotations
@@ -22,9 +33,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from handlers.base import InputError, ModelHandler, request_value
+from handlers.base import InputError, ModelHandler, Reply, request_value
 
 logger = logging.getLogger(__name__)
+
+TRUNCATED_HEADER = "X-Input-Truncated"
+PAD_TOKENS = ("[PAD]", "<pad>")  # the explanations' baseline: the first the vocabulary has, else id 0 (as collate pads)
 
 
 @dataclass
@@ -61,6 +75,15 @@ def texts_of(value: Any) -> tuple[list[str], bool]:
         return list(value["texts"]), False
     keys = ", ".join(sorted(map(str, value))[:5]) if isinstance(value, dict) else type(value).__name__
     raise InputError("no_text", f'expected plain text, {{"text": "..."}} or {{"texts": ["...", ...]}}; got {keys}')
+
+
+def rows_per_item(rows: list, items: list[TextItem]) -> list[list]:
+    """A batch's output rows, one per text of every request in order, grouped by request."""
+    groups, start = [], 0
+    for item in items:
+        groups.append(rows[start:start + len(item.texts)])
+        start += len(item.texts)
+    return groups
 
 
 class TextHandler(ModelHandler):
@@ -112,3 +135,30 @@ class TextHandler(ModelHandler):
 
     def example_input(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pad([self.tokenizer.encode("warm up").ids])
+
+    @staticmethod
+    def reply(item: TextItem, body: Any) -> Reply:
+        return Reply(body, headers={TRUNCATED_HEADER: str(any(item.truncated)).lower()})
+
+    def encoded(self, encoding) -> tuple[torch.Tensor, torch.Tensor]:
+        """One text's (ids, mask), a batch of one on the model's device."""
+        ids, mask = self.pad([encoding.ids])
+        return ids.to(self.device), mask.to(self.device)
+
+    def pad_id(self) -> int:
+        return next((i for i in map(self.tokenizer.token_to_id, PAD_TOKENS) if i is not None), 0)
+
+    def explain_tokens(self, encoding, function, target: int | None = None, extra: tuple = ()) -> dict[str, Any]:
+        """Integrated Gradients of ``function(words, mask, *extra)`` (one score per row, or ``target`` picks the
+        column) with respect to the text's word embeddings, from padding between its first and last word pieces."""
+        model = self.explainer()
+        ids, mask = self.encoded(encoding)
+        baseline_ids = torch.full_like(ids, self.pad_id())
+        baseline_ids[:, 0], baseline_ids[:, -1] = ids[:, 0], ids[:, -1]  # keep [CLS] and [SEP]
+        attributions, delta = self.integrated_gradients(
+            function, model.embed_tokens(ids).detach(), model.embed_tokens(baseline_ids).detach(), target=target,
+            additional_forward_args=(mask, *extra))
+        scores = attributions.sum(dim=-1)[0].tolist()
+        return {"tokens": [[token, round(score, 5)] for token, score in zip(encoding.tokens, scores)],
+                "truncated": bool(encoding.overflowing), "steps": int(self.settings["explain_steps"]),
+                "convergence_delta": round(delta, 6)}

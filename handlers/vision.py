@@ -1,10 +1,27 @@
 """Image task layer: one encoded image per request → one normalised CHW float tensor per batch row.
 
-Input: the bytes of any image PIL reads (JPEG, PNG, WebP, ...). EXIF orientation is applied. The image is converted to
-``color_mode``, its shorter side resized to ``resize`` (bilinear, as torchvision's ``Resize`` on PIL images; a JPEG at
-least four times that size is first decoded at a reduced scale, ``jpeg_draft``), centre
-cropped to ``crop`` (as ``CenterCrop``), scaled to [0, 1] and normalised with ``mean`` / ``std``: the same numbers as
-the usual torchvision pipeline, computed on uint8 until the batch is assembled.
+Input: the bytes of any image PIL reads (JPEG, PNG, WebP, ...), in any mode (grayscale, with alpha, palette, CMYK,
+16-bit, ...). EXIF orientation is applied. The image is converted to ``color_mode`` exactly as ``Image.convert`` does
+(what ``Image.open(f).convert("RGB")`` gives a torchvision pipeline; note that it clips 16-bit values at 255, it does
+not rescale them), resized, centre cropped, scaled to [0, 1] and normalised with ``mean`` / ``std``: the same numbers
+as the torchvision pipeline the settings describe, computed on uint8 until the batch is assembled.
+
+Settings (model-config.yaml's ``handler:``), each the counterpart of a torchvision (or timm) eval step:
+
+* ``resize``: an int n resizes the shorter side to n, keeping the aspect ratio (``Resize(n)``); ``[height, width]``
+  resizes to exactly that size (``Resize((h, w))``); null or 0 does not resize;
+* ``max_size``: the longest the longer side may be after an int ``resize`` (``Resize(n, max_size=m)``); with no
+  ``resize``, the longer side is resized to it (v2 ``Resize(None, max_size=m)``); default null;
+* ``fit``: with ``resize: [height, width]``, null stretches to that size; ``cover`` keeps the aspect ratio, scaled
+  so the image just covers it, ``contain`` so it just fits inside (timm's ``ResizeKeepRatio``, longest 0 and 1);
+* ``interpolation``: nearest | bilinear (default) | bicubic | box | hamming | lanczos: the PIL filter torchvision's
+  ``Resize`` uses on PIL images for that ``InterpolationMode``;
+* ``crop``: an int or ``[height, width]``: the centre crop (``CenterCrop``), which is the model's input size; an
+  image smaller than the crop is padded with ``fill`` (0-255, one value or one per channel; default 0 = black, as
+  ``CenterCrop``; timm's ``CenterCropOrPad`` pads with the mean colour);
+* ``color_mode``: RGB or L (``Grayscale()``); ``mean`` and ``std``: one value per channel (``Normalize``);
+* ``jpeg_draft``: a JPEG at least four times the resize target is first decoded at a reduced scale (1/2, 1/4 or
+  1/8, never below twice the target), for a fraction of the work; ``max_pixels``: the largest image accepted.
 
 Refused with a 4xx: a body that is not an image (400 ``not_an_image``), a file cut short (400 ``truncated_image``) or
 otherwise broken (400 ``corrupt_image``), more pixels than ``max_pixels`` (413 ``image_too_large``, checked from the
@@ -31,8 +48,20 @@ logger = logging.getLogger(__name__)
 # resize still does the last step: top-1 then agrees with full decoding on the benchmark's photos.
 DRAFT_MARGIN = 2
 EXIF_ORIENTATION = 0x0112
+ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+COLOR_MODES = {"RGB": 3, "L": 1}  # color_mode → channels
+# interpolation → the PIL filter torchvision's Resize applies to a PIL image for that InterpolationMode
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+FITS = (None, "cover", "contain")  # with resize [h, w]: stretch, or keep the ratio covering / inside it
 
 
 def open_image(payload: bytes, max_pixels: int) -> Image.Image:
@@ -76,72 +105,148 @@ def heat_map(attributions: torch.Tensor, grid: int) -> list[list[float]]:
     return [[round(v, 5) for v in row] for row in cells.tolist()]
 
 
+def size_setting(value: Any, name: str) -> int | tuple[int, int]:
+    """A size as torchvision takes it: a positive int, or [height, width] ([n] is n)."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in value)):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be a positive int or [height, width], not {value!r}")
+
+
+def fill_setting(value: Any, channels: int) -> int | tuple[int, ...]:
+    """The padding colour as PIL's Image.new takes it for an image of that many channels."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in values):
+        raise ValueError(f"fill must be one int in 0..255 or {channels} of them (one per channel), not {value!r}")
+    return int(values[0]) if channels == 1 else tuple(int(v) for v in values)
+
+
 class ImageTransform:
     """Bytes → uint8 HWC tensor (decode), and a list of those → normalised NCHW float batch (collate).
 
     Shared by the handler and by the build, which measures accuracy and parity on exactly what the server computes.
+    ``load``, ``resize_image`` and ``crop_image`` are decode's steps, for comparing it step by step with a
+    torchvision transform (``export/preprocessing.py``).
     """
 
-    def __init__(self, resize: int, crop: int, mean, std, color_mode: str = "RGB", max_pixels: int = 40_000_000,
-                 jpeg_draft: bool = True):
-        if color_mode not in ("RGB", "L"):
+    def __init__(self, resize: int | list[int] | None, crop: int | list[int], mean, std, color_mode: str = "RGB",
+                 max_pixels: int = 40_000_000, jpeg_draft: bool = True, interpolation: str = "bilinear",
+                 max_size: int | None = None, fit: str | None = None, fill: int | list[int] = 0):
+        if color_mode not in COLOR_MODES:
             raise ValueError(f"color_mode must be RGB or L, not {color_mode!r}")
-        channels = 3 if color_mode == "RGB" else 1
+        channels = COLOR_MODES[color_mode]
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean and std need {channels} values for color_mode {color_mode}")
-        self.resize, self.crop, self.color_mode, self.max_pixels = int(resize), int(crop), color_mode, int(max_pixels)
-        self.channels = channels
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
+        self.resize = None if resize in (None, 0) else size_setting(resize, "resize")
+        self.crop = size_setting(crop, "crop")
+        self.crop = self.crop if isinstance(self.crop, tuple) else (self.crop, self.crop)  # (height, width)
+        self.max_size = None if max_size is None else int(max_size)
+        self.fit = fit
+        self._check_resize()
+        self.color_mode, self.max_pixels, self.channels = color_mode, int(max_pixels), channels
+        self.interpolation = interpolation
         self.jpeg_draft = bool(jpeg_draft)
+        self.fill = fill_setting(fill, channels)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
+
+    def _check_resize(self) -> None:
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be null, cover or contain, not {self.fit!r}")
+        if self.fit is not None and not isinstance(self.resize, tuple):
+            raise ValueError(f"fit {self.fit} needs resize: [height, width], not {self.resize!r}")
+        if self.max_size is not None and isinstance(self.resize, tuple):
+            raise ValueError("max_size applies to an int resize (the shorter side) or none; drop one of them")
+        if self.max_size is not None and isinstance(self.resize, int) and self.max_size <= self.resize:
+            raise ValueError(f"max_size ({self.max_size}) must exceed resize ({self.resize}), as in torchvision")
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "ImageTransform":
         """The transform that a model's ``handler:`` settings (defaults filled in) describe."""
-        keys = ("resize", "crop", "mean", "std", "color_mode", "max_pixels", "jpeg_draft")
-        return cls(**{key: settings[key] for key in keys})
+        keys = ("resize", "crop", "mean", "std", "color_mode", "max_pixels", "jpeg_draft", "interpolation",
+                "max_size", "fit", "fill")
+        return cls(**{key: settings[key] for key in keys if key in settings})
 
     def open(self, payload: bytes) -> Image.Image:
         return open_image(payload, self.max_pixels)
 
     def decode(self, payload: bytes) -> torch.Tensor:
-        image = self.open(payload)
-        if self.jpeg_draft and image.format == "JPEG":
-            # A JPEG decodes at 1/2, 1/4 or 1/8 of its size for a fraction of the work: take the smallest that keeps
-            # the shorter side at or above DRAFT_MARGIN x ``resize``.
-            scale = DRAFT_MARGIN * self.resize / min(image.size)
-            image.draft(self.color_mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-        image = load_image(image, self.color_mode)
-        image = self._resize_shorter_side(image)
-        image = self._center_crop(image)
+        image = self.crop_image(self.resize_image(self.load(payload)))
         array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array.reshape(self.crop, self.crop, self.channels).copy())
+        return torch.from_numpy(array.reshape(*self.crop, self.channels).copy())
 
-    def _resize_shorter_side(self, image: Image.Image) -> Image.Image:
+    def load(self, payload: bytes) -> Image.Image:
+        """The image decoded (a large JPEG at a reduced scale, ``jpeg_draft``), oriented, in ``color_mode``."""
+        image = self.open(payload)
+        if self.jpeg_draft and image.format == "JPEG" and (self.resize or self.max_size):
+            self._draft(image)
+        return load_image(image, self.color_mode)
+
+    def _draft(self, image: Image.Image) -> None:
+        """A JPEG decodes at 1/2, 1/4 or 1/8 of its size for a fraction of the work: ask for the smallest that keeps
+        both sides at or above DRAFT_MARGIN x their size after the resize. The decoded mode is the file's own, so the
+        conversion to ``color_mode`` is the same as without drafting."""
         width, height = image.size
+        if isinstance(self.resize, int):  # shorter side: max_size can only make the target smaller
+            scale = DRAFT_MARGIN * self.resize / min(image.size)
+        else:
+            rotated = image.getexif().get(EXIF_ORIENTATION, 1) in ROTATED
+            seen = (height, width) if rotated else (width, height)
+            target = self.output_size(*seen)
+            scale = DRAFT_MARGIN * max(target[0] / seen[0], target[1] / seen[1])
+        image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of an image of that size after the resize, computed as torchvision's ``Resize`` does
+        (timm's ``ResizeKeepRatio`` for ``fit``)."""
+        if self.resize is None and self.max_size is None:
+            return width, height
+        if isinstance(self.resize, tuple):
+            target_height, target_width = self.resize
+            if self.fit is None:
+                return target_width, target_height
+            ratios = (height / target_height, width / target_width)
+            ratio = max(ratios) if self.fit == "contain" else min(ratios)
+            return round(width / ratio), round(height / ratio)
         short, long = (width, height) if width <= height else (height, width)
-        if short == self.resize:
-            return image
-        new_long = int(self.resize * long / short)
-        size = (self.resize, new_long) if width <= height else (new_long, self.resize)
-        return image.resize(size, Image.BILINEAR)
+        if self.resize is None:  # the longer side to max_size
+            new_short, new_long = int(self.max_size * short / long), self.max_size
+        else:
+            new_short, new_long = self.resize, int(self.resize * long / short)
+            if self.max_size is not None and new_long > self.max_size:
+                new_short, new_long = int(self.max_size * new_short / new_long), self.max_size
+        return (new_short, new_long) if width <= height else (new_long, new_short)
 
-    def _center_crop(self, image: Image.Image) -> Image.Image:
+    def resize_image(self, image: Image.Image) -> Image.Image:
+        size = self.output_size(*image.size)
+        return image if size == image.size else image.resize(size, INTERPOLATIONS[self.interpolation])
+
+    def crop_image(self, image: Image.Image) -> Image.Image:
+        """The centre crop, as ``CenterCrop``: an image smaller than the crop is padded with ``fill`` first."""
         width, height = image.size
-        if width < self.crop or height < self.crop:  # only when resize < crop: pad like torchvision would
-            padded = Image.new(image.mode, (max(width, self.crop), max(height, self.crop)))
+        crop_height, crop_width = self.crop
+        if width < crop_width or height < crop_height:
+            padded = Image.new(image.mode, (max(width, crop_width), max(height, crop_height)), self.fill)
             padded.paste(image, ((padded.width - width) // 2, (padded.height - height) // 2))
             image, (width, height) = padded, padded.size
-        top = int(round((height - self.crop) / 2.0))
-        left = int(round((width - self.crop) / 2.0))
-        return image.crop((left, top, left + self.crop, top + self.crop))
+        top = int(round((height - crop_height) / 2.0))
+        left = int(round((width - crop_width) / 2.0))
+        return image.crop((left, top, left + crop_width, top + crop_height))
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         batch = torch.stack(items).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
         return batch.sub_(self.mean).div_(self.std).contiguous()
 
     def example_input(self) -> torch.Tensor:
-        return torch.zeros(1, self.channels, self.crop, self.crop)
+        return torch.zeros(1, self.channels, *self.crop)
 
 
 class ImageHandler(ModelHandler):
@@ -156,6 +261,10 @@ class ImageHandler(ModelHandler):
         "color_mode": "RGB",
         "max_pixels": 40_000_000,
         "jpeg_draft": True,  # decode large JPEGs at a reduced scale (DCT scaling) before resizing
+        "interpolation": "bilinear",  # the resize filter: nearest, bilinear, bicubic, box, hamming or lanczos
+        "max_size": None,  # the longest the longer side may be after the resize (torchvision's max_size)
+        "fit": None,  # with resize [h, w]: null stretches; cover / contain keep the aspect ratio (timm)
+        "fill": 0,  # the colour that pads an image smaller than the crop
     }
 
     def configure(self) -> None:

@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from archives import load_specs
+from archives import SPECS_DIR, load_specs
 from archives.store import Manifest
 from manage import proxy
-from manage.client import ServeError, TorchServe, ready_workers, serve_home
+from manage.client import ServeError, TorchServe, ready_workers, server_alive
 
 
 def archives_to_serve(args) -> None:
@@ -32,17 +32,6 @@ def archives_to_serve(args) -> None:
             raise ServeError(str(error)) from None
         names.append(archive.name)
     print(" ".join(names))
-
-
-def _server_alive() -> bool:
-    pid_file = serve_home() / "tmp" / ".model_server.pid"
-    if not pid_file.exists():
-        return False
-    try:
-        os.kill(int(pid_file.read_text().strip()), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    return True
 
 
 def _readiness(ts: TorchServe, expected: set[tuple[str, str]]) -> list[str]:
@@ -70,7 +59,7 @@ def wait_ready(args) -> None:
             waiting = _readiness(ts, expected)
         except ServeError as error:  # still starting: no key file or no listener yet
             waiting = [str(error)]
-            if not _server_alive():
+            if not server_alive():
                 raise ServeError(f"TorchServe exited while starting: see {os.environ.get('LOG_DIR', 'logs')}/")
         if not waiting:
             return
@@ -119,7 +108,8 @@ def describe(args) -> None:
             continue
         entry = manifest.get(args.model, info["modelVersion"]) or {}
         info["isDefault"] = info["modelVersion"] == default
-        keys = ("archive", "sha256", "size_bytes", "weights", "parity", "accuracy", "built_at")
+        keys = ("archive", "sha256", "size_bytes", "source", "weights", "runtime", "handler_settings", "parity",
+                "preprocessing_check", "accuracy", "against_default", "worker_check", "built_at")
         described.append({**info, "build": {k: entry.get(k) for k in keys}})
     if not described:
         raise ServeError(f"{args.model} has no registered version {args.version}")
@@ -173,6 +163,12 @@ def ab(args) -> None:
 
 
 def promote(args) -> None:
+    default = TorchServe().default_version(args.model)
+    compared = Manifest().compare_accuracy(args.model, args.version, default)
+    if compared and compared[1] < compared[2] and not args.force:
+        name, mine, theirs = compared
+        raise ServeError(f"refused: {args.model} {args.version} scores top-1 {mine:.4f} on {name}, under the default "
+                         f"{default}'s {theirs:.4f}; promote it anyway with --force (make promote ... FORCE=1)")
     print(proxy.promote(args.model, args.version))
 
 
@@ -232,6 +228,26 @@ def samples(args) -> None:
           f"{explanation.json()['grid']}x{explanation.json()['grid']} heat map")
 
 
+def import_model(args) -> None:
+    """Bring your own model: write its spec, build the version, register it (manage/importer.py)."""
+    import logging
+
+    from manage.importer import Request, import_model as run_import
+    from build_mar import summary
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for chatty in ("model_archiver", "onnxscript", "onnx_ir"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    paths = {key: Path(getattr(args, key)) if getattr(args, key) else None for key in ("eval", "labels", "code")}
+    record = run_import(Request(name=args.name, source=Path(args.source), arch=args.arch, transform=args.transform,
+                                version=args.version, runtime=args.runtime, min_accuracy=args.min_accuracy,
+                                allow_pickle=args.allow_pickle, **paths), specs_dir=Path(args.specs))
+    print(json.dumps(record, indent=2))
+    print("\n" + summary([record]))
+    if "registered" in record:
+        print(f"TorchServe: {args.name} {record['version']} {record['registered']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m manage", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +262,17 @@ def main(argv: list[str] | None = None) -> int:
         sub.set_defaults(run=run)
         return sub
 
+    command("import", import_model, "bring your own model: write archives/NAME.yaml, build the version, register it",
+            "name", "source", arch={"help": "torchvision:<name>, timm:<name> or <module>:<Class> (checkpoints)"},
+            eval={"help": "held-out set: an image folder (<class>/<image>), or a CSV / JSONL of text and label"},
+            labels={"help": "a JSON index → name map, a JSON list, or one name per line"},
+            transform={"help": "<module>:<name> of your torchvision evaluation transform"},
+            code={"help": "the folder your module is in (default: the folder of FROM)"},
+            version={"help": "the version to add (default: 1.0, or the next one of an existing model)"},
+            runtime={"choices": ["onnxruntime", "torchscript"]},
+            min_accuracy={"type": float, "help": "refuse a build whose top-1 on EVAL is under this (0..1)"},
+            allow_pickle={"action": "store_true", "help": "load a pickled whole module: this runs code in the file"},
+            specs={"default": str(SPECS_DIR), "help": "the folder of specs to write into (default: archives/)"})
     command("list", list_models, "registered models and versions, default, workers, accuracy")
     command("describe", describe, "TorchServe's description of a model plus its build record", "model", "version?")
     command("register", register, "register a built version (sha256 checked against the manifest)", "model", "version")
@@ -255,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     command("set-default", set_default, "make VERSION the default of MODEL", "model", "version")
     command("ab", ab, "start or reload the A/B proxy with MODEL split by weight: ab digits 1.0=90 2.0=10",
             "model").add_argument("split", nargs="+", help="VERSION=WEIGHT terms")
-    command("promote", promote, "make VERSION the default and send it all of the proxy's traffic", "model", "version")
+    command("promote", promote, "make VERSION the default and send it all of the proxy's traffic (refused when it is "
+            "less accurate than the default on a set both were measured on, unless --force)", "model", "version",
+            force={"action": "store_true"})
     command("rollback", rollback, "return MODEL to the default and split before the last ab or promote", "model")
     command("routes", routes, "the routing table the A/B proxy serves")
     command("proxy-stop", proxy_stop, "stop the A/B proxy (in-flight requests are answered first)")

@@ -50,6 +50,18 @@ def serve_home() -> Path:
     return Path(os.environ.get("SERVE_HOME", REPO / ".serve"))
 
 
+def server_alive() -> bool:
+    """Whether the TorchServe of this SERVE_HOME runs (its pid file names a live process)."""
+    pid_file = serve_home() / "tmp" / ".model_server.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    return True
+
+
 def free_ports(count: int) -> list[int]:
     """Loopback ports nobody listens on right now."""
     sockets = [socket.socket() for _ in range(count)]

