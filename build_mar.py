@@ -299,7 +299,7 @@ def check_served(spec: VersionSpec, archive_path: Path, handler: ModelHandler, s
         content_type, wanted = expected[name]
         if answer["status"] != 200 or answer["content_type"] != content_type or not same_answer(wanted, body):
             raise BuildError(f"{spec.model} {spec.version}: refused: loaded as a worker, the archive answers {name} "
-                             f"with HTTP {answer['status']} {body[:200]!r}, not as the build computed it")
+                             f"with HTTP {answer['status']} {body[:160]!r}; the build computed {wanted[:160]!r}")
     return {"requests": len(samples), "identical": True, "seconds": round(seconds, 2)}
 
 
@@ -364,6 +364,7 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
             logger.info("%s: [1/6] weights from source %s", name, spec.source["type"])
             built = source.build(handler, **params)
             labels = spec_labels(spec) or built.labels
+            handler.mapping = labels  # as the worker reads them from index_to_name.json
             evaluation = evaluation_of(spec, labels, built.evaluation)
         except USER_ERRORS as error:
             raise refused(spec, error) from None

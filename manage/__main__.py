@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         for positional in positionals:
             sub.add_argument(positional.rstrip("?"), nargs="?" if positional.endswith("?") else None)
         for option, kwargs in options.items():
-            sub.add_argument(f"--{option}", **kwargs)
+            sub.add_argument(f"--{option.replace('_', '-')}", **kwargs)
         sub.set_defaults(run=run)
         return sub
 

