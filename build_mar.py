@@ -482,9 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, default=None, help="model store (default: $MODEL_STORE or model_store/)")
     parser.add_argument("--specs", type=Path, default=SPECS_DIR, help="folder of model specs (default: archives/)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for chatty in ("model_archiver", "onnxscript", "onnx_ir"):  # the ONNX exporter logs each graph rewrite
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    configure_logging()
 
     try:
         specs = load_specs(args.specs)
@@ -495,6 +493,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("\n" + summary(entries))
     return 0
+
+
+def configure_logging() -> None:
+    """Progress on stderr, one line a step; the libraries' own chatter (each ONNX graph rewrite) left out."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for chatty in ("model_archiver", "onnxscript", "onnx_ir"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    logging.getLogger("ts").setLevel(logging.ERROR)  # TorchServe's notes on accelerators it does not find
 
 
 def build(specs, versions: list[VersionSpec], manifest: Manifest, force: bool = False) -> list[dict]:

@@ -230,14 +230,11 @@ def samples(args) -> None:
 
 def import_model(args) -> None:
     """Bring your own model: write its spec, build the version, register it (manage/importer.py)."""
-    import logging
+    from build_mar import configure_logging, summary
+    from manage.importer import Request
+    from manage.importer import import_model as run_import
 
-    from manage.importer import Request, import_model as run_import
-    from build_mar import summary
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for chatty in ("model_archiver", "onnxscript", "onnx_ir"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    configure_logging()
     paths = {key: Path(getattr(args, key)) if getattr(args, key) else None for key in ("eval", "labels", "code")}
     record = run_import(Request(name=args.name, source=Path(args.source), arch=args.arch, transform=args.transform,
                                 version=args.version, runtime=args.runtime, min_accuracy=args.min_accuracy,

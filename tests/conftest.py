@@ -45,6 +45,15 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def refusal_line(result: subprocess.CompletedProcess) -> str:
+    """The error of a long command that refused as it should: exit status 1, no traceback, exactly one error line
+    (its progress lines before it are allowed)."""
+    assert result.returncode == 1, result
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
 def bad_inputs() -> dict[str, tuple[bytes, int, str]]:
     """name → (payload, expected status, expected error reason)."""
     huge = io.BytesIO()
