@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from archives import SPECS_DIR, SpecError, VersionSpec, load_specs, resolve_file
 from archives.store import REPO, Manifest, default_store, sha256_file
+from export import configure_logging
 from export.architecture import ArchitectureError
 from export.checkpoint import CheckpointError
 from export.datasets import DataError, as_mapping, read_eval, read_labels
@@ -493,14 +494,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("\n" + summary(entries))
     return 0
-
-
-def configure_logging() -> None:
-    """Progress on stderr, one line a step; the libraries' own chatter (each ONNX graph rewrite) left out."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for chatty in ("model_archiver", "onnxscript", "onnx_ir"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    logging.getLogger("ts").setLevel(logging.ERROR)  # TorchServe's notes on accelerators it does not find
 
 
 def build(specs, versions: list[VersionSpec], manifest: Manifest, force: bool = False) -> list[dict]:

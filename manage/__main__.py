@@ -230,11 +230,12 @@ def samples(args) -> None:
 
 def import_model(args) -> None:
     """Bring your own model: write its spec, build the version, register it (manage/importer.py)."""
-    from build_mar import configure_logging, summary
-    from manage.importer import Request
-    from manage.importer import import_model as run_import
+    from export import configure_logging
 
     configure_logging()
+    from build_mar import summary
+    from manage.importer import Request
+    from manage.importer import import_model as run_import
     paths = {key: Path(getattr(args, key)) if getattr(args, key) else None for key in ("eval", "labels", "code")}
     record = run_import(Request(name=args.name, source=Path(args.source), arch=args.arch, transform=args.transform,
                                 version=args.version, runtime=args.runtime, min_accuracy=args.min_accuracy,
