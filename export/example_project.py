@@ -29,7 +29,8 @@ CLASSES = {"cat": "chelsea", "espresso": "coffee", "rocket": "rocket"}  # class 
 TRAIN_PER_CLASS, EVAL_PER_CLASS = 12, 6
 EVAL_MODES = ("RGB", "L", "RGBA", "P", "CMYK", "RGB")  # served like RGB, whatever the mode
 CROP_SIZE = 96
-TRAIN_STEPS = 25
+TRAIN_STEPS = 40
+SEED = 0
 
 USER_CODE = '''"""The user's training code: what make import reads the preprocessing and the model class from."""
 import torchvision.transforms as T
@@ -95,7 +96,7 @@ def save(image: Image.Image, path: Path, mode: str) -> None:
 
 def train(model: torch.nn.Module, images: list[Image.Image], targets: list[int], transform, steps: int) -> None:
     """A few steps of Adam on batches of 16, fixed seed; leaves the model in eval mode."""
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
     for _ in range(steps):
@@ -118,6 +119,7 @@ def user_module(path: Path) -> ModuleType:
 def write_project(root: Path) -> Project:
     import torchvision
 
+    torch.manual_seed(SEED)  # the model's initial weights too: the same project on every run
     root.mkdir(parents=True, exist_ok=True)
     (root / "train.py").write_text(USER_CODE)
     code = user_module(root / "train.py")

@@ -50,6 +50,7 @@ def project(tmp_path_factory) -> Project:
                root / "resnet18_untrained.pth")
     torch.save(user.resnet, root / "resnet18_pickled.pt")
 
+    torch.manual_seed(1)  # initial weights: the same models on every run
     tiny_timm = timm.create_model("resnet10t", pretrained=False, num_classes=3)
     config = timm.data.resolve_data_config({}, model=tiny_timm)
     train(tiny_timm, user.images, user.targets, timm.data.create_transform(**config), steps=6)
