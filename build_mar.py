@@ -51,7 +51,7 @@ from export.preprocessing import PreprocessingError, compare, load_transform
 from export.sources import SourceError, source_for
 from export.torchscript import export_torchscript
 from handlers.base import BUILD_RECORD, ModelHandler, Reply
-from handlers.runtime import RUNTIME_FILES, load_model, runtime_of
+from handlers.runtime import RUNTIME_FILES, load_model
 
 logger = logging.getLogger("build_mar")
 
@@ -130,19 +130,20 @@ def runtimes_to_ship(spec: VersionSpec, handler: ModelHandler, model) -> list[st
 
 
 def export_model(model, handler: ModelHandler, spec: VersionSpec, example, work: Path,
-                 runtimes: list[str], given: Path | None = None) -> dict[str, Path]:
+                 runtimes: list[str], shipped: dict[str, Path] | None = None) -> dict[str, Path]:
     """The eager model exported for each runtime into ``work`` (``example``: a collated batch of real inputs);
-    {runtime: file}. A file the user gave (``given``) is shipped as it is for its own runtime. An ONNX graph that
-    cannot be captured is a BuildError."""
-    exported = {}
+    {runtime: file}. A file the user gave for a runtime (``shipped``) goes as it is. An ONNX graph that cannot be
+    captured is a BuildError."""
+    exported, shipped = {}, shipped or {}
     for runtime in runtimes:
         path = work / RUNTIME_FILES[runtime]
-        if given is not None and runtime_of(given) == runtime:
-            logger.info("%s %s: [2/6] %s file shipped as it is (%s)", spec.model, spec.version, runtime, given.name)
-            shutil.copy2(given, path)
+        if runtime in shipped:
+            logger.info("%s %s: [2/6] %s file shipped as it is (%s)", spec.model, spec.version, runtime,
+                        shipped[runtime].name)
+            shutil.copy2(shipped[runtime], path)
         elif not isinstance(model, torch.nn.Module):
-            raise BuildError(f"{spec.model} {spec.version}: refused: a {runtime_of(given)} file cannot be served on "
-                             f"{runtime}; use runtime: {runtime_of(given)}")
+            raise BuildError(f"{spec.model} {spec.version}: refused: the model came as a file for "
+                             f"{', '.join(shipped)}; it cannot be served on {runtime}")
         elif runtime == "torchscript":
             logger.info("%s %s: [2/6] export to TorchScript (%s)", spec.model, spec.version,
                         ", ".join(f"{k}={v}" for k, v in spec.export.items()))
@@ -381,7 +382,7 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
             check_labels(spec, labels, handler.forward(built.model, next(iter(cases.values()))))
 
         exported = export_model(built.model, handler, spec, handler.collate(list(items.values())[:2]), work,
-                                runtimes_to_ship(spec, handler, built.model), built.file)
+                                runtimes_to_ship(spec, handler, built.model), built.shipped)
         serialized = exported[spec.runtime]
 
         logger.info("%s: [3/6] parity with eager on %d real inputs (%s)", name, len(cases), ", ".join(exported))

@@ -47,7 +47,7 @@ class Built:
     samples: dict[str, bytes]  # name → encoded real input
     evaluation: tuple[list[bytes], list[int]] | None = None  # held-out inputs and their labels
     quality: dict | None = None  # other held-out figures the source measured (PSNR), recorded in the build record
-    file: Path | None = None  # a serialized model to ship as it is (a user's TorchScript or ONNX file), not exported
+    shipped: dict[str, Path] | None = None  # runtime → a user's serialized file, shipped as it is, not exported
 
 
 class SourceError(RuntimeError):
@@ -147,14 +147,16 @@ def checkpoint_model(path: str, arch: str | None = None, args: dict | None = Non
     from export.checkpoint import load_weights, read_checkpoint
 
     file = resolve_file(path)
-    checkpoint = read_checkpoint(file, allow_pickle=bool(unsafe_pickle), entry=entry)
+    folder = resolve_file(code) if code else None
+    checkpoint = read_checkpoint(file, allow_pickle=bool(unsafe_pickle), entry=entry,
+                                 code=folder if unsafe_pickle else None)
     taken = f" ({checkpoint.entry})" if checkpoint.entry else ""
     if checkpoint.module is not None:
         return checkpoint.module.eval(), f"{file.name}{taken}: a pickled {type(checkpoint.module).__name__} module"
     if not arch:
         raise SourceError(f"{file.name} holds weights only: name the architecture (ARCH=torchvision:<name>, "
                           "timm:<name> or <module>:<Class>)")
-    model = architecture.create(arch, args, resolve_file(code) if code else None)
+    model = architecture.create(arch, args, folder)
     report = load_weights(model, checkpoint.state, name=arch)
     prefix = f", prefix {report['prefix']!r} stripped" if report.get("prefix") else ""
     return model.eval(), f"{file.name}{taken} into {arch}{prefix}"
@@ -174,7 +176,7 @@ def torchscript_build(preprocess, path: str) -> Built:
     file = resolve_file(path)
     model = torch.jit.load(str(file), map_location="cpu").eval()
     return Built(model=model, weights=f"TorchScript {file.name}, sha256 {sha256_file(file)[:16]}", labels=None,
-                 samples=samples_for(preprocess), file=file)
+                 samples=samples_for(preprocess), shipped={"torchscript": file})
 
 
 def onnx_build(preprocess, path: str) -> Built:
@@ -182,7 +184,7 @@ def onnx_build(preprocess, path: str) -> Built:
 
     file = resolve_file(path)
     return Built(model=OnnxReference(file), weights=f"ONNX {file.name}, sha256 {sha256_file(file)[:16]}",
-                 labels=None, samples=samples_for(preprocess), file=file)
+                 labels=None, samples=samples_for(preprocess), shipped={"onnxruntime": file})
 
 
 def huggingface_identity(path: str, task: str) -> str:

@@ -128,11 +128,12 @@ def image_plan(request: Request, kind: str) -> tuple[Plan, int]:
     code = request.code or request.source.parent
     model = None
     if kind == "checkpoint":
-        checkpoint = read_checkpoint(request.source, allow_pickle=request.allow_pickle)
+        checkpoint = read_checkpoint(request.source, allow_pickle=request.allow_pickle,
+                                     code=code if request.allow_pickle else None)
         if checkpoint.entry:
             source["entry"] = checkpoint.entry
-        if request.allow_pickle:
-            source["unsafe_pickle"] = True
+        if request.allow_pickle:  # the pickled classes are imported from CODE
+            source.update(unsafe_pickle=True, code=reference(code))
         if checkpoint.module is not None:
             model = checkpoint.module.eval()
         else:
@@ -243,6 +244,9 @@ def decide_labels(request: Request, plan: Plan, outputs: int | None) -> None:
 def plan_import(request: Request) -> Plan:
     kind = kind_of(request.source)
     if kind == "huggingface":
+        if request.eval and request.eval.suffix not in (".csv", ".jsonl"):
+            raise ServeError(f"EVAL {request.eval.name}: a text model is evaluated on a .csv or .jsonl file of text "
+                             "and label")
         plan, outputs = text_plan(request)
     else:
         if request.eval and request.eval.suffix in (".csv", ".jsonl"):

@@ -3,7 +3,7 @@ photos in ImageFolder layout, weights trained here in the test and saved the way
 ``python -m manage import`` (what ``make import`` runs) and served by a real TorchServe started by serve.sh.
 
 Every kind of FROM is imported: a torchvision checkpoint in three shapes (raw state_dict, a Lightning checkpoint with
-an EMA copy, safetensors with DataParallel's prefix), a timm checkpoint, the user's own class, a TorchScript file, an
+an EMA copy, safetensors with DataParallel's prefix), a pickled whole module allowed on purpose, a timm checkpoint, the user's own class, a TorchScript file, an
 ONNX file, the MiniLM folder as sentence embeddings and a Hugging Face sequence classifier fine-tuned here. Each is
 served and answers as the eager model answers the user's own preprocessing; each refusal is one line.
 """
@@ -151,6 +151,8 @@ def imported(project, text_models, tmp_path_factory) -> Imported:
                                                "train:eval_transform", "--runtime", "torchscript"],
         "flowers 1.3 (untrained)": ["photos", str(root / "resnet18_untrained.pth"), "--arch", "torchvision:resnet18",
                                     "--eval", str(project.eval_dir), "--transform", "train:eval_transform"],
+        "pickled module (ALLOW_PICKLE)": ["pickled", str(root / "resnet18_pickled.pt"), "--allow-pickle", "--eval",
+                                          str(project.eval_dir), "--transform", "train:eval_transform"],
         "timm": ["timm_photos", str(root / "resnet10t.pth"), "--arch", "timm:resnet10t", "--eval",
                  str(project.eval_dir)],
         "user class": ["tiny", str(root / "tinynet.pt"), "--arch", "train:TinyNet", "--eval", str(project.eval_dir),
@@ -220,6 +222,7 @@ def predict(imported: Imported, model: str, payload: bytes, version: str | None 
 
 @pytest.mark.parametrize("model, version, kind", [
     ("photos", "1.0", "torchvision"), ("photos", "1.1", "torchvision"), ("photos", "1.2", "torchvision"),
+    ("pickled", "1.0", "torchvision"),
     ("tiny", "1.0", "user class"), ("tiny_scripted", "1.0", "user class"), ("tiny_onnx", "1.0", "user class"),
 ])
 def test_served_answers_equal_the_eager_model_on_the_users_own_transform(imported, project, model, version, kind):
@@ -338,6 +341,23 @@ def test_accuracy_is_exported_with_the_version_metrics(imported):
              and 'model_name="photos"' in line and 'model_version="1.0"' in line and 'k="top1"' in line]
     recorded = imported.store.get("photos", "1.0")["accuracy"]["held_out"]
     assert lines and float(lines[0].rsplit(" ", 1)[1]) == pytest.approx(recorded, abs=1e-6)
+
+
+def test_a_changed_file_under_a_built_version_is_refused(imported, project, capsys):
+    """The spec names the file; the build fingerprints its content: new weights need a new version."""
+    import build_mar
+
+    weights = project.root / "resnet18.pth"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original + b"\0")
+        assert build_mar.main(["--specs", str(imported.specs), "--store", str(imported.store.store),
+                               "--model", "photos", "--version", "1.0"]) == 1
+        assert "photos 1.0 is already built from different input" in capsys.readouterr().err
+    finally:
+        weights.write_bytes(original)
+    assert build_mar.main(["--specs", str(imported.specs), "--store", str(imported.store.store),
+                           "--model", "photos", "--version", "1.0"]) == 0  # unchanged again: up to date
 
 
 def test_describe_shows_the_build_record(imported):
