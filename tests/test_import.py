@@ -176,10 +176,11 @@ def imported(project, text_models, tmp_path_factory) -> Imported:
                 result = serve_sh_env(env, "start")
                 assert result.returncode == 0, result.stdout + result.stderr
                 started_server = True
-        with pytest.MonkeyPatch.context() as patch:
+        with pytest.MonkeyPatch.context() as patch:  # the client reads its addresses and key file once, here
             for key, value in env.items():
                 patch.setenv(key, value)
-            yield Imported(env, specs, Manifest(home / "store"), TorchServe(), outputs, seconds)
+            client = TorchServe()
+        yield Imported(env, specs, Manifest(home / "store"), client, outputs, seconds)
     finally:
         if started_server:
             assert serve_sh_env(env, "stop").returncode == 0
