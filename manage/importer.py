@@ -118,7 +118,7 @@ def image_plan(request: Request, kind: str) -> tuple[Plan, int]:
     import torch
 
     from export import architecture
-    from export.checkpoint import head_size, read_checkpoint
+    from export.checkpoint import head_size, load_weights, read_checkpoint
     from handlers.vision import ImageHandler
 
     plan = Plan(handler="image_classifier", description=f"imported from {request.source.name}")
@@ -144,6 +144,7 @@ def image_plan(request: Request, kind: str) -> tuple[Plan, int]:
             args = architecture.infer_args(request.arch, head_size(checkpoint.state), None, users)
             source.update(arch=request.arch, args=args, **({"code": reference(users)} if users else {}))
             model = architecture.create(request.arch, args, users)
+            load_weights(model, checkpoint.state, name=request.arch)  # a misfit is named before a spec is written
         if request.arch and request.arch.startswith("timm:") and not request.transform:
             from export.preprocessing import settings_from_timm
 
