@@ -208,11 +208,13 @@ def against_default(spec: VersionSpec, default: VersionSpec | None, manifest: Ma
     """A new version measured on the default version's evaluation set too, beside the default's own figure."""
     if default is None or default.version == spec.version:
         return None
-    evaluation = evaluation_of(default, labels)
-    if evaluation is None and own is None:
+    if default.eval is None or default.eval == spec.eval:
+        # the same set as this version's, or the default's source's own held-out set: the digests tell which
+        accuracy = own
+    else:
+        accuracy = measure_accuracy(served, handler, *evaluation_of(default, labels))
+    if accuracy is None:
         return None
-    # without an eval set of its own, the default was measured on its source's held-out set: the digests tell
-    accuracy = own if evaluation is None else measure_accuracy(served, handler, *evaluation)
     theirs = manifest.accuracy_on(spec.model, default.version, accuracy["eval_set"]["sha256"])
     return {"version": default.version, "accuracy": accuracy, "default_held_out": theirs,
             "difference": None if theirs is None else round(accuracy["held_out"] - theirs, 6)}

@@ -63,6 +63,10 @@ def project(tmp_path_factory) -> Project:
     torch.onnx.export(tiny, (torch.zeros(2, 3, 64, 64),), str(root / "tinynet.onnx"), input_names=["image"],
                       dynamic_axes={"image": {0: "batch"}}, dynamo=False)
     (root / "labels.txt").write_text("\n".join(user.labels) + "\n")
+    for label in user.labels:  # a smaller held-out set of its own, for a version measured on the default's too
+        (root / "val_small" / label).mkdir(parents=True)
+        for path in sorted((user.eval_dir / label).iterdir())[:2]:
+            shutil.copy2(path, root / "val_small" / label / path.name)
     MODELS.update({"torchvision": user.resnet, "timm": tiny_timm, "user class": tiny})
     return user
 
@@ -150,7 +154,7 @@ def imported(project, text_models, tmp_path_factory) -> Imported:
                                                "torchvision:resnet18", "--eval", str(project.eval_dir), "--transform",
                                                "train:eval_transform", "--runtime", "torchscript"],
         "flowers 1.3 (untrained)": ["photos", str(root / "resnet18_untrained.pth"), "--arch", "torchvision:resnet18",
-                                    "--eval", str(project.eval_dir), "--transform", "train:eval_transform"],
+                                    "--eval", str(root / "val_small"), "--transform", "train:eval_transform"],
         "pickled module (ALLOW_PICKLE)": ["pickled", str(root / "resnet18_pickled.pt"), "--allow-pickle", "--eval",
                                           str(project.eval_dir), "--transform", "train:eval_transform"],
         "timm": ["timm_photos", str(root / "resnet10t.pth"), "--arch", "timm:resnet10t", "--eval",
@@ -280,8 +284,11 @@ def test_the_spec_is_readable_and_records_what_the_model_is(imported, project):
 
 
 def test_a_new_version_is_measured_against_the_default_and_registered_without_becoming_default(imported):
-    compared = imported.store.get("photos", "1.3")["against_default"]
+    entry = imported.store.get("photos", "1.3")
+    compared = entry["against_default"]
+    assert entry["accuracy"]["samples"] == 6 and compared["accuracy"]["samples"] == 18  # its own set, the default's
     assert compared["version"] == "1.0" and compared["difference"] < 0
+    assert compared["default_held_out"] == imported.store.get("photos", "1.0")["accuracy"]["held_out"]
     assert imported.client.default_version("photos") == "1.0"
     assert {v["modelVersion"] for v in imported.client.versions("photos")} == {"1.0", "1.1", "1.2", "1.3"}
     assert imported.client.default_version("sentences") == "1.0"  # a new model: its own default
