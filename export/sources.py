@@ -133,6 +133,11 @@ def _code_identity(code: str | None) -> str:
     return " code " + " ".join(f"{f.name}:{sha256_file(f)[:16]}" for f in files)
 
 
+def _short_sha(file: Path) -> str:
+    """A user's file's content, as the build record's ``weights`` line names it."""
+    return f"sha256 {sha256_file(file)[:16]}"
+
+
 def checkpoint_identity(path: str, arch: str | None = None, args: dict | None = None, entry: str | None = None,
                         code: str | None = None, unsafe_pickle: bool = False) -> str:
     return (f"checkpoint sha256:{sha256_file(resolve_file(path))} arch {arch} args {sorted((args or {}).items())} "
@@ -164,7 +169,7 @@ def checkpoint_model(path: str, arch: str | None = None, args: dict | None = Non
 
 def checkpoint_build(preprocess, path: str, **params) -> Built:
     model, weights = checkpoint_model(path, **params)
-    return Built(model=model, weights=f"{weights}, sha256 {sha256_file(resolve_file(path))[:16]}", labels=None,
+    return Built(model=model, weights=f"{weights}, {_short_sha(resolve_file(path))}", labels=None,
                  samples=samples_for(preprocess))
 
 
@@ -175,7 +180,7 @@ def file_identity(path: str) -> str:
 def torchscript_build(preprocess, path: str) -> Built:
     file = resolve_file(path)
     model = torch.jit.load(str(file), map_location="cpu").eval()
-    return Built(model=model, weights=f"TorchScript {file.name}, sha256 {sha256_file(file)[:16]}", labels=None,
+    return Built(model=model, weights=f"TorchScript {file.name}, {_short_sha(file)}", labels=None,
                  samples=samples_for(preprocess), shipped={"torchscript": file})
 
 
@@ -183,7 +188,7 @@ def onnx_build(preprocess, path: str) -> Built:
     from export.onnx import OnnxReference
 
     file = resolve_file(path)
-    return Built(model=OnnxReference(file), weights=f"ONNX {file.name}, sha256 {sha256_file(file)[:16]}",
+    return Built(model=OnnxReference(file), weights=f"ONNX {file.name}, {_short_sha(file)}",
                  labels=None, samples=samples_for(preprocess), shipped={"onnxruntime": file})
 
 

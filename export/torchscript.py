@@ -21,15 +21,12 @@ from typing import Any
 
 import torch
 
+from handlers.base import as_args
+
 logger = logging.getLogger(__name__)
 
 TRACE_INPUTS = "trace_inputs"  # the model's hook: forward's example → the example inputs of each preserved method
 METHODS = ("trace", "script")
-
-
-def as_args(example: Any) -> tuple:
-    """An example as the positional arguments of a call: a tuple is spread, anything else is the one argument."""
-    return example if isinstance(example, tuple) else (example,)
 
 
 def traced_methods(model: torch.nn.Module, example: Any, preserve: tuple[str, ...] | list[str]) -> dict[str, tuple]:

@@ -181,13 +181,12 @@ def onnx_input_size(path: Path) -> int | None:
 
 
 def classes_of(model, source: Path, settings: dict) -> int:
-    """The number of outputs: the model run once on an input of the served shape."""
+    """The number of outputs: the model run once on the handler's own example input (the served shape)."""
     import torch
 
-    crop = settings["crop"]
-    height, width = (crop, crop) if isinstance(crop, int) else crop
-    channels = 1 if settings.get("color_mode") == "L" else 3
-    example = torch.zeros(1, channels, height, width)
+    from handlers.vision import ImageHandler
+
+    example = ImageHandler.from_config({"handler": settings}).example_input()
     if model is None:
         from export.onnx import OnnxReference
 
