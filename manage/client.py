@@ -46,6 +46,20 @@ def address(api: str) -> str:
     return os.environ.get(f"TS_{key.upper()}") or read_properties()[key]
 
 
+FRONT_DOOR = "http://127.0.0.1:8080"  # nginx: what clients call; TorchServe's inference API sits behind it
+FRONT_DOOR_METRICS = "http://127.0.0.1:8082"  # nginx: TorchServe's metrics, read-only
+
+
+def front_address() -> str:
+    """Base URL of the front door (predictions, explanations, health): ``PROXY_ADDRESS`` or 127.0.0.1:8080."""
+    return os.environ.get("PROXY_ADDRESS", FRONT_DOOR)
+
+
+def front_metrics_address() -> str:
+    """Base URL of the front door's metrics port: ``PROXY_METRICS_ADDRESS`` or 127.0.0.1:8082."""
+    return os.environ.get("PROXY_METRICS_ADDRESS", FRONT_DOOR_METRICS)
+
+
 def serve_home() -> Path:
     return Path(os.environ.get("SERVE_HOME", REPO / ".serve"))
 
