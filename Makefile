@@ -3,11 +3,12 @@
 #               [RUNTIME=onnxruntime|torchscript] [MIN_ACCURACY=0..1] [ALLOW_PICKLE=1]
 #                                               bring your own model: spec, build, checks, register (README)
 #   make archive [MODEL=digits [VERSION=2.0]] [FORCE=1]   build archives into model_store/
-#   make serve | stop | status                  TorchServe with every built archive
+#   make serve | stop | status                  TorchServe with every built archive, behind its front door (nginx):
+#                                               :8080 inference and /health/*, :8081 management, :8082 metrics
 #   make predict                                samples through every model: photos, digits, sentences, an upscaling
 #   make models | describe | register | unregister | scale | set-default   MODEL=.. VERSION=.. [MIN=.. MAX=..]
 #   make ab MODEL=digits SPLIT="1.0=90 2.0=10" | promote MODEL=.. VERSION=.. [FORCE=1] | rollback MODEL=.. | routes
-#                                               the A/B proxy (nginx) on :8090; make stop stops it too
+#   make routes-reset                           A/B splits at the front door
 #   make monitor | monitor-stop                 Prometheus scraping TorchServe's metrics (http://127.0.0.1:9090)
 #   make load-test [SCENARIO=ClassifierUser|DigitsUser|ABUser] [USERS=16 RATE=4 DURATION=60s]   Locust, headless
 #   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/
@@ -33,7 +34,7 @@ FROM ?=
 MANAGE := $(PY) -m manage
 
 .PHONY: help install import archive serve stop status samples predict test demo clean \
-        models describe register unregister scale set-default ab promote rollback routes proxy-stop \
+        models describe register unregister scale set-default ab promote rollback routes routes-reset \
         monitor monitor-stop load-test bench bench-runtimes
 
 help:
@@ -61,7 +62,7 @@ archive: install
 serve: archive
 	./serve.sh start
 
-stop: proxy-stop
+stop:
 	./serve.sh stop
 
 status:
@@ -103,8 +104,8 @@ rollback:
 routes:
 	@$(MANAGE) routes
 
-proxy-stop:
-	@$(MANAGE) proxy-stop
+routes-reset:
+	@$(MANAGE) routes-reset
 
 # Prometheus (Debian's package) with monitoring/prometheus.yml; data in monitoring/data/.
 monitor: install
@@ -144,7 +145,6 @@ demo: serve predict
 	@echo '  make stop'
 
 clean:
-	-$(MANAGE) proxy-stop
 	-./serve.sh stop
 	-$(PY) -m monitoring.prometheus stop
 	rm -rf model_store/*.mar model_store/manifest.json logs .serve .pytest_cache samples monitoring/data

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Run TorchServe for this project.
+# Run TorchServe for this project, behind its front door (nginx).
 #
-#   ./serve.sh start            start with every archive built in model_store/; returns when all are READY
-#   ./serve.sh stop             stop it
+#   ./serve.sh start            TorchServe with every archive built in model_store/, its health checker and the
+#                               front door; returns when every version is READY and the front door says ready
+#   ./serve.sh stop             stop them (the front door first: requests in flight are answered)
 #   ./serve.sh status           what is served (exit 3 when not running)
 #   ./serve.sh token inference  print the current inference key (or: token management)
 #   ./serve.sh java             the Java runtime start would use
 #
 #   curl -H "Authorization: Bearer $(./serve.sh token inference)" -T photo.jpg http://127.0.0.1:8080/predictions/efficientnet_lite0
 #
-# Environment: SERVE_HOME (state: pid, key file; default .serve/), LOG_DIR (default logs/), MODEL_STORE (default
-# model_store/), TS_<KEY> overrides any key of config.properties (addresses and ports, for a second instance).
+# Environment: SERVE_HOME (state: pids, key file; default .serve/), LOG_DIR (default logs/), MODEL_STORE (default
+# model_store/), TLS_CERT and TLS_KEY (the front door speaks HTTPS with them), PROXY_ADDRESS,
+# PROXY_MANAGEMENT_ADDRESS, PROXY_METRICS_ADDRESS and HEALTH_ADDRESS (the front door's ports), TS_<KEY> overrides
+# any key of config.properties (TorchServe's own loopback ports, for a second instance).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,7 +25,8 @@ PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 export TMPDIR="$SERVE_HOME/tmp" TEMP="$SERVE_HOME/tmp"
 export LOG_LOCATION="$LOG_DIR" METRICS_LOCATION="$LOG_DIR"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# config.properties names monitoring/metrics.yaml as $$TOOLKIT_ROOT$$/monitoring/metrics.yaml.
+# config.properties names monitoring/metrics.yaml as $$TOOLKIT_ROOT$$/monitoring/metrics.yaml, allowed_urls as
+# file://$$MODEL_STORE$$/... and the workflow store as $$SERVE_HOME$$/workflows (kept empty).
 export TOOLKIT_ROOT="$ROOT"
 TORCHSERVE="$(dirname "$PYTHON")/torchserve"
 
@@ -48,20 +52,28 @@ choose_java() {
   export JAVA_HOME
 }
 
+HEALTH_PID="$SERVE_HOME/health.pid"
+
+health_running() {
+  [[ -f "$HEALTH_PID" ]] && kill -0 "$(cat "$HEALTH_PID")" 2>/dev/null
+}
+
 start() {
   if running; then
     echo "TorchServe is already running (SERVE_HOME=$SERVE_HOME)"
     return 0
   fi
-  mkdir -p "$TMPDIR" "$LOG_DIR"
+  command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || {
+    echo "nginx (the front door) is not installed: run ./install.sh" >&2; return 1; }
+  mkdir -p "$TMPDIR" "$LOG_DIR" "$SERVE_HOME/workflows"
   local archives
   archives="$(manage archives)"
   choose_java
   local started=$SECONDS
   echo "starting TorchServe (java: $JAVA_HOME) with: $archives"
-  # TorchServe writes its key file into the current folder: keep it in SERVE_HOME.
-  (cd "$SERVE_HOME" && "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" --log-config "$ROOT/log4j2.xml" \
-      --model-store "$MODEL_STORE" --models $archives >>"$LOG_DIR/torchserve.out" 2>&1)
+  # TorchServe writes its key file into the current folder: keep it in SERVE_HOME, readable by its owner only.
+  (umask 077 && cd "$SERVE_HOME" && "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" \
+      --log-config "$ROOT/log4j2.xml" --model-store "$MODEL_STORE" --models $archives >>"$LOG_DIR/torchserve.out" 2>&1)
   if ! manage wait; then
     echo "TorchServe did not become ready; last lines of $LOG_DIR/model_log.log and ts_log.log:" >&2
     tail -n 20 "$LOG_DIR/model_log.log" "$LOG_DIR/ts_log.log" >&2 2>/dev/null || true
@@ -70,10 +82,23 @@ start() {
   fi
   manage apply-defaults
   echo "TorchServe ready in $((SECONDS - started)) s"
+  # The health checker runs on its own, its output in the log, holding none of this shell's files.
+  setsid "$PYTHON" -m manage health </dev/null >>"$LOG_DIR/health.log" 2>&1 &
+  echo $! >"$HEALTH_PID"
+  if ! manage front-start || ! manage wait-front; then
+    stop >&2
+    return 1
+  fi
+  echo "front door ready at $("$PYTHON" -c 'from manage.client import front_address; print(front_address())') in $((SECONDS - started)) s"
   manage list
 }
 
 stop() {
+  manage front-stop
+  if health_running; then
+    kill "$(cat "$HEALTH_PID")"
+  fi
+  rm -f "$HEALTH_PID"
   if ! running; then
     echo "TorchServe is not running"
     return 0
@@ -103,5 +128,5 @@ case "${1:-}" in
   status) status ;;
   token) manage token "${2:-inference}" ;;
   java) choose_java; echo "$JAVA_HOME" ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

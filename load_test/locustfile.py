@@ -1,16 +1,16 @@
-"""Locust scenarios against a running TorchServe (``make serve``) and the A/B proxy (``make ab``).
+"""Locust scenarios against a running TorchServe's front door (``make serve``), with its A/B splits (``make ab``).
 
 ``make load-test USERS=16 RATE=4 DURATION=60s SCENARIO=ClassifierUser`` runs one headless and writes
 ``load_test/results/<SCENARIO>_stats.csv`` (and the failures and history CSVs) and ``<SCENARIO>.html``.
 
 * ``ClassifierUser``: real photos of varied sizes (213 to 1600 pixels on a side) to ``efficientnet_lite0``;
 * ``DigitsUser``: held-out digits to ``digits`` (its default version);
-* ``ABUser``: digits through the A/B proxy, each simulated user with its own ``X-Client-Id``; requests are reported
+* ``ABUser``: digits split by ``make ab``, each simulated user with its own ``X-Client-Id``; requests are reported
   under the version that answered (``digits via proxy -> 2.0``), so the report shows the split.
 
 An answer counts as failed unless it is HTTP 200 with the JSON a classifier answers (top-k label → probability);
 failures are listed in the report and make locust exit non-zero. Addresses and the token come from the same place as
-``python -m manage``'s (config.properties, ``TS_*`` and ``PROXY_ADDRESS``, the key file in ``SERVE_HOME``).
+``python -m manage``'s (``PROXY_ADDRESS``, config.properties and ``TS_*``, the key file in ``SERVE_HOME``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from locust import HttpUser, constant, task
 
 from load_test import inputs
 from manage.client import TorchServe
-from manage.proxy import proxy_address
+
 
 SERVER = TorchServe()
 PHOTOS = list(inputs.photos().values())
@@ -79,7 +79,7 @@ class DigitsUser(Classified):
 
 
 class ABUser(Classified):
-    host = proxy_address()
+    host = SERVER.inference_url
     payloads = DIGITS
 
     def on_start(self) -> None:

@@ -142,7 +142,7 @@ def register(args) -> None:
 def unregister(args) -> None:
     share = proxy.share_of(args.model, args.version)
     if share > 0:
-        raise ServeError(f"refused: {args.model} {args.version} still takes {share:.0%} of the A/B proxy's traffic; "
+        raise ServeError(f"refused: {args.model} {args.version} still takes {share:.0%} of the front door's traffic; "
                          f"make promote or make ab MODEL={args.model} SPLIT=... without it first")
     print(TorchServe(timeout=120).unregister(args.model, args.version))
 
@@ -180,8 +180,42 @@ def routes(args) -> None:
     print(json.dumps(proxy.Proxy().serving(), indent=2))
 
 
-def proxy_stop(args) -> None:
+def front_start(args) -> None:
+    print(proxy.Proxy().start())
+
+
+def front_stop(args) -> None:
     print(proxy.Proxy().stop())
+
+
+def routes_reset(args) -> None:
+    print(proxy.reset())
+
+
+def health_checker(args) -> None:
+    from manage import health
+
+    health.main()
+
+
+def wait_front(args) -> None:
+    """Wait until the front door says ready (``/health/ready``, asked of the health checker behind it)."""
+    from manage.client import health_address
+
+    import requests
+
+    deadline = time.monotonic() + args.timeout
+    answer = "the health checker is not answering"
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(f"{health_address()}/ready", timeout=2)
+            if response.status_code == 200:
+                return
+            answer = "; ".join(response.json()["not_ready"])
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise ServeError(f"the front door is not ready after {args.timeout:g} s: {answer}")
 
 
 def token(args) -> None:
@@ -278,14 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     command("scale", scale, "set a version's minimum and maximum workers", "model", "version",
             min={"type": int, "required": True}, max={"type": int, "required": True})
     command("set-default", set_default, "make VERSION the default of MODEL", "model", "version")
-    command("ab", ab, "start or reload the A/B proxy with MODEL split by weight: ab digits 1.0=90 2.0=10",
+    command("ab", ab, "split MODEL's traffic by weight at the front door: ab digits 1.0=90 2.0=10",
             "model").add_argument("split", nargs="+", help="VERSION=WEIGHT terms")
     command("promote", promote, "make VERSION the default and send it all of the proxy's traffic (refused when it is "
             "less accurate than the default on a set both were measured on, unless --force)", "model", "version",
             force={"action": "store_true"})
     command("rollback", rollback, "return MODEL to the default and split before the last ab or promote", "model")
-    command("routes", routes, "the routing table the A/B proxy serves")
-    command("proxy-stop", proxy_stop, "stop the A/B proxy (in-flight requests are answered first)")
+    command("routes", routes, "the routing table the front door serves")
+    command("routes-reset", routes_reset, "drop every A/B split (TorchServe's defaults take all the traffic again)")
+    command("front-start", front_start, "(serve.sh) start the front door (nginx)")
+    command("front-stop", front_stop, "(serve.sh) stop the front door (in-flight requests are answered first)")
+    command("health", health_checker, "(serve.sh) run the health checker behind /health/live and /health/ready")
+    command("wait-front", wait_front, "(serve.sh) wait until /health/ready says ready",
+            timeout={"type": float, "default": 60.0})
     command("token", token, "print the current key (renewed if expired)").add_argument(
         "kind", choices=["inference", "management"])
     command("predict", predict, "send a file, print the answer", "model", "file", version={})

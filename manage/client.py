@@ -1,8 +1,12 @@
 """A small client for a TorchServe started by serve.sh: addresses, tokens and one-line errors.
 
-Addresses come from config.properties, overridden like TorchServe itself does by ``TS_INFERENCE_ADDRESS``,
-``TS_MANAGEMENT_ADDRESS`` and ``TS_METRICS_ADDRESS``. Tokens come from the key file TorchServe writes into
-``$SERVE_HOME`` (default ``.serve/``); an expired token is renewed with the API key, so long sessions keep working.
+Two sets of addresses. The front door (nginx, ``manage/proxy.py``) is what clients call: inference on
+127.0.0.1:8080, management on 127.0.0.1:8081, metrics on 127.0.0.1:8082, moved by ``PROXY_ADDRESS``,
+``PROXY_MANAGEMENT_ADDRESS`` and ``PROXY_METRICS_ADDRESS``. TorchServe's own APIs listen behind it on the loopback
+addresses of config.properties, overridden like TorchServe itself does by ``TS_INFERENCE_ADDRESS``,
+``TS_MANAGEMENT_ADDRESS`` and ``TS_METRICS_ADDRESS``; this toolkit's own commands manage TorchServe there.
+Tokens come from the key file TorchServe writes into ``$SERVE_HOME`` (default ``.serve/``); an expired token is
+renewed with the API key, so long sessions keep working.
 """
 
 from __future__ import annotations
@@ -46,18 +50,31 @@ def address(api: str) -> str:
     return os.environ.get(f"TS_{key.upper()}") or read_properties()[key]
 
 
-FRONT_DOOR = "http://127.0.0.1:8080"  # nginx: what clients call; TorchServe's inference API sits behind it
-FRONT_DOOR_METRICS = "http://127.0.0.1:8082"  # nginx: TorchServe's metrics, read-only
-
-
 def front_address() -> str:
-    """Base URL of the front door (predictions, explanations, health): ``PROXY_ADDRESS`` or 127.0.0.1:8080."""
-    return os.environ.get("PROXY_ADDRESS", FRONT_DOOR)
+    """Base URL of the front door (predictions, explanations, health): ``PROXY_ADDRESS``, default 127.0.0.1:8080,
+    https when TLS_CERT is set."""
+    scheme = "https" if os.environ.get("TLS_CERT") else "http"
+    return os.environ.get("PROXY_ADDRESS", f"{scheme}://127.0.0.1:8080")
+
+
+def front_management_address() -> str:
+    """Base URL of the front door's management port (loopback only): ``PROXY_MANAGEMENT_ADDRESS`` or :8081."""
+    return os.environ.get("PROXY_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081")
 
 
 def front_metrics_address() -> str:
     """Base URL of the front door's metrics port: ``PROXY_METRICS_ADDRESS`` or 127.0.0.1:8082."""
-    return os.environ.get("PROXY_METRICS_ADDRESS", FRONT_DOOR_METRICS)
+    return os.environ.get("PROXY_METRICS_ADDRESS", "http://127.0.0.1:8082")
+
+
+def retry_address() -> str:
+    """The front door's retry hop, on loopback (``proxy/nginx.conf``): ``RETRY_ADDRESS`` or :8184."""
+    return os.environ.get("RETRY_ADDRESS", "http://127.0.0.1:8184")
+
+
+def health_address() -> str:
+    """Where the health checker (``manage/health.py``) answers the front door: ``HEALTH_ADDRESS`` or :8183."""
+    return os.environ.get("HEALTH_ADDRESS", "http://127.0.0.1:8183")
 
 
 def serve_home() -> Path:
@@ -87,9 +104,10 @@ def free_ports(count: int) -> list[int]:
 
 
 def instance_env(home: Path) -> dict[str, str]:
-    """The environment of one more TorchServe (and its A/B proxy) beside any other: its own state folder, logs and
+    """The environment of one more TorchServe (and its front door) beside any other: its own state folder, logs and
     free ports. serve.sh, the client and ``python -m manage`` all read it."""
-    inference, management, metrics, grpc_inference, grpc_management, proxy = free_ports(6)
+    (inference, management, metrics, grpc_inference, grpc_management, front, front_management, front_metrics,
+     health, retry) = free_ports(10)
     return {
         "SERVE_HOME": str(home),
         "LOG_DIR": str(home / "logs"),
@@ -98,22 +116,28 @@ def instance_env(home: Path) -> dict[str, str]:
         "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics}",
         "TS_GRPC_INFERENCE_PORT": str(grpc_inference),
         "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
-        "PROXY_ADDRESS": f"http://127.0.0.1:{proxy}",
+        "PROXY_ADDRESS": f"http://127.0.0.1:{front}",
+        "PROXY_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{front_management}",
+        "PROXY_METRICS_ADDRESS": f"http://127.0.0.1:{front_metrics}",
+        "HEALTH_ADDRESS": f"http://127.0.0.1:{health}",
+        "RETRY_ADDRESS": f"http://127.0.0.1:{retry}",
     }
 
 
 class TorchServe:
+    """TorchServe's management API at its own address; predictions through the front door, as a client sends them."""
+
     def __init__(self, timeout: float = 30.0):
-        self.inference_url = address("inference")
+        self.inference_url = front_address()
         self.management_url = address("management")
-        self.metrics_url = address("metrics")
+        self.metrics_url = front_metrics_address()
         self.key_file = serve_home() / "key_file.json"
         self.timeout = timeout
         self.session = requests.Session()
 
     # --- tokens -------------------------------------------------------------------------------------------------
 
-    def _keys(self) -> dict[str, Any]:
+    def keys(self) -> dict[str, Any]:
         """The key file's contents; TorchServe writes it in place, so a read can catch it half written."""
         for _ in range(KEY_FILE_READS):
             if not self.key_file.exists():
@@ -128,15 +152,15 @@ class TorchServe:
         """The current key for the inference or management API, renewed first if it is about to expire."""
         if kind not in API_KEYS:
             raise ServeError(f"token kind must be one of {', '.join(API_KEYS)}, not {kind!r}")
-        entry = self._keys()[kind]
-        if _parse_expiry(entry["expiration time"]) - TOKEN_MARGIN <= dt.datetime.now(dt.timezone.utc):
+        entry = self.keys()[kind]
+        if parse_expiry(entry["expiration time"]) - TOKEN_MARGIN <= dt.datetime.now(dt.timezone.utc):
             self.renew(kind)
-            entry = self._keys()[kind]
+            entry = self.keys()[kind]
         return entry["key"]
 
     def renew(self, kind: str) -> None:
         """Ask TorchServe for a new key (it rewrites the key file)."""
-        api_key = self._keys()["API"]["key"]
+        api_key = self.keys()["API"]["key"]
         self._send("POST", self.management_url, f"/token?type={kind}", token=api_key)
 
     # --- requests -----------------------------------------------------------------------------------------------
@@ -207,7 +231,7 @@ def ready_workers(info: dict[str, Any]) -> int:
     return sum(worker["status"] == READY for worker in info.get("workers", []))
 
 
-def _parse_expiry(text: str) -> dt.datetime:
+def parse_expiry(text: str) -> dt.datetime:
     """TorchServe writes nanoseconds ("2026-01-01T10:00:00.123456789Z"); Python reads up to microseconds."""
     seconds, _, fraction = text.rstrip("Z").partition(".")
     return dt.datetime.fromisoformat(f"{seconds}.{(fraction or '0')[:6]:0<6}+00:00")

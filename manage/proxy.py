@@ -1,18 +1,24 @@
-"""The A/B proxy: nginx's ``split_clients`` in front of TorchServe's inference API, driven by a routing table.
+"""The front door: nginx in front of TorchServe (``proxy/nginx.conf``), and the A/B splits it holds.
 
-Why nginx: ``split_clients`` is a weighted split by a hash of any key, so a client that sends ``X-Client-Id`` always
-lands on the same version and a client without one is split at random by weight (the hash of nginx's per-request
-``$request_id``). A reload is graceful: old workers finish the requests they hold while new workers take new
-connections, so changing the split drops nothing. It is one Debian package, proven in front of most of the web.
+Clients call the front door, never TorchServe itself: it checks the key (401), the method (405) and the body's size
+(413, TorchServe's own ``max_request_size``) before TorchServe sees a byte, gives every request an ``X-Request-Id``,
+drops stalled clients, sends a prediction whose worker died to TorchServe once more, answers ``/health/live`` and
+``/health/ready`` (``manage/health.py``) without a key, and keeps TorchServe's management API to loopback, with
+registration confined to the model store and no workflows.
 
-The routing table lives in ``$SERVE_HOME/proxy/routes.json`` as long as the proxy runs: for each routed model its
-split (version → weight), the TorchServe default it was set with, and the earlier states that ``rollback`` returns
-to. Requests for
-``/predictions/<model>`` (and ``/explanations/<model>``) go to the chosen version's own URL, so TorchServe's metrics
-carry the real version; everything else passes through unchanged.
+Why nginx for the splits: ``split_clients`` is a weighted split by a hash of any key, so a client that sends
+``X-Client-Id`` always lands on the same version and a client without one is split at random by weight (the hash of
+nginx's per-request ``$request_id``). A reload is graceful: old workers finish the requests they hold while new
+workers take new connections, so changing the split drops nothing. It is one Debian package, proven in front of most
+of the web.
+
+The routing table lives in ``$SERVE_HOME/proxy/routes.json`` as long as the front door runs: for each routed model
+its split (version → weight), the TorchServe default it was set with, and the earlier states that ``rollback``
+returns to. Requests for ``/predictions/<model>`` (and ``/explanations/<model>``) go to the chosen version's own URL,
+so TorchServe's metrics carry the real version; every other model's requests go to TorchServe as they are.
 
 Every change is: check the versions are registered with READY workers → render ``proxy/nginx.conf`` → ``nginx -t`` →
-start or reload → wait until the proxy serves the new table and every old worker has finished and exited. After
+start or reload → wait until the front door serves the new table and every old worker has finished and exited. After
 that no request is still on its way to a version the new split dropped, so unregistering it is safe.
 """
 
@@ -28,6 +34,8 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+import datetime as dt
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -39,20 +47,23 @@ from manage.client import (
     ServeError,
     TorchServe,
     address,
+    front_address,
+    front_management_address,
+    front_metrics_address,
+    health_address,
+    retry_address,
+    parse_expiry,
+    read_properties,
     ready_workers,
     serve_home,
 )
 
 TEMPLATE = REPO / "proxy" / "nginx.conf"
-DEFAULT_ADDRESS = "http://127.0.0.1:8090"
 HISTORY = 20  # earlier states kept per model for rollback
-MAX_BODY = "25m"  # as TorchServe's max_request_size
+CLIENT_TIMEOUT = 10  # seconds a client may stall while sending its request or reading its answer
+READ_TIMEOUT = 300  # seconds TorchServe may take to answer (each model's responseTimeout is shorter)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
-
-
-def proxy_address() -> str:
-    return os.environ.get("PROXY_ADDRESS", DEFAULT_ADDRESS)
 
 
 def parse_split(terms: list[str]) -> dict[str, float]:
@@ -133,7 +144,7 @@ class Routes:
 def nginx_binary() -> str:
     found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/sbin")
     if not found:
-        raise ServeError("nginx is not installed: apt-get install nginx-light (the A/B proxy runs on it)")
+        raise ServeError("nginx is not installed: run ./install.sh (the front door runs on it)")
     return found
 
 
@@ -169,26 +180,149 @@ def _model_blocks(model: str, split: dict[str, float]) -> tuple[str, str]:
     )
     pattern = re.escape(model).replace("\\-", "-")
     location = (
-        f"        location ~ ^/(predictions|explanations)/{pattern}/?$ {{\n"
-        f"            proxy_pass http://torchserve/$1/{model}/$ab_{var}$is_args$args;\n"
+        f"        location ~ ^/(?<api>predictions|explanations)/{pattern}/?$ {{\n"
+        f'            set $allowed "POST, PUT";\n'
+        f"            if ($request_method !~ ^(?:POST|PUT)$) {{ return 405; }}\n"
+        f"            if ($inference_key_ok = 0) {{ return 401; }}\n"
+        f"            proxy_pass http://retry_hop/$api/{model}/$ab_{var}$is_args$args;\n"
         f"        }}\n"
     )
     return http, location
 
 
-def render(routes: Routes, listen: str, upstream: str, state: Path, logs: Path) -> str:
+# Errors nginx answers itself: status → (reason, message), as the handlers' errors: {"code", "error", "message"}.
+ERRORS = {
+    401: ("unauthorized", "missing or wrong key: send Authorization: Bearer <key> (./serve.sh token inference; "
+                          "token management for the management API)"),
+    403: ("forbidden", "models are registered by the name of an archive in the model store (url=<name>.mar, "
+                       "no body); URLs, paths and workflows are refused"),
+    404: ("not_found", "no such endpoint: /predictions/<model>[/<version>], /explanations/..., /ping, "
+                       "/health/live and /health/ready are served here"),
+    405: ("method_not_allowed", "method not allowed here; see the Allow header"),
+    408: ("request_timeout", "the request was not received in time"),
+    413: ("body_too_large", "the request body is over the limit of {limit}"),
+    502: ("unavailable", "TorchServe is not answering; retry shortly"),
+    504: ("timeout", "TorchServe did not answer in time"),
+}
+UNAVAILABLE = 503  # what a client sees for nginx's own 502 (no backend): retry later
+
+
+def _error_blocks(codes: tuple[int, ...], limit: str) -> tuple[str, str]:
+    """``error_page`` lines and the named locations that answer them with a JSON body, X-Request-Id kept."""
+    pages, locations = [], []
+    for code in codes:
+        reason, message = ERRORS[code]
+        status = UNAVAILABLE if code == 502 else code
+        body = json.dumps({"code": status, "error": reason, "message": message.format(limit=limit)})
+        headers = ["add_header X-Request-Id $req_id always;"]
+        if code == 401:
+            headers.append("add_header WWW-Authenticate 'Bearer realm=\"torchserve\"' always;")
+        if code == 405:
+            headers.append("add_header Allow $allowed always;")
+        if status == UNAVAILABLE:
+            headers.append('add_header Retry-After "1" always;')
+        pages.append(f"        error_page {code} = @error_{code};")
+        locations.append(f"        location @error_{code} {{\n"
+                         + "".join(f"            {line}\n" for line in headers)
+                         + f"            return {status} '{body}\\n';\n        }}")
+    return "\n".join(pages), "\n".join(locations)
+
+
+KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def valid_keys(keys: dict[str, Any], kind: str, now: dt.datetime | None = None) -> list[str]:
+    """The key of ``kind`` in TorchServe's key file, unless it has expired (the API key does not expire)."""
+    entry = keys.get(kind) or {}
+    key, expiry = entry.get("key", ""), entry.get("expiration time")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if not KEY.match(key) or (expiry is not None and parse_expiry(expiry) <= now):
+        return []
+    return [key]
+
+
+def _key_lines(keys: list[str]) -> str:
+    return "\n".join(f'        "Bearer {key}" 1;' for key in keys)
+
+
+@dataclass
+class Listen:
+    """The front door's three addresses, and its TLS certificate and key (``TLS_CERT``, ``TLS_KEY``) when given."""
+
+    inference: str
+    management: str
+    metrics: str
+    cert: Path | None = None
+    key: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> "Listen":
+        cert, key = os.environ.get("TLS_CERT"), os.environ.get("TLS_KEY")
+        if bool(cert) != bool(key):
+            raise ServeError("TLS needs both TLS_CERT (the certificate chain) and TLS_KEY (its private key)")
+        for name, path in (("TLS_CERT", cert), ("TLS_KEY", key)):
+            if path and not Path(path).is_file():
+                raise ServeError(f"{name}={path} is not a file")
+        management = urlparse(front_management_address())
+        if management.hostname not in LOOPBACK:
+            raise ServeError(f"the management API stays on loopback, not {management.hostname}")
+        return cls(_host_port(front_address()), f"{management.hostname}:{management.port}",
+                   _host_port(front_metrics_address()), Path(cert).resolve() if cert else None,
+                   Path(key).resolve() if key else None)
+
+    def tls_lines(self) -> str:
+        if self.cert is None:
+            return ""
+        return (f"        ssl_certificate {self.cert};\n        ssl_certificate_key {self.key};\n"
+                f"        ssl_protocols TLSv1.2 TLSv1.3;")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_port(url: str) -> str:
+    parsed = urlparse(url)
+    return f"{parsed.hostname}:{parsed.port}"
+
+
+def max_body() -> str:
+    """TorchServe's max_request_size, as nginx's client_max_body_size: one limit for both."""
+    return f"{int(read_properties().get('max_request_size', 6553500))}"
+
+
+def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, logs: Path) -> str:
     blocks = [_model_blocks(model, route["split"]) for model, route in sorted(routes.models.items())]
+    limit_bytes = int(max_body())
+    limit = f"{limit_bytes / 2**20:g} MiB ({limit_bytes} bytes)"
+    pages, locations = _error_blocks((401, 404, 405, 408, 413, 502, 504), limit)
+    management_pages, management_locations = _error_blocks((401, 403, 404, 405, 413, 502, 504), limit)
     values = {
         "user": _user_line(),
         "workers": "auto",
         "state": str(state),
         "logs": str(logs),
-        "max_body": MAX_BODY,
-        "upstream": upstream,
-        "listen": listen,
+        "max_body": max_body(),
+        "client_timeout": f"{CLIENT_TIMEOUT}s",
+        "read_timeout": f"{READ_TIMEOUT}s",
+        "inference": _host_port(address("inference")),
+        "management": _host_port(address("management")),
+        "metrics": _host_port(address("metrics")),
+        "health": _host_port(health_address()),
+        "retry": _host_port(retry_address()),
+        "listen": listen.inference + (" ssl" if listen.cert else ""),
+        "tls": listen.tls_lines(),
+        "management_listen": listen.management,
+        "metrics_listen": listen.metrics,
+        "inference_keys": _key_lines(valid_keys(keys, "inference")),
+        "management_keys": _key_lines(valid_keys(keys, "management")),
+        "api_keys": _key_lines(valid_keys(keys, "API")),
+        "error_pages": pages,
+        "error_locations": locations,
         "routes": "".join(http for http, _ in blocks),
         "locations": "".join(location for _, location in blocks),
         "routes_json": json.dumps(routes.served(), separators=(",", ":")),
+        "management_error_pages": management_pages,
+        "management_error_locations": management_locations,
     }
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], TEMPLATE.read_text())
 
@@ -214,16 +348,25 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def write_private(path: Path, text: str) -> None:
+    """A file only its owner can read (the rendered configuration holds the keys)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
 class Proxy:
-    """The nginx instance of this SERVE_HOME: its rendered config, pid, routing table and logs."""
+    """The front door of this SERVE_HOME: nginx's rendered config, pid, routing table and logs."""
 
     def __init__(self, timeout: float = 60.0):
         self.home = serve_home() / "proxy"
         self.logs = Path(os.environ.get("LOG_DIR", REPO / "logs")).resolve()
-        self.address = proxy_address()
+        self.address = front_management_address()
         self.timeout = timeout
         self.conf = self.home / "nginx.conf"
         self.pid_file = self.home / "nginx.pid"
+        self.ts = TorchServe()
 
     @contextmanager
     def locked(self) -> Iterator[Routes]:
@@ -246,25 +389,45 @@ class Proxy:
         return pid if _alive(pid) else None
 
     def serving(self) -> dict[str, Any]:
-        """The routing table the running proxy answers with."""
+        """The routing table the running front door answers with (on the management port)."""
         try:
-            response = requests.get(f"{self.address}/ab/routes", timeout=5)
+            response = requests.get(f"{self.address}/ab/routes", timeout=5,
+                                    headers={"Authorization": f"Bearer {self.ts.token('management')}"})
             response.raise_for_status()
             return response.json()
         except (requests.RequestException, ValueError) as error:
-            raise ServeError(f"the A/B proxy is not answering at {self.address}: {error}") from None
+            raise ServeError(f"the front door is not answering at {self.address}: {error}") from None
+
+    def start(self) -> str:
+        """Start nginx with an empty routing table (serve.sh start); nothing when it runs already."""
+        if self.master() is not None:
+            return f"front door already running (pid {self.master()})"
+        with self.locked() as routes:
+            message = self.apply(routes)
+            routes.save()
+        return message
+
+    def sync_keys(self) -> bool:
+        """Render again when TorchServe's keys changed (a renewal, an expiry); whether nginx was reloaded."""
+        if self.master() is None:
+            return False
+        with self.locked() as routes:
+            if self._render(routes) == self.conf.read_text():
+                return False
+            self.apply(routes)
+        return True
+
+    def _render(self, routes: Routes) -> str:
+        return render(routes, Listen.from_env(), self.ts.keys(), self.home, self.logs)
 
     def apply(self, routes: Routes) -> str:
         """Render, check, then start or reload nginx; return once only the new table is served."""
         nginx = nginx_binary()
-        parsed = urlparse(self.address)
-        listen = f"{parsed.hostname}:{parsed.port}"
-        inference = urlparse(address("inference"))
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.home / "tmp" / sub).mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         candidate = self.home / "nginx.conf.new"
-        candidate.write_text(render(routes, listen, f"{inference.hostname}:{inference.port}", self.home, self.logs))
+        write_private(candidate, self._render(routes))
         self._nginx(nginx, "-t", conf=candidate)
         candidate.replace(self.conf)
         master = self.master()
@@ -276,18 +439,18 @@ class Proxy:
             old_workers = _children(master)
             os.kill(master, signal.SIGHUP)
             action = "reloaded"
-        self._wait(lambda: self._serves(routes.generation), f"the proxy to serve generation {routes.generation}")
+        self._wait(lambda: self._serves(routes.generation), f"the front door to serve generation {routes.generation}")
         self._wait(lambda: not any(_alive(pid) for pid in old_workers), "the old nginx workers to finish")
-        return f"A/B proxy {action} at {self.address} (generation {routes.generation})"
+        return f"front door {action} at {front_address()} (generation {routes.generation})"
 
     def stop(self) -> str:
         master = self.master()
         if master is None:
-            return "A/B proxy not running"
+            return "front door not running"
         os.kill(master, signal.SIGQUIT)  # graceful: in-flight requests are answered first
         self._wait(lambda: not _alive(master), "nginx to stop")
         self.routes_file.unlink(missing_ok=True)
-        return f"A/B proxy stopped (pid {master}); its splits are gone, TorchServe's defaults stay"
+        return f"front door stopped (pid {master})"
 
     def _serves(self, generation: int) -> bool:
         try:
@@ -379,3 +542,14 @@ def share_of(model: str, version: str) -> float:
     proxy = Proxy()
     state = Routes(proxy.routes_file, fresh=proxy.master() is None).state(model)
     return 0.0 if state is None else state["split"].get(version, 0.0) / sum(state["split"].values())
+
+
+def reset() -> str:
+    """Drop every split: TorchServe's default of each model takes all of its traffic again."""
+    proxy = Proxy()
+    with proxy.locked() as routes:
+        routes.models = {}
+        routes.generation += 1
+        message = proxy.apply(routes)
+        routes.save()
+    return f"{message}: no splits"

@@ -4,8 +4,8 @@
     python -m monitoring.prometheus stop     # make monitor-stop
     python -m monitoring.prometheus status
 
-It runs with a copy of ``monitoring/prometheus.yml`` whose target is the metrics address in use (config.properties,
-or ``TS_METRICS_ADDRESS``), keeps its data, log and pid in ``monitoring/data/`` (``MONITOR_DATA``) and listens on
+It runs with a copy of ``monitoring/prometheus.yml`` whose target is the front door's metrics address in use
+(127.0.0.1:8082, or ``PROXY_METRICS_ADDRESS``), keeps its data, log and pid in ``monitoring/data/`` (``MONITOR_DATA``) and listens on
 ``127.0.0.1:9090`` (``MONITOR_ADDRESS``). A Prometheus installed as a system service is not used nor touched.
 """
 
@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import requests
 import yaml
 
-from manage.client import address
+from manage.client import front_metrics_address
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "prometheus.yml"
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "start":
             running = prometheus.pid()
-            prometheus.start(address("metrics"))
+            prometheus.start(front_metrics_address())
             print(f"Prometheus {'is already running' if running else 'ready'} at {prometheus.url}, scraping "
-                  f"{address('metrics')}/metrics; data in {prometheus.data}")
+                  f"{front_metrics_address()}/metrics; data in {prometheus.data}")
             print(f"  try: {prometheus.url}/graph?g0.expr=sum+by+(model_version)+(rate(handler_request_seconds_count[1m]))")
         elif args.command == "stop":
             print("Prometheus stopped" if prometheus.stop() else "Prometheus is not running")

@@ -1,0 +1,208 @@
+"""The health checker behind the front door's ``/health/live`` and ``/health/ready``, and the keeper of its keys.
+
+TorchServe's own ``/ping`` needs the inference key, says Healthy for minutes while a worker keeps dying and its
+restarts back off, and does not count a model that failed to load. Load balancers and probes need better, without a
+key. This process (started and stopped by serve.sh, ``python -m manage health``) polls TorchServe's management API
+every ``interval`` seconds and answers the front door from what it saw last:
+
+* ``GET /live``: 200 while TorchServe's frontend answers (its last answer is at most ``stale`` seconds old), else 503;
+* ``GET /ready``: 200 when every version that receives traffic (each model's default, and every version in an A/B
+  split) has its minimum workers (at least one) READY and has not lost ``flapping`` workers within ``window``
+  seconds; else 503 naming what is missing. A version whose worker keeps dying is reported within a few seconds.
+
+Both answer JSON: ``{"ready": false, "versions": {"digits/2.0": {"ready": 0, "min": 1, "deaths": 2, ...}}}``.
+
+It also keeps the front door's keys current: when TorchServe's key file changes (a renewal) or a key expires, nginx
+is rendered again and reloaded (``Proxy.sync_keys``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlparse
+
+from manage.client import READY, ServeError, TorchServe, health_address, server_alive
+
+logger = logging.getLogger("health")
+
+
+@dataclass
+class VersionHealth:
+    """What the checker knows of one registered version: its workers' pids by worker id, and recent deaths."""
+
+    pids: dict[str, int] = field(default_factory=dict)
+    deaths: deque = field(default_factory=deque)  # monotonic times a worker's process was replaced or vanished
+    ready: int = 0
+    minimum: int = 1
+    states: list[str] = field(default_factory=list)
+
+    def observe(self, info: dict[str, Any], now: float, window: float) -> None:
+        workers = info.get("workers", [])
+        pids = {str(w["id"]): int(w.get("pid") or -1) for w in workers}
+        for worker, pid in self.pids.items():
+            # the same worker with another process, or none while it is restarted (counted once: from a real pid)
+            if pid > 0 and worker in pids and pids[worker] != pid:
+                self.deaths.append(now)
+        self.pids = pids
+        while self.deaths and self.deaths[0] < now - window:
+            self.deaths.popleft()
+        self.ready = sum(w["status"] == READY for w in workers)
+        self.minimum = max(1, int(info.get("minWorkers", 1)))
+        self.states = [w["status"] for w in workers]
+
+
+class Checker:
+    """Polls TorchServe; ``live()`` and ``ready()`` answer from the last poll."""
+
+    def __init__(self, interval: float = 1.0, window: float = 30.0, flapping: int = 2, stale: float = 10.0,
+                 defaults_every: int = 5):
+        from manage.proxy import Proxy, Routes
+
+        self.ts = TorchServe(timeout=5)
+        self.proxy = Proxy()
+        self.routes = lambda: Routes(self.proxy.routes_file, fresh=self.proxy.master() is None)
+        self.interval, self.window, self.flapping, self.stale = interval, window, flapping, stale
+        self.defaults_every = defaults_every
+        self.versions: dict[tuple[str, str], VersionHealth] = {}
+        self.defaults: dict[str, str] = {}
+        self.polls = 0
+        self.answered_at: float | None = None
+        self.error = "not polled yet"
+        self.keys_seen: tuple[float, str] | None = None
+        self.lock = threading.Lock()
+
+    # --- polling ----------------------------------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        try:
+            registered = self.ts.registered()
+            if self.polls % self.defaults_every == 0 or set(self.defaults) != {m for m, _ in registered}:
+                self.defaults = {model: self.ts.default_version(model) for model in {m for m, _ in registered}}
+        except ServeError as error:
+            with self.lock:
+                self.error = str(error)
+            return
+        with self.lock:
+            for key in list(self.versions):
+                if key not in registered:
+                    del self.versions[key]
+            for key, info in registered.items():
+                self.versions.setdefault(key, VersionHealth()).observe(info, now, self.window)
+            self.answered_at, self.error = now, ""
+            self.polls += 1
+
+    def sync_keys(self) -> None:
+        """Reload the front door when the key file changed or the soonest expiry has passed."""
+        key_file = self.ts.key_file
+        try:
+            stamp = (key_file.stat().st_mtime, time.strftime("%Y-%m-%dT%H:%M", time.gmtime()))
+        except OSError:
+            return
+        if stamp != self.keys_seen:  # the file changed, or a minute went by (keys expire by the minute)
+            try:
+                if self.proxy.sync_keys():
+                    logger.info("front door reloaded with TorchServe's new keys")
+                self.keys_seen = stamp
+            except ServeError as error:
+                logger.warning("could not render the front door's keys: %s", error)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                self.poll()
+                self.sync_keys()
+            except Exception:  # a surprise is logged, and the next poll tries again: the probes must keep answering
+                logger.exception("poll failed")
+            stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    # --- answers ----------------------------------------------------------------------------------------------------
+
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        with self.lock:
+            age = None if self.answered_at is None else time.monotonic() - self.answered_at
+            alive = server_alive() and age is not None and age <= self.stale
+            return alive, {"live": alive, "last_answer_s": None if age is None else round(age, 1),
+                           "error": self.error or None}
+
+    def traffic(self) -> set[tuple[str, str]]:
+        """The versions that receive traffic: each model's default and every version of its A/B split."""
+        versions = {(model, version) for model, version in self.defaults.items()}
+        for model, route in self.routes().models.items():
+            versions |= {(model, version) for version in route["split"]}
+        return versions
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        alive, live = self.live()
+        traffic = self.traffic()
+        with self.lock:
+            report, missing = {}, []
+            for model, version in sorted(traffic):
+                health = self.versions.get((model, version))
+                if health is None:
+                    missing.append(f"{model} {version} is not registered")
+                    continue
+                entry = {"ready": health.ready, "min": health.minimum, "deaths": len(health.deaths),
+                         "workers": health.states}
+                report[f"{model}/{version}"] = entry
+                if health.ready < health.minimum:
+                    missing.append(f"{model} {version}: {health.ready} of {health.minimum} workers READY")
+                if len(health.deaths) >= self.flapping:
+                    missing.append(f"{model} {version}: {len(health.deaths)} workers died in the last "
+                                   f"{self.window:g} s")
+        ready = alive and not missing
+        if not alive:
+            missing.insert(0, f"TorchServe is not answering: {live['error'] or 'no answer yet'}")
+        return ready, {"ready": ready, "versions": report, "not_ready": missing}
+
+
+def serve(checker: Checker, address: str) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            answers = {"/live": checker.live, "/ready": checker.ready}
+            if self.path in answers:
+                ok, body = answers[self.path]()
+            else:
+                ok, body = False, {"code": 404, "error": "not_found", "message": "/live or /ready"}
+            payload = (json.dumps(body) + "\n").encode()
+            status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+            self.send_response(HTTPStatus.NOT_FOUND if self.path not in answers else status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_HEAD = do_GET
+
+        def log_message(self, format: str, *args) -> None:  # the front door's access log has every request
+            pass
+
+    parsed = urlparse(address)
+    server = ThreadingHTTPServer((parsed.hostname, parsed.port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def main() -> None:
+    """Run until SIGTERM: poll in one thread, answer in the others."""
+    import signal
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    checker = Checker()
+    stop = threading.Event()
+    server = serve(checker, health_address())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    logger.info("answering at %s", health_address())
+    checker.run(stop)
+    server.shutdown()
