@@ -27,6 +27,7 @@ CONFIG = REPO / "config.properties"
 TOKEN_MARGIN = dt.timedelta(seconds=30)  # renew a token this long before it expires
 API_KEYS = ("inference", "management")
 KEY_FILE_READS = 20
+KEY_SYNC_SECONDS = 5.0  # the longest the front door may take to accept a renewed key
 READY = "READY"
 
 
@@ -159,9 +160,12 @@ class TorchServe:
         return entry["key"]
 
     def renew(self, kind: str) -> None:
-        """Ask TorchServe for a new key (it rewrites the key file)."""
+        """Ask TorchServe for a new key (it rewrites the key file), and have the front door take it."""
+        from manage.proxy import Proxy
+
         api_key = self.keys()["API"]["key"]
         self._send("POST", self.management_url, f"/token?type={kind}", token=api_key)
+        Proxy().sync_keys(wait=False)
 
     # --- requests -----------------------------------------------------------------------------------------------
 
@@ -178,9 +182,13 @@ class TorchServe:
         """A request to the inference or management API; a refused token is renewed once; other refusals raise."""
         base = self.inference_url if api == "inference" else self.management_url
         response = self._send(method, base, path, self.token(api), **kwargs)
-        if response.status_code in (400, 401) and "InvalidKeyException" in response.text:
+        if response.status_code == 401 or (response.status_code == 400 and "InvalidKeyException" in response.text):
             self.renew(api)
+            deadline = time.monotonic() + KEY_SYNC_SECONDS
             response = self._send(method, base, path, self.token(api), **kwargs)
+            while response.status_code == 401 and time.monotonic() < deadline:  # the front door takes it in a moment
+                time.sleep(0.1)
+                response = self._send(method, base, path, self.token(api), **kwargs)
         if response.status_code not in ok:
             raise ServeError(f"{method} {path}: HTTP {response.status_code}: {_message(response)}")
         return response

@@ -369,12 +369,17 @@ class Proxy:
         self.ts = TorchServe()
 
     @contextmanager
-    def locked(self) -> Iterator[Routes]:
-        """The routing table, held exclusively while one command changes it. A table lives as long as its proxy:
-        when nginx is not running, the next change starts from an empty one."""
+    def locked(self, wait: bool = True) -> Iterator[Routes | None]:
+        """The routing table, held exclusively while one command changes it (None when ``wait`` is False and
+        another holds it). A table lives as long as its front door: when nginx is not running, the next change
+        starts from an empty one."""
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.home / "routes.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield None
+                return
             yield Routes(self.routes_file, fresh=self.master() is None)
 
     @property
@@ -407,12 +412,13 @@ class Proxy:
             routes.save()
         return message
 
-    def sync_keys(self) -> bool:
-        """Render again when TorchServe's keys changed (a renewal, an expiry); whether nginx was reloaded."""
+    def sync_keys(self, wait: bool = True) -> bool:
+        """Render again when TorchServe's keys changed (a renewal, an expiry); whether nginx was reloaded. With
+        ``wait=False`` nothing is done while another command holds the routing table (the health checker will)."""
         if self.master() is None:
             return False
-        with self.locked() as routes:
-            if self._render(routes) == self.conf.read_text():
+        with self.locked(wait) as routes:
+            if routes is None or self._render(routes) == self.conf.read_text():
                 return False
             self.apply(routes)
         return True

@@ -56,13 +56,15 @@ def refusal_line(result: subprocess.CompletedProcess) -> str:
 
 def bad_inputs() -> dict[str, tuple[bytes, int, str]]:
     """name → (payload, expected status, expected error reason)."""
-    huge = io.BytesIO()
+    huge, strip = io.BytesIO(), io.BytesIO()
     Image.new("L", (8000, 6000)).save(huge, format="PNG")  # 48 MP, a few kB on the wire
+    Image.new("L", (1, 60_000)).save(strip, format="PNG")  # resized to 256 on its shorter side: 3.9 billion pixels
     return {
         "text": (b"hello, this is not an image", 400, "not_an_image"),
         "empty": (b"", 400, "empty_body"),
         "truncated": (encode(photo("chelsea"))[:5000], 400, "truncated_image"),
         "over pixel limit": (huge.getvalue(), 413, "image_too_large"),
+        "extreme aspect ratio": (strip.getvalue(), 400, "extreme_aspect_ratio"),
     }
 
 
@@ -83,12 +85,15 @@ def start_handler(handler_class, model_dir: Path, config: dict, name: str = "tin
     return handler, context
 
 
-def run_batch(handler, context, rows: list, explain: set[int] = frozenset()) -> list:
+def run_batch(handler, context, rows: list, explain: set[int] = frozenset(),
+              headers: list[dict[str, str]] | None = None) -> list:
     """One TorchServe batch: each row a request body (a dict row is passed as it is); ``explain``: the indices
-    sent to /explanations."""
+    sent to /explanations; ``headers``: each row's request headers (as the front door would add them)."""
     from ts.context import RequestProcessor
 
-    context.request_processor = [RequestProcessor({"explain": "True"} if i in explain else {}) for i in range(len(rows))]
+    headers = headers or [{} for _ in rows]
+    context.request_processor = [RequestProcessor({**headers[i], **({"explain": "True"} if i in explain else {})})
+                                 for i in range(len(rows))]
     context.metrics.request_ids = {i: f"req-{i}" for i in range(len(rows))}
     return handler.handle([row if isinstance(row, dict) else {"body": row} for row in rows], context)
 
@@ -115,9 +120,8 @@ class Served:
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory) -> Served:
-    """Our own TorchServe, started by serve.sh on free loopback ports and its own SERVE_HOME, so it runs beside a
-    demo; it serves the archives `make archive` built into model_store/. The A/B proxy, once a test starts it, has
-    its own free port too, and stops with it."""
+    """Our own TorchServe and its front door, started by serve.sh on free loopback ports and its own SERVE_HOME, so
+    they run beside a demo; it serves the archives `make archive` built into model_store/."""
     from manage.client import TorchServe
 
     env = instance_env(tmp_path_factory.mktemp("serve"))
@@ -129,20 +133,18 @@ def served(tmp_path_factory) -> Served:
             assert started.returncode == 0, f"serve.sh start failed:\n{started.stdout}\n{started.stderr}"
             yield Served(TorchServe(), env, started.stdout)
         finally:
-            proxy_stopped = manage("proxy-stop")
-            assert proxy_stopped.returncode == 0, proxy_stopped.stderr
             stopped = serve_sh("stop")
             assert stopped.returncode == 0, stopped.stderr
 
 
 @pytest.fixture
 def restored(served):
-    """Leaves TorchServe as serve.sh started it: every built version registered, the spec defaults, no proxy."""
+    """Leaves TorchServe as serve.sh started it: every built version registered, the spec defaults, no splits."""
     yield
     registered = served.client.registered()
     for entry in Manifest().entries():
         if (entry["model"], entry["version"]) not in registered:
             ok(manage("register", entry["model"], entry["version"]))
     ok(manage("apply-defaults"))
-    ok(manage("proxy-stop"))
-    assert not Proxy().routes_file.exists()
+    ok(manage("routes-reset"))
+    assert Proxy().serving()["models"] == {}
