@@ -7,8 +7,11 @@ every ``interval`` seconds and answers the front door from what it saw last:
 
 * ``GET /live``: 200 while TorchServe's frontend answers (its last answer is at most ``stale`` seconds old), else 503;
 * ``GET /ready``: 200 when every version that receives traffic (each model's default, and every version in an A/B
-  split) has its minimum workers (at least one) READY and has not lost ``flapping`` workers within ``window``
-  seconds; else 503 naming what is missing. A version whose worker keeps dying is reported within a few seconds.
+  split) has its minimum workers (at least one) READY and has not lost ``flapping`` (2) workers within ``window``
+  (30) seconds; else 503 naming what is missing. A version whose worker keeps dying is reported at its first death
+  (its only worker is not READY while TorchServe restarts it) and stays not ready while it is READY between deaths,
+  until 30 s pass without one. A death between two polls (0.5 s apart) that TorchServe repairs before the next one
+  can be missed; a worker that keeps dying cannot hide for long.
 
 Both answer JSON: ``{"ready": false, "versions": {"digits/2.0": {"ready": 0, "min": 1, "deaths": 2, ...}}}``.
 
@@ -38,20 +41,30 @@ logger = logging.getLogger("health")
 class VersionHealth:
     """What the checker knows of one registered version: its workers' pids by worker id, and recent deaths."""
 
-    pids: dict[str, int] = field(default_factory=dict)
-    deaths: deque = field(default_factory=deque)  # monotonic times a worker's process was replaced or vanished
+    pids: dict[str, int] = field(default_factory=dict)  # worker id → its process, as last seen
+    dead: set[int] = field(default_factory=set)  # processes whose death is counted
+    deaths: deque = field(default_factory=deque)  # monotonic times a worker's process died
     ready: int = 0
     minimum: int = 1
     states: list[str] = field(default_factory=list)
+    ready_pids: set[int] = field(default_factory=set)
 
     def observe(self, info: dict[str, Any], now: float, window: float) -> None:
+        """A death is a READY worker's process seen no longer READY (TorchServe says UNLOADING while it restarts
+        the worker), or replaced by another process; each process dies once."""
         workers = info.get("workers", [])
         pids = {str(w["id"]): int(w.get("pid") or -1) for w in workers}
-        for worker, pid in self.pids.items():
-            # the same worker with another process, or none while it is restarted (counted once: from a real pid)
-            if pid > 0 and worker in pids and pids[worker] != pid:
-                self.deaths.append(now)
+        for w in workers:
+            worker, pid = str(w["id"]), pids[str(w["id"])]
+            before = self.pids.get(worker)
+            gone = before if before is not None and before > 0 and before != pid else None
+            down = pid if w["status"] != READY and pid in self.ready_pids else None
+            for process in (gone, down):
+                if process is not None and process not in self.dead:
+                    self.dead.add(process)
+                    self.deaths.append(now)
         self.pids = pids
+        self.ready_pids = {int(w.get("pid") or -1) for w in workers if w["status"] == READY}
         while self.deaths and self.deaths[0] < now - window:
             self.deaths.popleft()
         self.ready = sum(w["status"] == READY for w in workers)
@@ -62,7 +75,7 @@ class VersionHealth:
 class Checker:
     """Polls TorchServe; ``live()`` and ``ready()`` answer from the last poll."""
 
-    def __init__(self, interval: float = 1.0, window: float = 30.0, flapping: int = 2, stale: float = 10.0,
+    def __init__(self, interval: float = 0.5, window: float = 30.0, flapping: int = 2, stale: float = 10.0,
                  defaults_every: int = 5):
         from manage.proxy import Proxy, Routes
 
