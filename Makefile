@@ -16,7 +16,6 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PY := .venv/bin/python
 MODEL ?=
 VERSION ?=
@@ -40,13 +39,10 @@ MANAGE := $(PY) -m manage
 help:
 	@sed -n '/^[^#]/q;s/^# \{0,1\}//p' Makefile
 
-install: .venv/.installed
-
-# uv is bootstrapped from PyPI when missing; `uv sync --frozen` installs exactly what uv.lock pins.
-.venv/.installed: pyproject.toml uv.lock
-	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen
-	@touch $@
+# install.sh: the Debian packages the toolkit and its tests drive (nginx, Prometheus, wrk, npm), uv, and the Python
+# packages exactly as uv.lock pins them. Quick when everything is there.
+install:
+	@./install.sh
 
 # make import: every optional variable becomes the command line's option of the same name, when given.
 IMPORT_OPTIONS := $(foreach v,ARCH EVAL LABELS TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY,\
