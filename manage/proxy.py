@@ -263,6 +263,10 @@ class Listen:
         for name, path in (("TLS_CERT", cert), ("TLS_KEY", key)):
             if path and not Path(path).is_file():
                 raise ServeError(f"{name}={path} is not a file")
+        scheme = urlparse(front_address()).scheme
+        if (scheme == "https") != bool(cert):
+            raise ServeError(f"PROXY_ADDRESS is {front_address()}: https needs TLS_CERT and TLS_KEY, and with them "
+                             "the address is https")
         management = urlparse(front_management_address())
         if management.hostname not in LOOPBACK:
             raise ServeError(f"the management API stays on loopback, not {management.hostname}")
