@@ -10,7 +10,28 @@ Every answer carries ``X-Model-Version``: the version that computed it, also whe
 (``/predictions/<model>``) or came through the A/B proxy.
 
 A request whose input is bad gets HTTP 4xx and the JSON body ``{"code": 400, "error": "<reason>", "message": "..."}``;
-only that request fails, its neighbours in the batch are answered as usual, and the worker stays up.
+only that request fails, its neighbours in the batch are answered as usual, and the worker stays up. The layers bound
+the work one request can cause before doing it (pixels, texts, characters, JSON depth: see each layer's docstring),
+so no input makes the worker run out of memory or time. A request whose decoding fails in a way no layer foresaw is
+answered 500 ``internal_error`` on its own (logged with its traceback); its neighbours are answered as usual.
+The HTTP reason phrase is the message reduced to printable ASCII, at most ``PHRASE_CHARS`` characters (TorchServe's
+frontend fails on a phrase with a line break).
+
+Bounds of this base (settings below), refused with a 4xx before the answer reaches TorchServe:
+
+* ``max_answer_bytes``: an answer is measured as TorchServe sends it (the bytes of a ``Reply``, the JSON that
+  TorchServe writes with ``indent=2``); one over the bound is answered 413 ``answer_too_large`` instead (TorchServe's
+  ``max_response_size``, 26214400 bytes in config.properties, would kill the worker). The layers bound their inputs
+  so that no answer comes near it with their default settings;
+* multipart bodies from the front door: nginx forwards a body whose Content-Type is ``multipart/form-data`` or
+  ``application/x-www-form-urlencoded`` as ``application/octet-stream``, with the client's Content-Type in the request
+  header ``X-Original-Content-Type`` (TorchServe's frontend answers 500 to a malformed multipart body). When that
+  header says ``multipart/form-data``, the handler parses the body itself (python-multipart) and takes the part named
+  ``data``, else ``body``, else the first file part (one with a filename), as for a form TorchServe parsed. A body
+  that is not multipart as its header says (no boundary, cut short, no parts, a part without a name, more than
+  ``max_form_parts`` parts) is 400 ``bad_multipart``; a form with fields but no file is 400 ``no_file``. A
+  form-urlencoded body is read as the raw body, as without the front door. Requests without the header are read as
+  TorchServe passes them.
 
 Every batch is measured (``handlers/metrics.py``): the time of each step, its size, the top-1 class of each answer
 (``top_class``) and the reason of each refusal, labelled with the model's name and version.
@@ -42,6 +63,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,6 +82,14 @@ logger = logging.getLogger(__name__)
 PAYLOAD_KEYS = ("data", "body")
 BUILD_RECORD = "model_info.json"  # in the archive: the build record
 VERSION_HEADER = "X-Model-Version"  # on every answer: the version that computed it, whichever URL was asked
+FORM_HEADER = "X-Original-Content-Type"  # set by the front door on the multipart and form bodies it relabels
+MESSAGE_CHARS = 1000  # an error message is cut to this many characters (it may quote the input)
+PHRASE_CHARS = 200  # the HTTP reason phrase: the message in printable ASCII, cut to this many characters
+NOT_PHRASE = re.compile(r"[^\x20-\x7e]+")  # what a reason phrase may not hold (TorchServe fails on \r and \n)
+# TorchServe writes a JSON answer with indent=2. Indentation puts a line break and 2 x depth spaces before each
+# value and each closing bracket, at most 2 x (1 + 2 x depth) characters for a value that takes at least 1 in compact
+# JSON: an answer nested at most 15 deep (the handlers' answers: 5) grows at most this many times.
+INDENT_GROWTH = 32
 
 
 def as_args(inputs: Any) -> tuple:
@@ -77,13 +107,20 @@ def to_device(inputs: Any, device: torch.device) -> Any:
 
 
 class InputError(Exception):
-    """A request the handler cannot serve because of its input: answered with ``status`` (4xx) and a reason."""
+    """A request the handler cannot serve because of its input: answered with ``status`` (4xx) and a reason (500
+    ``internal_error`` for a failure no layer foresaw, see ``ModelHandler.refusals``)."""
 
     def __init__(self, reason: str, message: str, status: int = 400):
+        message = message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.status = status
+
+    @property
+    def phrase(self) -> str:
+        """The message as an HTTP reason phrase: printable ASCII, one line, at most PHRASE_CHARS characters."""
+        return NOT_PHRASE.sub(" ", self.message)[:PHRASE_CHARS].strip() or self.reason
 
     def body(self) -> dict[str, Any]:
         return {"code": self.status, "error": self.reason, "message": self.message}
@@ -123,17 +160,27 @@ class Batch:
         return [idx for idx in self.items if idx not in self.explain]
 
 
+def some_keys(keys, count: int = 5, chars: int = 20) -> str:
+    """A few of the keys a client sent, each cut short, for an error message (never a whole million of them)."""
+    shown = [repr(str(key)[:chars]) for _, key in zip(range(count), keys)]
+    return ", ".join(shown) + (", ..." if len(keys) > count else "")
+
+
+def no_file(names) -> InputError:
+    return InputError("no_file", f"the request has form fields ({some_keys(names)}) but no file: send the raw file "
+                                 "(curl -T file) or a multipart upload (curl -F data=@file)")
+
+
 def request_value(row: Any) -> Any:
     """The request body as TorchServe passes it: bytes, or text / parsed JSON when the client said so."""
     value = row
     if isinstance(row, dict):
-        value = next((row[key] for key in PAYLOAD_KEYS if row.get(key) is not None), None)
-        if value is None:  # a multipart upload under another field name: take its first file
+        keys = [key for key in PAYLOAD_KEYS if key in row]  # present with None: a JSON null body, read as empty
+        value = next((row[key] for key in keys if row[key] is not None), None)
+        if not keys:  # a multipart upload under another field name: take its first file
             value = next((v for v in row.values() if isinstance(v, (bytes, bytearray))), None)
-        if value is None and row:
-            fields = ", ".join(sorted(str(key)[:20] for key in row)[:5])
-            raise InputError("no_file", f"the request has form fields ({fields}) but no file: send the raw file "
-                                        "(curl -T file) or a multipart upload (curl -F data=@file)")
+            if value is None and row:
+                raise no_file(row)
     return value
 
 
@@ -147,11 +194,116 @@ def payload_of(row: Any) -> bytes:
             raise InputError("not_base64", "the body is text, but not base64: send the raw file or its base64")
     if isinstance(value, dict):
         raise InputError("unexpected_json", "the body is a JSON object; send the raw file (curl -T file) or multipart")
-    if not value:
+    if value is None or (isinstance(value, (bytes, bytearray)) and not value):
         raise InputError("empty_body", "the request has an empty body; send the input as the body or a multipart file")
     if not isinstance(value, (bytes, bytearray)):
-        raise InputError("unreadable_body", f"cannot read a {type(value).__name__} body")
+        raise InputError("unreadable_body", f"cannot read a {type(value).__name__} body (JSON that is not an "
+                                            "object): send the raw file (curl -T file) or multipart")
     return bytes(value)
+
+
+def request_header(context, idx: int, name: str) -> str | None:
+    """A request header by name, whatever its case (TorchServe passes the names as the client or proxy wrote them)."""
+    for key in (name, name.lower()):
+        value = context.get_request_header(idx, key)
+        if isinstance(value, str):
+            return value
+    wanted = name.lower()
+    headers = context.get_all_request_header(idx) or {}
+    return next((value for key, value in headers.items()
+                 if isinstance(key, str) and key.lower() == wanted and isinstance(value, str)), None)
+
+
+def bad_multipart(problem: str) -> InputError:
+    return InputError("bad_multipart", f"the body is not multipart/form-data as its Content-Type says: {problem}")
+
+
+class FormParts:
+    """The parts of one multipart/form-data body, read with python-multipart's streaming parser: for each part its
+    name, whether it is a file (has a filename) and its bytes. At most ``max_parts`` parts."""
+
+    def __init__(self, max_parts: int):
+        self.max_parts = max_parts
+        self.parts: list[dict[str, Any]] = []
+        self.header: list[bytes] = [b"", b""]
+        self.ended = False
+
+    def read(self, body: bytes, content_type: str) -> list[tuple[str, bool, bytes]]:
+        from python_multipart.exceptions import FormParserError
+        from python_multipart.multipart import MultipartParser, parse_options_header
+
+        boundary = parse_options_header(content_type.encode("utf-8", "surrogateescape"))[1].get(b"boundary")
+        if not boundary:
+            raise bad_multipart("its Content-Type names no boundary")
+        start = body.find(b"--" + boundary)
+        if start > 0 and body[start - 2:start] == b"\r\n":  # a preamble before the first boundary (RFC 2046)
+            body = body[start:]
+        callbacks = {"on_part_begin": self.part_begin, "on_header_field": self.header_field,
+                     "on_header_value": self.header_value, "on_header_end": self.header_end,
+                     "on_part_data": self.part_data, "on_end": self.end}
+        try:
+            MultipartParser(boundary, callbacks).write(body)
+        except FormParserError as error:
+            raise bad_multipart(str(error)[:200])
+        if not self.ended:
+            raise bad_multipart(f"it ends before its closing boundary (--{boundary.decode('latin-1')[:70]}--)")
+        if not self.parts:
+            raise bad_multipart("it has no parts")
+        parsed = []
+        for part in self.parts:
+            kind, options = parse_options_header(part.get("content-disposition", b""))
+            if kind.lower() != b"form-data" or not options.get(b"name"):
+                raise bad_multipart("a part has no Content-Disposition: form-data; name=...")
+            is_file = b"filename" in options or re.search(rb";\s*filename\*\s*=", part["content-disposition"], re.I)
+            parsed.append((options[b"name"].decode("utf-8", "replace"), bool(is_file), b"".join(part["data"])))
+        return parsed
+
+    def part_begin(self) -> None:
+        if len(self.parts) == self.max_parts:
+            raise InputError("bad_multipart", f"the form has more than {self.max_parts} parts (max_form_parts)")
+        self.parts.append({"data": []})
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header[0] += data[start:end]
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header[1] += data[start:end]
+
+    def header_end(self) -> None:
+        name, value = self.header
+        self.parts[-1][name.decode("latin-1").strip().lower()] = value.strip()
+        self.header = [b"", b""]
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        self.parts[-1]["data"].append(data[start:end])
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def form_payload(body: bytes, content_type: str, max_parts: int) -> bytes:
+    """The payload of a multipart/form-data body: the part named ``data``, else ``body``, else the first file part;
+    the rule ``request_value`` applies to a form TorchServe parsed. 400 ``bad_multipart`` or ``no_file``."""
+    parts = FormParts(max_parts).read(body, content_type)
+    named = {name: data for name, _, data in parts}  # a repeated name: the last one, as TorchServe does
+    for key in PAYLOAD_KEYS:
+        if key in named:
+            return named[key]
+    first_file = next((data for _, is_file, data in parts if is_file), None)
+    if first_file is None:
+        raise no_file(named)
+    return first_file
+
+
+def answer_size(body: Any, limit: int) -> int:
+    """The size of an answer as TorchServe sends it: its bytes, or its JSON written with indent=2 (measured exactly
+    only when the compact JSON is large enough for that to matter, see INDENT_GROWTH)."""
+    if isinstance(body, (bytes, bytearray)):
+        return len(body)
+    if isinstance(body, str):
+        return len(body.encode("utf-8", "surrogatepass"))
+    compact = len(json.dumps(body))
+    return compact if compact * INDENT_GROWTH <= limit else len(json.dumps(body, indent=2))
 
 
 class ModelHandler(BaseHandler):
@@ -164,6 +316,10 @@ class ModelHandler(BaseHandler):
         "optimize_for_inference": True,  # torch.jit.optimize_for_inference at load, on CPU
         "explain_steps": 8,  # Integrated Gradients: steps from the baseline to the input ...
         "explain_batch": 8,  # ... computed this many at a time (one batched forward and backward)
+        # the largest answer sent (bytes as TorchServe sends it), safely under TorchServe's max_response_size
+        # (26214400 in config.properties; an answer over it kills the worker): 413 answer_too_large above
+        "max_answer_bytes": 20 * 1024 * 1024,
+        "max_form_parts": 16,  # parts of a multipart body the front door relabelled (400 bad_multipart above)
     }
     # The axes of each model input that vary from call to call, kept dynamic when the model is exported to ONNX:
     # one tuple per input. Default: one input, batched on its first axis.
@@ -224,20 +380,46 @@ class ModelHandler(BaseHandler):
 
     # --- the three steps TorchServe's BaseHandler.handle() calls --------------------------------------------------
 
+    def _is_describe(self) -> bool:
+        """TorchServe's describe path answers a whole batch with one answer (503 for every request of a larger
+        batch): a request header ``describe: True`` is honoured only in a batch of one."""
+        return len(getattr(self.context, "request_processor", None) or ()) == 1 and super()._is_describe()
+
     def preprocess(self, data: list) -> Batch:
         batch = Batch(size=len(data))
         with batch.timed("preprocess"):
             for idx, row in enumerate(data):
                 if self.context.get_request_header(idx, "explain") == "True":
                     batch.explain.add(idx)
-                try:
-                    batch.items[idx] = self.decode(self.payload(row))
-                except InputError as error:
-                    logger.info("request %d of %d refused: %s: %s", idx, len(data), error.reason, error.message)
-                    batch.errors[idx] = error
+                with self.refusals(batch, idx, "decoding"):
+                    batch.items[idx] = self.decode(self.payload(self.unwrap(row, idx)))
             if batch.predicted:
                 batch.inputs = self.collate([batch.items[idx] for idx in batch.predicted])
         return batch
+
+    @contextmanager
+    def refusals(self, batch: Batch, idx: int, step: str):
+        """One request's step: its InputError becomes its answer; any other exception too, as 500
+        ``internal_error`` (a bug, logged with its traceback), so that its neighbours in the batch are answered."""
+        try:
+            yield
+        except InputError as error:
+            logger.info("request %d of %d refused: %s: %s", idx, batch.size, error.reason, error.message)
+            batch.errors[idx] = error
+        except Exception as error:  # noqa: BLE001 (one request's failure must not fail its batch)
+            logger.exception("request %d of %d failed in %s", idx, batch.size, step)
+            batch.errors[idx] = InputError("internal_error", f"{step} the request failed: {type(error).__name__}",
+                                           status=500)
+
+    def unwrap(self, row: Any, idx: int) -> Any:
+        """The row as TorchServe would have passed it without the front door: a multipart body the front door
+        relabelled (``X-Original-Content-Type: multipart/form-data``) is parsed here, into its chosen part."""
+        original = request_header(self.context, idx, FORM_HEADER)
+        if not original or not original.strip().lower().startswith("multipart/form-data"):
+            return row
+        if not isinstance(row, dict) or not isinstance(row.get("body"), (bytes, bytearray)):
+            return row
+        return {"body": form_payload(bytes(row["body"]), original, int(self.settings["max_form_parts"]))}
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
         with batch.timed("inference"):
@@ -247,26 +429,30 @@ class ModelHandler(BaseHandler):
                 predicted = batch.predicted
                 batch.answers.update(zip(predicted, self.answer(outputs, [batch.items[idx] for idx in predicted])))
             for idx in sorted(batch.explain & batch.items.keys()):
-                try:
+                with self.refusals(batch, idx, "explaining"):
+                    self.admit_explanation(batch.items[idx])
                     batch.answers[idx] = self.explanation(batch.items[idx])
-                except InputError as error:
-                    batch.errors[idx] = error
         return batch
 
     def postprocess(self, batch: Batch) -> list:
+        limit = int(self.settings["max_answer_bytes"])
         with batch.timed("postprocess"):
             responses = []
             for idx in range(batch.size):
                 self.context.set_response_header(idx, VERSION_HEADER, self.version)
+                reply = batch.answers.get(idx)
+                if idx not in batch.errors and not isinstance(reply, Reply):
+                    reply = Reply(reply)
+                if idx not in batch.errors and (size := answer_size(reply.body, limit)) > limit:
+                    batch.errors[idx] = InputError(
+                        "answer_too_large", f"the answer would be {size:,} bytes; the limit is {limit:,} "
+                        "(max_answer_bytes): send less in one request", status=413)
                 error = batch.errors.get(idx)
                 if error is not None:
-                    self.context.set_response_status(error.status, error.message, idx)
+                    self.context.set_response_status(error.status, error.phrase, idx)
                     self.context.set_response_content_type(idx, "application/json")
                     responses.append(error.body())
                     continue
-                reply = batch.answers[idx]
-                if not isinstance(reply, Reply):
-                    reply = Reply(reply)
                 self.context.set_response_content_type(idx, reply.content_type)
                 for key, value in reply.headers.items():
                     self.context.set_response_header(idx, key, value)
@@ -344,6 +530,9 @@ class ModelHandler(BaseHandler):
     def top_class(self, answer: Any) -> str | None:
         """The class a prediction's answer names first, counted per version (class drift); None: it names none."""
         return None
+
+    def admit_explanation(self, item: Any) -> None:
+        """Refuse (InputError) an explanation that would cost more than the layer's bounds, before computing it."""
 
     def explanation(self, item: Any) -> Any:
         """One request's explanation (see ``integrated_gradients``); a layer that can explain overrides this."""

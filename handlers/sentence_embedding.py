@@ -8,10 +8,10 @@ for ``{"texts": [...]}``: ``{"embeddings": [[...], ...], "tokens": [...], "trunc
 the word pieces the model saw (special tokens included); a text longer than ``max_tokens`` is truncated, marked
 ``"truncated": true``, and the response carries ``X-Input-Truncated: true`` (otherwise ``false``).
 
-Explanation (``POST /explanations/<model>``, same body): per text, Integrated Gradients of the cosine similarity
-between the text's embedding and the embedding it is explained against (its own, fixed) with respect to the word
-embeddings, from a baseline of padding between the special tokens: how much each word piece makes the embedding what
-it is::
+Explanation (``POST /explanations/<model>``, same body, at most ``max_explained_texts`` texts): per text, Integrated
+Gradients of the cosine similarity between the text's embedding and the embedding it is explained against (its own,
+fixed) with respect to the word embeddings, from a baseline of padding between the special tokens: how much each word
+piece makes the embedding what it is::
 
     {"explanations": [{"tokens": [["[CLS]", 0.01], ["cats", 0.41], ...], "steps": 4, "convergence_delta": 0.002}]}
 """

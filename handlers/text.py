@@ -8,9 +8,18 @@ Texts are split into word pieces by the model's fast tokenizer (``tokenizers``, 
 archive) and truncated to ``max_tokens`` (special tokens included); ``TextItem.truncated`` says which were. The
 batch of every text of every request in a TorchServe batch is padded to its own longest text, never to a fixed length.
 
-Refused with a 400: an empty or blank text (``empty_text``), bytes that are not UTF-8 (``not_utf8``), a body that
-starts with ``{`` but is not JSON (``bad_json``), JSON without a string ``text`` or a list of strings ``texts``
-(``no_text``); more than ``max_texts`` texts is a 413 (``too_many_texts``).
+Bounds, each checked before the work it bounds: a body over ``max_body_bytes`` (413 ``body_too_large``, before it is
+decoded or parsed; JSON that TorchServe parsed itself, sent as ``application/json``, is bounded by the next two), more
+than ``max_texts`` texts (413 ``too_many_texts``, before any text is looked at), a text over ``max_chars`` characters
+(413 ``text_too_long``, before tokenizing: longer texts are still truncated to ``max_tokens``, this bounds the
+tokenizer's work), JSON nested deeper than ``MAX_JSON_DEPTH`` (400 ``json_too_deep``, from a scan of the brackets
+outside strings before parsing: a body of 100,000 ``[`` never reaches the parser), and an explanation of more than
+``max_explained_texts`` texts (413 ``too_many_texts_to_explain``: each text costs ``explain_steps`` forwards and
+backwards, over a second at 256 word pieces on one CPU thread for MiniLM).
+
+Refused with a 400: an empty or blank text (``empty_text``), bytes that are not UTF-8 or text with lone surrogates
+(``\\ud800`` in JSON; ``not_utf8``), a body that starts with ``{`` but is not JSON (``bad_json``, integers of more than
+4300 digits included), JSON without a string ``text`` or a non-empty list of strings ``texts`` (``no_text``).
 
 Shared by the model layers on top (``sentence_embedding.py``, ``text_classifier.py``):
 
@@ -28,17 +37,22 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
-from handlers.base import InputError, ModelHandler, Reply, request_value
+from handlers.base import InputError, ModelHandler, Reply, request_value, some_keys
 
 logger = logging.getLogger(__name__)
 
 TRUNCATED_HEADER = "X-Input-Truncated"
 PAD_TOKENS = ("[PAD]", "<pad>")  # the explanations' baseline: the first the vocabulary has, else id 0 (as collate pads)
+MAX_JSON_DEPTH = 16  # {"texts": [...]} is 2 deep; deeper is refused before parsing (Python's parser recurses)
+JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string literal, escapes included
+SURROGATE = re.compile("[\ud800-\udfff]")  # what JSON's \ud800 escapes give and UTF-8 cannot hold
 
 
 @dataclass
@@ -54,27 +68,59 @@ class TextItem:
         return [bool(encoding.overflowing) for encoding in self.encodings]
 
 
-def texts_of(value: Any) -> tuple[list[str], bool]:
-    """The texts in a request body as TorchServe passes it (bytes, str or parsed JSON), and whether it was one."""
+def json_depth(text: str) -> int:
+    """How deep the brackets of a JSON text nest, string literals left out: a linear scan in C and numpy, without
+    the recursion of a parser."""
+    skeleton = JSON_STRING.sub("", text).encode("utf-8", "surrogatepass")
+    codes = np.frombuffer(skeleton, dtype=np.uint8)
+    steps = np.isin(codes, (ord("["), ord("{"))).astype(np.int32) - np.isin(codes, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def body_text(value: Any, max_bytes: int) -> Any:
+    """A body as TorchServe passes it → text, or parsed JSON when it starts with ``{``; a body already parsed
+    (``application/json``) as it is. Its size and its JSON's depth are checked before decoding and parsing."""
+    if isinstance(value, (bytes, bytearray, str)):
+        size = len(value) if isinstance(value, (bytes, bytearray)) else len(value.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            raise InputError("body_too_large", f"the body is {size:,} bytes; the limit is {max_bytes:,} "
+                                               "(max_body_bytes)", status=413)
     if isinstance(value, (bytes, bytearray)):
         try:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError as error:
             raise InputError("not_utf8", f"the body is not UTF-8 text: {error}")
     if isinstance(value, str) and value.lstrip().startswith("{"):
+        depth = json_depth(value)
+        if depth > MAX_JSON_DEPTH:
+            raise InputError("json_too_deep", f"the JSON body nests {depth:,} deep; the limit is {MAX_JSON_DEPTH} "
+                                              '(send {"text": "..."} or {"texts": ["...", ...]})')
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as error:
+        except RecursionError:
+            raise InputError("json_too_deep", "the JSON body nests too deep to parse")
+        except ValueError as error:  # JSONDecodeError, and integers too long to convert
             raise InputError("bad_json", f"the body starts with '{{' but is not JSON: {error}")
+    return value
+
+
+def texts_of(value: Any, max_texts: int) -> tuple[list[str], bool]:
+    """The texts in a request body as ``body_text`` gives it (text or parsed JSON), and whether it was one;
+    their count checked before any of them is looked at."""
     if isinstance(value, str):
         return [value], True
     if isinstance(value, dict) and isinstance(value.get("text"), str):
         return [value["text"]], True
-    if isinstance(value, dict) and isinstance(value.get("texts"), list) and value["texts"] \
-            and all(isinstance(text, str) for text in value["texts"]):
-        return list(value["texts"]), False
-    keys = ", ".join(sorted(map(str, value))[:5]) if isinstance(value, dict) else type(value).__name__
-    raise InputError("no_text", f'expected plain text, {{"text": "..."}} or {{"texts": ["...", ...]}}; got {keys}')
+    texts = value.get("texts") if isinstance(value, dict) else None
+    if isinstance(texts, list) and len(texts) > max_texts:
+        raise InputError("too_many_texts", f"{len(texts):,} texts in one request; the limit is {max_texts}",
+                         status=413)
+    if isinstance(texts, list) and texts and all(isinstance(text, str) for text in texts):
+        return list(texts), False
+    got = f"keys {some_keys(value)}" if isinstance(value, dict) else type(value).__name__
+    if isinstance(texts, list):
+        got = "an empty list of texts" if not texts else "texts that are not all strings"
+    raise InputError("no_text", f'expected plain text, {{"text": "..."}} or {{"texts": ["...", ...]}}; got {got}')
 
 
 def rows_per_item(rows: list, items: list[TextItem]) -> list[list]:
@@ -94,6 +140,9 @@ class TextHandler(ModelHandler):
         "tokenizer": "tokenizer.json",  # in the archive (the spec's extra_files)
         "max_tokens": 256,  # longer texts are truncated to this many word pieces, and the answer says so
         "max_texts": 64,  # texts in one request
+        "max_chars": 20_000,  # characters in one text, before tokenizing (413 text_too_long)
+        "max_body_bytes": 4 * 1024 * 1024,  # the whole body, before decoding (413 body_too_large)
+        "max_explained_texts": 8,  # texts in one /explanations request (413 too_many_texts_to_explain)
     }
     DYNAMIC_AXES = ((0, 1), (0, 1))  # ids and mask: batch and word pieces
 
@@ -108,15 +157,28 @@ class TextHandler(ModelHandler):
         return request_value(row)
 
     def decode(self, payload: Any) -> TextItem:
-        texts, single = texts_of(payload)
-        if len(texts) > int(self.settings["max_texts"]):
-            raise InputError("too_many_texts", f"{len(texts)} texts in one request; the limit is "
-                                               f"{self.settings['max_texts']}", status=413)
+        texts, single = texts_of(body_text(payload, int(self.settings["max_body_bytes"])),
+                                 int(self.settings["max_texts"]))
+        max_chars = int(self.settings["max_chars"])
         for number, text in enumerate(texts):
+            where = "" if single else f" (texts[{number}])"
+            if len(text) > max_chars:
+                raise InputError("text_too_long", f"the text{where} is {len(text):,} characters; the limit is "
+                                                  f"{max_chars:,} (max_chars)", status=413)
+            if SURROGATE.search(text):
+                raise InputError("not_utf8", f"the text{where} holds a lone surrogate (a \\ud800-\\udfff escape "
+                                             "in JSON), which is not Unicode text")
             if not text.strip():
-                where = "" if single else f" (texts[{number}])"
                 raise InputError("empty_text", f"the text{where} is empty: send at least one word")
         return TextItem(texts, self.tokenizer.encode_batch(texts), single)
+
+    def admit_explanation(self, item: TextItem) -> None:
+        limit = int(self.settings["max_explained_texts"])
+        if len(item.texts) > limit:
+            raise InputError("too_many_texts_to_explain", f"{len(item.texts)} texts to explain in one request; the "
+                                                          f"limit is {limit} (max_explained_texts): each costs "
+                                                          f"{self.settings['explain_steps']} forwards and backwards",
+                             status=413)
 
     def collate(self, items: list[TextItem]) -> tuple[torch.Tensor, torch.Tensor]:
         encodings = [encoding for item in items for encoding in item.encodings]

@@ -10,9 +10,9 @@ for ``{"texts": [...]}``: ``{"predictions": [{...}, ...], "truncated": [...]}``,
 from ``index_to_name.json`` in the archive (a Hugging Face model's ``id2label``). A text longer than ``max_tokens`` is
 truncated, and the response carries ``X-Input-Truncated: true`` (otherwise ``false``).
 
-Explanation (``POST /explanations/<model>``, same body): per text, Integrated Gradients of the top class's logit
-with respect to the word embeddings, from a baseline of padding between the special tokens: how much each word piece
-pushes the text towards the class it is given::
+Explanation (``POST /explanations/<model>``, same body, at most ``max_explained_texts`` texts): per text, Integrated
+Gradients of the top class's logit with respect to the word embeddings, from a baseline of padding between the special
+tokens: how much each word piece pushes the text towards the class it is given::
 
     {"explanations": [{"class": "positive", "index": 1, "probability": 0.93,
                        "tokens": [["[CLS]", 0.01], ["great", 0.82], ...], "truncated": false, "steps": 8,

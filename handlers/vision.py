@@ -1,10 +1,11 @@
 """Image task layer: one encoded image per request → one normalised CHW float tensor per batch row.
 
-Input: the bytes of any image PIL reads (JPEG, PNG, WebP, ...), in any mode (grayscale, with alpha, palette, CMYK,
-16-bit, ...). EXIF orientation is applied. The image is converted to ``color_mode`` exactly as ``Image.convert`` does
-(what ``Image.open(f).convert("RGB")`` gives a torchvision pipeline; note that it clips 16-bit values at 255, it does
-not rescale them), resized, centre cropped, scaled to [0, 1] and normalised with ``mean`` / ``std``: the same numbers
-as the torchvision pipeline the settings describe, computed on uint8 until the batch is assembled.
+Input: the bytes of any image PIL reads (JPEG, PNG, WebP, ...; not EPS, which Pillow hands to Ghostscript), in any
+mode (grayscale, with alpha, palette, CMYK, 16-bit, ...). EXIF orientation is applied. The image is converted to
+``color_mode`` exactly as ``Image.convert`` does (what ``Image.open(f).convert("RGB")`` gives a torchvision pipeline;
+note that it clips 16-bit values at 255, it does not rescale them), resized, centre cropped, scaled to [0, 1] and
+normalised with ``mean`` / ``std``: the same numbers as the torchvision pipeline the settings describe, computed on
+uint8 until the batch is assembled.
 
 Settings (model-config.yaml's ``handler:``), each the counterpart of a torchvision (or timm) eval step:
 
@@ -21,11 +22,19 @@ Settings (model-config.yaml's ``handler:``), each the counterpart of a torchvisi
   ``CenterCrop``; timm's ``CenterCropOrPad`` pads with the mean colour);
 * ``color_mode``: RGB or L (``Grayscale()``); ``mean`` and ``std``: one value per channel (``Normalize``);
 * ``jpeg_draft``: a JPEG at least four times the resize target is first decoded at a reduced scale (1/2, 1/4 or
-  1/8, never below twice the target), for a fraction of the work; ``max_pixels``: the largest image accepted.
+  1/8, never below twice the target), for a fraction of the work; ``max_pixels``: the largest image accepted, and the
+  largest the resize (and the padding to the crop) may make of it; ``max_aspect_ratio``: the most the longer side may
+  be times the shorter (default 32: panoramas and banners pass, 1-pixel strips do not).
 
-Refused with a 4xx: a body that is not an image (400 ``not_an_image``), a file cut short (400 ``truncated_image``) or
-otherwise broken (400 ``corrupt_image``), more pixels than ``max_pixels`` (413 ``image_too_large``, checked from the
-header before anything is decoded).
+Refused with a 4xx, each checked from the header before anything is decoded where it can be: a body that is not an
+image (400 ``not_an_image``), a file cut short (400 ``truncated_image``) or otherwise broken, or in a mode that does
+not convert to ``color_mode`` (400 ``corrupt_image``; any failure of the decoder on a file it identified, a decoded
+size other than the header's included), a side of 0 pixels (400 ``corrupt_image``), more pixels than ``max_pixels``
+(413 ``image_too_large``; so is a file that Pillow itself calls a decompression bomb, as the decoder finds out), a
+longer side more than ``max_aspect_ratio`` times the shorter (400 ``extreme_aspect_ratio``), a JPEG of more than
+``MAX_JPEG_SCANS`` scans (400 ``too_many_scans``: each is decoded over the whole image), and an image the resize would
+make larger than ``max_pixels`` (413 ``image_too_large``, from ``ImageTransform.output_size`` in both orientations,
+before resizing). Only the first frame of an animation or the first page of a multi-page file is read.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import io
 import logging
 import math
 import warnings
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -62,38 +72,70 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 FITS = (None, "cover", "contain")  # with resize [h, w]: stretch, or keep the ratio covering / inside it
+MAX_ASPECT_RATIO = 32  # default of max_aspect_ratio: a 360-degree panorama is 2 to 16 times as wide as high
+# A progressive JPEG is decoded once per scan (libjpeg-turbo repeats a scan it is given again): 1,000 scans make a
+# 270 kB file of 36 MP take 26 s. Encoders write 10 or so (libjpeg's progressive script: 10; a baseline JPEG: 1).
+MAX_JPEG_SCANS = 100
+JPEG_SCAN = b"\xff\xda"  # start-of-scan marker; 0xFF in entropy-coded data is always followed by 0x00
+# Formats Pillow decodes by running another program: EPS runs Ghostscript on the file's PostScript, which may loop for
+# ever. Not read: such a file is not an image to these handlers.
+UNREAD_FORMATS = ("EPS",)
 
 
-def open_image(payload: bytes, max_pixels: int) -> Image.Image:
-    """The image in the bytes, header read only: refused if it is not an image or has more than max_pixels."""
+@contextmanager
+def decoding(what: str):
+    """Pillow at work on a client's file: whatever it raises is that file's fault, so a 4xx naming the problem;
+    a size Pillow calls a decompression bomb (in a header read while decoding, an ICO's PNG) is a 413."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(payload))
-    except UnidentifiedImageError:
-        raise InputError("not_an_image", f"the body ({len(payload)} bytes) is not an image format we can read "
-                                         "(JPEG, PNG, WebP, GIF, BMP, TIFF, ...)")
+            yield
+    except (InputError, MemoryError):  # a MemoryError is the machine's, not the file's: bounds came first
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InputError("image_too_large", f"image refused: {error}", status=413)
+    except UnidentifiedImageError:
+        raise InputError("not_an_image", f"{what} is not an image format we can read (JPEG, PNG, WebP, GIF, BMP, "
+                                         "TIFF, ...)")
+    except Exception as error:  # noqa: BLE001 (a decoder fails on a broken file in many ways: struct.error, ...)
+        reason = "truncated_image" if "truncated" in str(error).lower() else "corrupt_image"
+        raise InputError(reason, f"{what} cannot be decoded: {type(error).__name__}: {error}")
+
+
+def open_image(payload: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """The image in the bytes, header read only: refused if it is not an image, has no pixels, more than
+    max_pixels, or a longer side more than max_aspect_ratio times the shorter."""
+    with decoding(f"the body ({len(payload)} bytes)"):
+        Image.init()
+        image = Image.open(io.BytesIO(payload), formats=[name for name in Image.ID if name not in UNREAD_FORMATS])
     width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InputError("corrupt_image", f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise InputError("image_too_large", f"image is {width}x{height} = {width * height / 1e6:.1f} MP; "
                                             f"the limit is {max_pixels / 1e6:.1f} MP", status=413)
-    if width == 0 or height == 0:
-        raise InputError("corrupt_image", f"image has no pixels ({width}x{height})")
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise InputError("extreme_aspect_ratio", f"image is {width}x{height}: one side is "
+                                                 f"{max(width, height) / min(width, height):,.1f} times the other; "
+                                                 f"the limit is {max_aspect_ratio:g} (max_aspect_ratio)")
+    if image.format in ("JPEG", "MPO") and (scans := payload.count(JPEG_SCAN)) > MAX_JPEG_SCANS:
+        raise InputError("too_many_scans", f"the JPEG has {scans:,} scans, each decoded over the whole image; the "
+                                           f"limit is {MAX_JPEG_SCANS}")
     return image
 
 
 def load_image(image: Image.Image, color_mode: str) -> Image.Image:
-    """An opened image decoded, EXIF orientation applied, in ``color_mode``; a broken file is a 400."""
-    try:
+    """An opened image decoded, EXIF orientation applied, in ``color_mode``; a broken file is a 400, and so is one
+    whose decoded size is not its header's (the bounds were checked on the header's)."""
+    size = image.size
+    with decoding(f"the {image.format} image"):
         image.load()
+        if image.size != size:
+            raise InputError("corrupt_image", f"the {image.format} image decodes to {image.width}x{image.height}, "
+                                              f"not the {size[0]}x{size[1]} its header says")
         if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
             image = ImageOps.exif_transpose(image)
         return image if image.mode == color_mode else image.convert(color_mode)  # each would copy the full image
-    except (OSError, SyntaxError, ValueError) as error:
-        reason = "truncated_image" if "truncated" in str(error) else "corrupt_image"
-        raise InputError(reason, f"the {image.format} image cannot be decoded: {error}")
 
 
 def heat_map(attributions: torch.Tensor, grid: int) -> list[list[float]]:
@@ -137,7 +179,8 @@ class ImageTransform:
 
     def __init__(self, resize: int | list[int] | None, crop: int | list[int], mean, std, color_mode: str = "RGB",
                  max_pixels: int = 40_000_000, jpeg_draft: bool = True, interpolation: str = "bilinear",
-                 max_size: int | None = None, fit: str | None = None, fill: int | list[int] = 0):
+                 max_size: int | None = None, fit: str | None = None, fill: int | list[int] = 0,
+                 max_aspect_ratio: float = MAX_ASPECT_RATIO):
         if color_mode not in COLOR_MODES:
             raise ValueError(f"color_mode must be RGB or L, not {color_mode!r}")
         channels = COLOR_MODES[color_mode]
@@ -152,6 +195,9 @@ class ImageTransform:
         self.fit = fit
         self._check_resize()
         self.color_mode, self.max_pixels, self.channels = color_mode, int(max_pixels), channels
+        self.max_aspect_ratio = float(max_aspect_ratio)
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be at least 1, not {max_aspect_ratio!r}")
         self.interpolation = interpolation
         self.jpeg_draft = bool(jpeg_draft)
         self.fill = fill_setting(fill, channels)
@@ -172,11 +218,25 @@ class ImageTransform:
     def from_settings(cls, settings: dict[str, Any]) -> "ImageTransform":
         """The transform that a model's ``handler:`` settings (defaults filled in) describe."""
         keys = ("resize", "crop", "mean", "std", "color_mode", "max_pixels", "jpeg_draft", "interpolation",
-                "max_size", "fit", "fill")
+                "max_size", "fit", "fill", "max_aspect_ratio")
         return cls(**{key: settings[key] for key in keys if key in settings})
 
     def open(self, payload: bytes) -> Image.Image:
-        return open_image(payload, self.max_pixels)
+        """The image, header read only, refused if it or what the resize (and the padding to the crop) would make
+        of it is over the bounds. Its EXIF orientation is not known before decoding a PNG, so both orientations
+        are checked (they differ only with ``fit`` or a crop that is not square)."""
+        image = open_image(payload, self.max_pixels, self.max_aspect_ratio)
+        for seen in (image.size, image.size[::-1]):
+            width, height = self.output_size(*seen)
+            padded = max(width, self.crop[1]) * max(height, self.crop[0])
+            resized = f"image is {image.width}x{image.height}: resized (upright or turned by its EXIF) it would be"
+            if min(width, height) < 1:
+                raise InputError("extreme_aspect_ratio", f"{resized} {width}x{height}, no pixels left on one side")
+            if padded > self.max_pixels:
+                raise InputError("image_too_large", f"{resized} {width}x{height} = {padded / 1e6:.1f} MP (padded to "
+                                                    f"the crop); the limit is {self.max_pixels / 1e6:.1f} MP",
+                                 status=413)
+        return image
 
     def decode(self, payload: bytes) -> torch.Tensor:
         image = self.crop_image(self.resize_image(self.load(payload)))
@@ -187,7 +247,8 @@ class ImageTransform:
         """The image decoded (a large JPEG at a reduced scale, ``jpeg_draft``), oriented, in ``color_mode``."""
         image = self.open(payload)
         if self.jpeg_draft and image.format == "JPEG" and (self.resize or self.max_size):
-            self._draft(image)
+            with decoding("the JPEG image"):
+                self._draft(image)
         return load_image(image, self.color_mode)
 
     def _draft(self, image: Image.Image) -> None:
@@ -259,7 +320,8 @@ class ImageHandler(ModelHandler):
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "color_mode": "RGB",
-        "max_pixels": 40_000_000,
+        "max_pixels": 40_000_000,  # the largest image accepted, and the largest the resize may make of it
+        "max_aspect_ratio": MAX_ASPECT_RATIO,  # longer side / shorter side
         "jpeg_draft": True,  # decode large JPEGs at a reduced scale (DCT scaling) before resizing
         "interpolation": "bilinear",  # the resize filter: nearest, bilinear, bicubic, box, hamming or lanczos
         "max_size": None,  # the longest the longer side may be after the resize (torchvision's max_size)

@@ -20,6 +20,7 @@ from handlers.base import InputError, payload_of
 from handlers.image_classifier import ImageClassifier
 from handlers.vision import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from tests.conftest import REPO, bad_inputs, run_batch, start_handler
+from tests.corpus import Case, corpus
 
 SIZE = 32
 LABELS = {"0": ["n00000000", "zero"], "1": "one", "2": "two"}
@@ -36,12 +37,16 @@ class Tiny(torch.nn.Module):
         return self.head(self.conv(x).mean(dim=(2, 3)))
 
 
+def tiny_model_dir(folder: Path) -> Path:
+    traced = torch.jit.trace(Tiny().eval(), torch.zeros(2, 3, SIZE, SIZE))
+    torch.jit.save(torch.jit.freeze(traced), str(folder / "model.pt"))
+    (folder / "index_to_name.json").write_text(json.dumps(LABELS))
+    return folder
+
+
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    traced = torch.jit.trace(Tiny().eval(), torch.zeros(2, 3, SIZE, SIZE))
-    torch.jit.save(torch.jit.freeze(traced), str(tmp_path / "model.pt"))
-    (tmp_path / "index_to_name.json").write_text(json.dumps(LABELS))
-    return tmp_path
+    return tiny_model_dir(tmp_path)
 
 
 PROJECT_METRICS = REPO / "monitoring" / "metrics.yaml"
@@ -206,3 +211,350 @@ def test_handler_works_where_the_metrics_are_not_declared(model_dir, caplog):
         [answer, refused] = handle(handler, context, [encode(photo("coffee")), b"nope"])
     assert len(answer) == 3 and refused["error"] == "not_an_image"
     assert not [m for m in emitted(caplog) if m[0].startswith("handler_")]
+
+
+# --- the bad-input corpus through every kind of handler ---------------------------------------------------------------
+# tests/corpus.py: each case as a client sends it. The front door (nginx) forwards multipart and form-urlencoded bodies
+# as application/octet-stream with the client's Content-Type in X-Original-Content-Type; TorchServe's worker parses an
+# application/json body (bytes when that fails) and decodes a text/* one (bytes when that fails). ``as_served`` does
+# both, so each case reaches the handler exactly as it would through the front door.
+
+FRONT_DOOR_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def as_served(case: Case) -> tuple[dict, dict[str, str]]:
+    """(the row TorchServe's worker hands the handler, the request headers the front door adds) for a case."""
+    media = case.content_type.split(";")[0].strip().lower()
+    if media in FRONT_DOOR_TYPES:
+        return {"body": case.body}, {"X-Original-Content-Type": case.content_type}
+    value: object = case.body
+    try:
+        if media == "application/json":
+            value = json.loads(case.body.decode("utf-8"))
+        elif media.startswith("text"):
+            value = case.body.decode("utf-8")
+    except Exception:  # noqa: BLE001 (TorchServe's worker passes the bytes on, whatever failed)
+        value = case.body
+    return {"body": value}, {}
+
+
+def gray_model_dir(folder: Path) -> Path:
+    """A digits-like model: one grayscale channel, 8 x 8."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)).eval()
+    torch.jit.save(torch.jit.freeze(torch.jit.trace(model, torch.zeros(2, 1, 8, 8))), str(folder / "model.pt"))
+    (folder / "index_to_name.json").write_text(json.dumps({str(i): str(i) for i in range(10)}))
+    return folder
+
+
+def tiny_text_dir(folder: Path, task: str) -> Path:
+    """A small random BERT (2 layers, 32 wide) with the real MiniLM tokenizer, exported as the build exports one."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from export import huggingface
+    from export.torchscript import export_torchscript
+    from handlers.text import TextHandler
+    from tests.conftest import MINILM_DIR
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=2, id2label={0: "negative", 1: "positive"},
+                        label2id={"negative": 0, "positive": 1})
+    model = (BertForSequenceClassification(config) if task == "text_classification"
+             else BertModel(config, add_pooling_layer=False))
+    model.eval().save_pretrained(str(folder / "hf"))
+    exported = huggingface.load(folder / "hf", task)
+    export_torchscript(exported, TextHandler.pad([[101, 2000, 102], [101, 102]]), folder / "model.pt",
+                       preserve=huggingface.EXPORTED_METHODS)
+    shutil.copy(MINILM_DIR / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "index_to_name.json").write_text(json.dumps({"0": "negative", "1": "positive"}))
+    return folder
+
+
+EXPLAIN_TEXT = {"explain_steps": 2, "explain_batch": 2}
+EXPLAIN_FAST = {**EXPLAIN_TEXT, "explain_grid": 4}
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory) -> dict[str, tuple]:
+    """One handler of each kind the archives serve, configured as archives/*.yaml configures it (max_pixels, resize,
+    crop, max_texts), on tiny models: name → (handler, context, corpus kind, a good request)."""
+    from export.super_resolution import ESPCN
+    from export.torchscript import export_torchscript
+    from handlers.sentence_embedding import SentenceEmbedder
+    from handlers.super_resolution import SuperResolution
+    from handlers.text_classifier import TextClassifier
+
+    folder = tmp_path_factory.mktemp
+    espcn = folder("espcn")
+    export_torchscript(ESPCN(2), None, espcn / "model.pt", method="script")
+    photo_png = {"body": encode(photo("coffee")[:60, :80], "PNG")}
+    sentence = {"body": b"a cat sleeps on the sofa"}
+    built = {
+        "image_classifier": (ImageClassifier, tiny_model_dir(folder("tiny")),
+                             {"max_pixels": 40_000_000, **EXPLAIN_FAST}, "image", photo_png),
+        "digits": (ImageClassifier, gray_model_dir(folder("digits")),
+                   {"color_mode": "L", "resize": 8, "crop": 8, "mean": [0.0], "std": [1.0], "max_pixels": 4_000_000,
+                    **EXPLAIN_FAST}, "image", photo_png),
+        "super_resolution": (SuperResolution, espcn, {"scale": 2, "max_pixels": 1_000_000}, "image", photo_png),
+        "sentence_embedding": (SentenceEmbedder, tiny_text_dir(folder("minilm"), "sentence_embedding"),
+                               {"max_tokens": 256, "max_texts": 64, **EXPLAIN_TEXT}, "text", sentence),
+        "text_classifier": (TextClassifier, tiny_text_dir(folder("sentiment"), "text_classification"),
+                            {"max_texts": 64, **EXPLAIN_TEXT}, "text", sentence),
+    }
+    return {name: (*start_handler(cls, path, {"batchSize": 8, "handler": settings}, name), kind, good)
+            for name, (cls, path, settings, kind, good) in built.items()}
+
+
+def same_answer(answer, expected) -> bool:
+    """The same answer, up to float noise (a text batch is padded to its longest text)."""
+    if isinstance(expected, (bytes, str)):
+        return answer == expected
+    if isinstance(expected, dict):
+        return (isinstance(answer, dict) and answer.keys() == expected.keys()
+                and all(same_answer(answer[key], value) for key, value in expected.items()))
+    if isinstance(expected, list) and expected and isinstance(expected[0], (dict, list, str)):
+        return isinstance(answer, list) and len(answer) == len(expected) and all(map(same_answer, answer, expected))
+    return bool(np.allclose(answer, expected, atol=1e-5))
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[Case]:
+    return corpus()
+
+
+def test_the_corpus_is_deterministic_quick_and_covers_every_category(cases):
+    import time
+
+    started = time.perf_counter()
+    again = corpus()
+    assert time.perf_counter() - started < 3
+    assert [(c.name, c.body, c.content_type) for c in again] == [(c.name, c.body, c.content_type) for c in cases]
+    assert {c.kind for c in cases} == {"image", "text", "any"}
+    reasons = {c.reason for c in cases}
+    assert {"not_an_image", "empty_body", "truncated_image", "corrupt_image", "image_too_large", "extreme_aspect_ratio",
+            "not_base64", "unexpected_json", "not_utf8", "empty_text", "text_too_long", "body_too_large",
+            "too_many_texts", "json_too_deep", "no_text", "bad_json", "bad_multipart", "no_file", "too_many_scans"} \
+        <= reasons
+    types = {c.content_type.split(";")[0] for c in cases}
+    assert {"multipart/form-data", "application/x-www-form-urlencoded", "application/json", "text/plain",
+            "application/octet-stream", "image/png", ""} <= types
+    multipart = [c for c in cases if c.content_type.startswith("multipart/form-data; boundary=")]
+    assert all(c.content_type.split("boundary=")[1].strip('"').encode() in c.body for c in multipart
+               if c.reason not in ("bad_multipart",))
+
+
+@pytest.mark.parametrize("name", ["image_classifier", "digits", "super_resolution", "sentence_embedding",
+                                  "text_classifier"])
+def test_every_bad_input_gets_its_4xx_beside_a_good_request(kinds, cases, name):
+    """Each case of the corpus for this kind of model, to /predictions and to /explanations, in a batch after a good
+    request: the case gets its status and a JSON body naming its reason, the good request its usual answer, and
+    nothing escapes ``handle``."""
+    handler, context, kind, good = kinds[name]
+    [alone] = run_batch(handler, context, [good])
+    explains = name != "super_resolution"
+    failures = []
+    for case in [case for case in cases if case.kind in (kind, "any")]:
+        row, headers = as_served(case)
+        for explain in (False, True):
+            where = f"{case.name!r} to /{'explanations' if explain else 'predictions'}"
+            try:
+                results = run_batch(handler, context, [good, row], explain={1} if explain else set(),
+                                    headers=[{}, headers])
+            except Exception as error:  # noqa: BLE001 (what TorchServe would answer 503 to, for the whole batch)
+                failures.append(f"{where}: {type(error).__name__} escaped handle: {error}")
+                continue
+            status, phrase = context.get_response_status(1)
+            expected = case.status
+            if explain and not explains and case.status == 200:
+                expected, wanted = 400, "no_explanations"
+            else:
+                wanted = case.reason
+            answer = results[1]
+            if context.get_response_status(0)[0] != 200 or not same_answer(results[0], alone):
+                failures.append(f"{where}: the good request beside it got {context.get_response_status(0)}")
+            if expected == 200 and status == 200:
+                continue
+            if not (400 <= status < 500) or (expected is not None and status != expected):
+                failures.append(f"{where}: status {status} ({phrase}), expected {expected or '4xx'}: {answer}")
+                continue
+            if not (isinstance(answer, dict) and answer.get("code") == status and answer.get("message")
+                    and isinstance(answer.get("error"), str) and (wanted is None or answer["error"] == wanted)):
+                failures.append(f"{where}: answer {str(answer)[:300]}, expected error {wanted or 'named'}")
+            elif "\n" in phrase or "\r" in phrase or len(phrase) > 200:
+                failures.append(f"{where}: reason phrase {phrase!r} is not one short line")
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures)
+
+
+# --- the bounds, one by one -------------------------------------------------------------------------------------------
+
+def refusal(call) -> InputError:
+    with pytest.raises(InputError) as caught:
+        call()
+    return caught.value
+
+
+def png_of(width: int, height: int) -> bytes:
+    return encode(np.zeros((height, width), np.uint8), "PNG")
+
+
+def test_a_thin_strip_is_refused_from_its_header_before_the_resize(monkeypatch):
+    strip = bad_inputs()["extreme aspect ratio"][0]  # 1 x 60000, about 100 bytes
+    assert len(strip) < 1000
+    classifier = ImageClassifier.from_config({"handler": {"resize": 256, "crop": 224}})
+    error = refusal(lambda: classifier.decode(strip))
+    assert (error.status, error.reason) == (400, "extreme_aspect_ratio") and "max_aspect_ratio" in error.message
+    assert refusal(lambda: classifier.decode(png_of(60_000, 1))).reason == "extreme_aspect_ratio"
+    # with the ratio allowed, the resize's own size refuses it: 256 x 15,360,000 pixels, never computed
+    monkeypatch.setattr(Image.Image, "resize", lambda *a, **k: pytest.fail("resized before the bound"))
+    anything = ImageClassifier.from_config({"handler": {"resize": 256, "crop": 224, "max_aspect_ratio": 1e9}})
+    error = refusal(lambda: anything.decode(strip))
+    assert (error.status, error.reason) == (413, "image_too_large")
+    assert "256x15360000" in error.message and "the limit is 40.0 MP" in error.message
+    monkeypatch.undo()
+    panorama = ImageClassifier.from_config({"handler": {"resize": 256, "crop": 224}}).decode(png_of(3000, 100))
+    assert panorama.shape == (224, 224, 3)  # 30 : 1 passes the default ratio (32)
+
+
+def test_a_jpeg_of_a_thousand_scans_is_refused_before_decoding():
+    import time
+
+    from tests.corpus import repeated_scans, saved
+
+    def progressive(side: int) -> bytes:
+        return saved(Image.new("RGB", (side, side), (40, 90, 160)), "JPEG", progressive=True)
+
+    bomb = repeated_scans(progressive(2000), 1000)  # 4 MP, 30 kB: about 3 s of decoding
+    classifier = ImageClassifier.from_config({"handler": {}})
+    started = time.perf_counter()
+    error = refusal(lambda: classifier.decode(bomb))
+    assert time.perf_counter() - started < 0.5
+    assert (error.status, error.reason) == (400, "too_many_scans") and "1,010 scans" in error.message
+    assert classifier.decode(progressive(600)).shape == (224, 224, 3)  # 10 scans: decoded as usual
+
+
+def test_super_resolution_refuses_an_image_whose_png_could_exceed_the_answer_limit():
+    from handlers.super_resolution import SuperResolution
+
+    small = SuperResolution.from_config({"handler": {"scale": 2, "max_answer_bytes": 100_000}})
+    error = refusal(lambda: small.decode(png_of(200, 200)))  # 400 x 400 RGB: up to 480 kB of PNG
+    assert (error.status, error.reason) == (413, "image_too_large") and "max_answer_bytes" in error.message
+    assert small.decode(png_of(90, 70))[1].shape == (1, 1, 140, 180)
+    usual = SuperResolution.from_config({"handler": {}})  # 1 MP in, 4 MP (12 MB) out: within 20 MiB
+    usual.check_output(1000, 1000)
+    tripled = SuperResolution.from_config({"handler": {"scale": 3}})  # 9 MP out, 27 MB: over it
+    assert refusal(lambda: tripled.check_output(1000, 1000)).reason == "image_too_large"
+
+
+def test_an_answer_over_max_answer_bytes_is_a_413_and_its_neighbours_are_answered(model_dir):
+    from handlers.base import answer_size
+
+    handler, context = make_handler(model_dir, max_answer_bytes=60, top_k=3)
+    coffee = encode(photo("coffee"))
+    [refused] = handle(handler, context, [coffee])  # three labels, indented as TorchServe writes them: > 60 bytes
+    assert context.get_response_status(0)[0] == 413
+    assert refused["error"] == "answer_too_large" and "the limit is 60 (max_answer_bytes)" in refused["message"]
+    handler.settings["top_k"] = 1
+    [answer, text] = handle(handler, context, [coffee, b"nope"])
+    assert len(answer) == 1 and text["error"] == "not_an_image"
+    # what TorchServe sends: bytes as they are, JSON indented
+    nested = {"embeddings": [[0.5] * 384] * 64, "tokens": [9] * 64}
+    assert answer_size(nested, 1000) == len(json.dumps(nested, indent=2))
+    assert answer_size(b"\x89PNG" * 10, 1) == 40 and answer_size("é", 1) == 2
+    assert answer_size({"a": 1}, 10**9) <= len(json.dumps({"a": 1}, indent=2))
+
+
+@pytest.fixture(scope="module")
+def embedder(kinds):
+    return kinds["sentence_embedding"][:2]
+
+
+def test_deep_json_is_refused_before_parsing(embedder, monkeypatch):
+    import time
+
+    import handlers.text
+
+    handler, context = embedder
+    monkeypatch.setattr(handlers.text.json, "loads", lambda *a, **k: pytest.fail("parsed"))
+    started = time.perf_counter()
+    deep, nested_objects = (b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                            b'{"text": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b"}")
+    refused = run_batch(handler, context, [deep, nested_objects, deep.decode()])
+    assert time.perf_counter() - started < 2
+    for index, answer in enumerate(refused):
+        assert context.get_response_status(index)[0] == 400 and answer["error"] == "json_too_deep"
+    assert "nests 100,001 deep" in refused[0]["message"]
+    # brackets inside strings are text, not nesting
+    assert handlers.text.json_depth('{"text": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\" {{{{{{{{{{{{{{{{{{{{{{{"}') == 1
+
+
+def test_text_bounds_come_before_the_work_they_bound(embedder, monkeypatch):
+    handler, context = embedder
+    monkeypatch.setattr(handler.tokenizer, "encode_batch", lambda *a, **k: pytest.fail("tokenized"), raising=False)
+    rows = [b"word " * 4001, {"body": {"texts": ["ok"] * 65}}, {"body": {"texts": [1] * 100_000}},
+            b"x" * (4 * 1024 * 1024 + 1), {"body": {"text": "x\ud800"}}]
+    answers = run_batch(handler, context, rows)
+    got = [(context.get_response_status(i)[0], answer["error"]) for i, answer in enumerate(answers)]
+    assert got == [(413, "text_too_long"), (413, "too_many_texts"), (413, "too_many_texts"),
+                   (413, "body_too_large"), (400, "not_utf8")]
+    assert "20,005 characters; the limit is 20,000 (max_chars)" in answers[0]["message"]
+
+
+def test_explanations_are_bounded_in_texts(embedder):
+    handler, context = embedder
+    nine, eight = {"body": {"texts": ["a cat"] * 9}}, {"body": {"texts": ["a cat"] * 8}}
+    predicted, refused, explained = run_batch(handler, context, [nine, nine, eight], explain={1, 2})
+    assert [context.get_response_status(i)[0] for i in range(3)] == [200, 413, 200]
+    assert len(predicted["embeddings"]) == 9 and len(explained["explanations"]) == 8
+    assert refused["error"] == "too_many_texts_to_explain" and "max_explained_texts" in refused["message"]
+
+
+def test_multipart_from_the_front_door_is_parsed_in_the_handler(model_dir):
+    from tests.corpus import BOUNDARY, MULTIPART, multipart, part
+
+    handler, context = make_handler(model_dir)
+    coffee, rocket = encode(photo("coffee")), encode(photo("rocket"), "PNG")
+    [alone_coffee, alone_rocket] = handle(handler, context, [coffee, rocket])
+    form = multipart(part("file", rocket, "r.png", "image/png"), part("data", coffee, "c.jpg", "image/jpeg"))
+    other = multipart(part("note", b"hi"), part("file", rocket, "r.png"))
+    rows = [form, form, form, other, form, form]
+    headers = [{"X-Original-Content-Type": MULTIPART}, {"x-original-content-type": MULTIPART},
+               {"X-ORIGINAL-CONTENT-TYPE": MULTIPART.upper().replace(BOUNDARY.upper(), BOUNDARY)},
+               {"X-Original-Content-Type": MULTIPART},
+               {}, {"X-Original-Content-Type": "application/x-www-form-urlencoded"}]
+    answers = run_batch(handler, context, rows, headers=headers)
+    statuses = [context.get_response_status(i)[0] for i in range(len(rows))]
+    assert statuses == [200, 200, 200, 200, 400, 400]
+    assert all(same_answer(answer, alone_coffee) for answer in answers[:3])  # "data" before the first file
+    assert same_answer(answers[3], alone_rocket)  # no data or body: the first file, not the text field
+    assert answers[4]["error"] == answers[5]["error"] == "not_an_image"  # without the header: the raw body, as today
+
+
+def test_error_messages_make_one_short_reason_phrase():
+    error = InputError("no_text", "keys 'a\r\nb', " + "é" * 5000)
+    assert len(error.message) <= 1000 and "\n" not in error.phrase and len(error.phrase) <= 200
+    assert error.phrase.isascii() and error.phrase.startswith("keys 'a b'")
+
+
+def test_a_describe_header_in_a_batch_does_not_fail_the_batch(model_dir):
+    handler, context = make_handler(model_dir)
+    coffee = encode(photo("coffee"))
+    answers = run_batch(handler, context, [coffee, coffee], headers=[{"describe": "True"}, {}])
+    assert len(answers) == 2 and [context.get_response_status(i)[0] for i in range(2)] == [200, 200]
+
+
+def test_an_unforeseen_failure_is_one_requests_500(model_dir, monkeypatch, caplog):
+    handler, context = make_handler(model_dir)
+    decode = handler.decode
+    monkeypatch.setattr(handler, "decode", lambda payload: 1 / 0 if payload == b"boom" else decode(payload))
+    with caplog.at_level(logging.ERROR, logger="handlers.base"):
+        good, failed = handle(handler, context, [encode(photo("coffee")), b"boom"])
+    assert [context.get_response_status(i)[0] for i in range(2)] == [200, 500]
+    assert failed["error"] == "internal_error" and "ZeroDivisionError" in caplog.text and len(good) == 3
+
+
+def test_a_json_null_body_is_empty():
+    assert refusal(lambda: payload_of({"body": None})).reason == "empty_body"
+    assert refusal(lambda: payload_of({"body": [1, 2]})).reason == "unreadable_body"
