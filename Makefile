@@ -11,6 +11,8 @@
 #   make routes-reset                           A/B splits at the front door
 #   make monitor | monitor-stop                 Prometheus scraping TorchServe's metrics (http://127.0.0.1:9090)
 #   make load-test [SCENARIO=ClassifierUser|DigitsUser|ABUser] [USERS=16 RATE=4 DURATION=60s]   Locust, headless
+#   make soak [MINUTES=30]                      steady load at 70 % of saturation, 1 % bad requests, memory and files
+#                                               sampled: growth per hour and errors (load_test/results/soak.*)
 #   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/
 #   make bench-runtimes                         every model on TorchScript and on ONNX Runtime, in-process
 SHELL := /bin/bash
@@ -34,7 +36,7 @@ MANAGE := $(PY) -m manage
 
 .PHONY: help install import archive serve stop status samples predict test demo clean \
         models describe register unregister scale set-default ab promote rollback routes routes-reset \
-        monitor monitor-stop load-test bench bench-runtimes
+        monitor monitor-stop load-test soak bench bench-runtimes
 
 help:
 	@sed -n '/^[^#]/q;s/^# \{0,1\}//p' Makefile
@@ -116,6 +118,10 @@ load-test: samples
 	$(PY) -m locust -f load_test/locustfile.py --headless --users $(USERS) --spawn-rate $(RATE) \
 	    --run-time $(DURATION) --csv load_test/results/$(SCENARIO) --html load_test/results/$(SCENARIO).html \
 	    --only-summary $(SCENARIO)
+
+# Against the running server (started first if it is not).
+soak: serve
+	$(PY) -m load_test.soak --minutes $(or $(MINUTES),30)
 
 # Starts its own servers on free ports; run it on a quiet machine (about 10 minutes with SECONDS=10).
 bench: archive
