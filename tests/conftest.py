@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,13 +127,21 @@ def served(tmp_path_factory) -> Served:
     from manage.client import TorchServe
 
     env = instance_env(tmp_path_factory.mktemp("serve"))
+    with instance(env) as output:
+        yield Served(TorchServe(), env, output)
+
+
+@contextmanager
+def instance(env: dict[str, str]) -> Iterator[str]:
+    """``serve.sh start`` with ``env`` set for the block (serve.sh, the client and ``python -m manage`` read it):
+    the start's output; ``serve.sh stop`` at the end."""
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
         started = serve_sh("start")
         try:
             assert started.returncode == 0, f"serve.sh start failed:\n{started.stdout}\n{started.stderr}"
-            yield Served(TorchServe(), env, started.stdout)
+            yield started.stdout
         finally:
             stopped = serve_sh("stop")
             assert stopped.returncode == 0, stopped.stderr

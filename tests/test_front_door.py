@@ -23,7 +23,7 @@ import requests
 from archives.store import Manifest
 from manage.client import TorchServe, address, instance_env, read_properties
 from manage.proxy import CLIENT_TIMEOUT
-from tests.conftest import REPO, serve_sh
+from tests.conftest import REPO, instance
 
 pytestmark = pytest.mark.integration
 
@@ -287,16 +287,8 @@ def small(tmp_path_factory):
     env = {**instance_env(home / "serve"), "MODEL_STORE": str(store), "TLS_CERT": str(cert), "TLS_KEY": str(key),
            "TS_JOB_QUEUE_SIZE": "2", "REQUESTS_CA_BUNDLE": str(ca)}
     env["PROXY_ADDRESS"] = env["PROXY_ADDRESS"].replace("http://", "https://")
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        started = serve_sh("start")
-        try:
-            assert started.returncode == 0, f"{started.stdout}\n{started.stderr}"
-            yield {"env": env, "ca": ca, "client": TorchServe()}
-        finally:
-            stopped = serve_sh("stop")
-            assert stopped.returncode == 0, stopped.stderr
+    with instance(env):
+        yield {"env": env, "ca": ca, "client": TorchServe()}
 
 
 def test_tls_with_the_users_certificate(small):
