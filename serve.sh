@@ -59,12 +59,28 @@ health_running() {
 }
 
 start() {
-  if running; then
-    echo "TorchServe is already running (SERVE_HOME=$SERVE_HOME)"
-    return 0
-  fi
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || {
     echo "nginx (the front door) is not installed: run ./install.sh" >&2; return 1; }
+  local started=$SECONDS
+  if running; then
+    echo "TorchServe is already running (SERVE_HOME=$SERVE_HOME)"
+  else
+    start_torchserve || return 1
+  fi
+  # The health checker runs on its own, its output in the log, holding none of this shell's files.
+  if ! health_running; then
+    setsid "$PYTHON" -m manage health </dev/null >>"$LOG_DIR/health.log" 2>&1 &
+    echo $! >"$HEALTH_PID"
+  fi
+  if ! manage front-start || ! manage wait-front; then
+    stop >&2
+    return 1
+  fi
+  echo "front door ready at $("$PYTHON" -c 'from manage.client import front_address; print(front_address())') in $((SECONDS - started)) s"
+  manage list
+}
+
+start_torchserve() {
   mkdir -p "$TMPDIR" "$LOG_DIR" "$SERVE_HOME/workflows"
   local archives
   archives="$(manage archives)"
@@ -82,15 +98,6 @@ start() {
   fi
   manage apply-defaults
   echo "TorchServe ready in $((SECONDS - started)) s"
-  # The health checker runs on its own, its output in the log, holding none of this shell's files.
-  setsid "$PYTHON" -m manage health </dev/null >>"$LOG_DIR/health.log" 2>&1 &
-  echo $! >"$HEALTH_PID"
-  if ! manage front-start || ! manage wait-front; then
-    stop >&2
-    return 1
-  fi
-  echo "front door ready at $("$PYTHON" -c 'from manage.client import front_address; print(front_address())') in $((SECONDS - started)) s"
-  manage list
 }
 
 stop() {
