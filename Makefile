@@ -11,7 +11,7 @@
 #   make routes-reset                           A/B splits at the front door
 #   make monitor | monitor-stop                 Prometheus scraping TorchServe's metrics (http://127.0.0.1:9090)
 #   make load-test [SCENARIO=ClassifierUser|DigitsUser|ABUser] [USERS=16 RATE=4 DURATION=60s]   Locust, headless
-#   make soak [MINUTES=30]                      steady load at 70 % of saturation, 1 % bad requests, memory and files
+#   make soak [MINUTES=30] [SOAK_RATE=req/s]    steady load at 70 % of saturation, 1 % bad requests, memory and files
 #                                               sampled: growth per hour and errors (load_test/results/soak.*)
 #   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/
 #   make bench-runtimes                         every model on TorchScript and on ONNX Runtime, in-process
@@ -121,7 +121,7 @@ load-test: samples
 
 # Against the running server (started first if it is not).
 soak: serve
-	$(PY) -m load_test.soak --minutes $(or $(MINUTES),30)
+	$(PY) -m load_test.soak --minutes $(or $(MINUTES),30) $(if $(SOAK_RATE),--rate $(SOAK_RATE))
 
 # Starts its own servers on free ports; run it on a quiet machine (about 10 minutes with SECONDS=10).
 bench: archive
