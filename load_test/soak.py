@@ -4,7 +4,7 @@ One question: does the server stay healthy under a steady, realistic load for a 
 that keeps growing (memory, open files) or leaves files behind in its temp folder. It runs against the instance the
 environment describes (``SERVE_HOME``, ``PROXY_ADDRESS``, ``TS_*``, as ``python -m manage`` reads them).
 
-1. **Saturation**: a closed-loop burst (4 clients, each sending its next request as soon as its last is answered;
+1. **Saturation**: a closed-loop burst (16 clients, each sending its next request as soon as its last is answered;
    12 s counted after 2 s) on the good requests of the mix below (a bad one may kill a worker, which would make the
    capacity look lower than it is). The steady load is 70 % of that rate unless ``--rate`` is given.
 2. **Steady load**, open loop: a scheduler makes request i due at i / rate and hands it to a pool of client threads,
@@ -68,7 +68,9 @@ from manage.client import REPO, ServeError, TorchServe, address, front_address, 
 RESULTS = REPO / "load_test" / "results"
 WEIGHTS = {"efficientnet_lite0": 4, "digits": 3, "minilm": 2, "super_resolution": 1}  # shares of the good requests
 BAD_EVERY = 100  # one request in 100 is a bad one
-SATURATION_CLIENTS, SATURATION_SECONDS, SATURATION_WARMUP = 4, 12, 2
+# 16 closed-loop clients, as many requests in flight as the steady load keeps: 4 measured 72-82 req/s for the same
+# mix on 2 cores where 16 measured 50-56, and 70 % of the larger figure was more than the server sustains.
+SATURATION_CLIENTS, SATURATION_SECONDS, SATURATION_WARMUP = 16, 12, 2
 STEADY_SHARE = 0.7  # of the saturation rate
 CLIENT_THREADS = 64  # the open loop's clients: at most this many requests in flight, the rest wait (counted in latency)
 REQUEST_TIMEOUT = 60  # s
