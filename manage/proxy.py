@@ -24,6 +24,7 @@ that no request is still on its way to a version the new split dropped, so unreg
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import os
@@ -35,7 +36,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-import datetime as dt
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -196,8 +196,9 @@ ERRORS = {
                           "token management for the management API)"),
     403: ("forbidden", "models are registered by the name of an archive in the model store (url=<name>.mar, "
                        "no body); URLs, paths and workflows are refused"),
-    404: ("not_found", "no such endpoint: /predictions/<model>[/<version>], /explanations/..., /ping, "
-                       "/health/live and /health/ready are served here"),
+    404: ("not_found", "no such endpoint on this port; the front door serves /predictions/<model>[/<version>], "
+                       "/explanations/..., /ping, /health/live and /health/ready (inference), /models... and "
+                       "/ab/routes (management, loopback), /metrics (metrics)"),
     405: ("method_not_allowed", "method not allowed here; see the Allow header"),
     408: ("request_timeout", "the request was not received in time"),
     413: ("body_too_large", "the request body is over the limit of {limit}"),
