@@ -16,23 +16,27 @@ every ``interval`` seconds and answers the front door from what it saw last:
 Both answer JSON: ``{"ready": false, "versions": {"digits/2.0": {"ready": 0, "min": 1, "deaths": 2, ...}}}``.
 
 It also keeps the front door's keys current: when TorchServe's key file changes (a renewal) or a key expires, nginx
-is rendered again and reloaded (``Proxy.sync_keys``).
+is rendered again and reloaded (``Proxy.sync_keys``); and it counts what the front door answered, from its access log
+(``DoorLog``), for Prometheus: ``GET /metrics`` here, ``/metrics/front_door`` on the front door's metrics port.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from manage.client import READY, ServeError, TorchServe, health_address, server_alive
+from manage.client import READY, REPO, ServeError, TorchServe, health_address, server_alive
 
 logger = logging.getLogger("health")
 
@@ -72,6 +76,69 @@ class VersionHealth:
         self.states = [w["status"] for w in workers]
 
 
+# One line of the front door's access log (proxy/nginx.conf's log_format "front").
+LOG_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>/\S*) [^"]*" (?P<status>\d{3}) (?P<seconds>[\d.]+) '
+                      r'version=(?P<version>\S*) upstream=\S* retried=(?P<retried>\S*)')
+APIS = ("predictions", "explanations", "ping", "health", "ab", "metrics", "models")
+
+
+class DoorLog:
+    """What the front door answered, counted from its access log as it grows: requests and their seconds by
+    endpoint, model, the version that answered, status and whether it was retried. Labels name only registered
+    models and versions (anything else is ``other``), so a client cannot grow the label space."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        try:
+            self.offset = path.stat().st_size  # count from now: the log outlives a restart
+        except OSError:
+            self.offset = 0
+        self.requests: Counter = Counter()
+        self.seconds: Counter = Counter()
+
+    def read(self, known: set[tuple[str, str]]) -> None:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return
+        if size < self.offset:  # rotated or truncated
+            self.offset = 0
+        with open(self.path, "rb") as log:
+            log.seek(self.offset)
+            text = log.read(size - self.offset)
+        complete = text.rfind(b"\n") + 1
+        self.offset += complete
+        models = {model for model, _ in known}
+        for line in text[:complete].decode("utf-8", "replace").splitlines():
+            match = LOG_LINE.search(line)
+            if match:
+                labels = self.labels(match, models, known)
+                self.requests[labels] += 1
+                self.seconds[labels] += float(match["seconds"])
+
+    @staticmethod
+    def labels(match: re.Match, models: set[str], known: set[tuple[str, str]]) -> tuple[str, ...]:
+        parts = match["path"].split("?")[0].split("/")
+        api = parts[1] if len(parts) > 1 and parts[1] in APIS else "other"
+        model = parts[2] if api in ("predictions", "explanations") and len(parts) > 2 else ""
+        model = model if not model or model in models else "other"
+        version = match["version"] if (model, match["version"]) in known else ""
+        return api, model, version, match["status"], "true" if match["retried"] == "true" else "false"
+
+    def exposition(self) -> str:
+        names = ("api", "model", "version", "status", "retried")
+        lines = []
+        for metric, kind, help_text, values in (
+                ("frontdoor_requests_total", "counter", "Requests the front door answered.", self.requests),
+                ("frontdoor_request_seconds_total", "counter", "Seconds the front door took to answer them.",
+                 self.seconds)):
+            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+            for labels, value in sorted(values.items()):
+                label_text = ",".join(f'{name}="{label}"' for name, label in zip(names, labels))
+                lines.append(f"{metric}{{{label_text}}} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
 class Checker:
     """Polls TorchServe; ``live()`` and ``ready()`` answer from the last poll."""
 
@@ -91,6 +158,7 @@ class Checker:
         self.error = "not polled yet"
         self.keys_seen: tuple[float, str] | None = None
         self.lock = threading.Lock()
+        self.door = DoorLog(Path(os.environ.get("LOG_DIR", REPO / "logs")) / "proxy-access.log")
 
     # --- polling ----------------------------------------------------------------------------------------------------
 
@@ -112,6 +180,11 @@ class Checker:
                 self.versions.setdefault(key, VersionHealth()).observe(info, now, self.window)
             self.answered_at, self.error = now, ""
             self.polls += 1
+            self.door.read(set(registered))
+
+    def metrics(self) -> str:
+        with self.lock:
+            return self.door.exposition()
 
     def sync_keys(self) -> None:
         """Reload the front door when the key file changed or the soonest expiry has passed."""
@@ -181,6 +254,14 @@ class Checker:
 def serve(checker: Checker, address: str) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path == "/metrics":
+                payload = checker.metrics().encode()
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
             answers = {"/live": checker.live, "/ready": checker.ready}
             if self.path in answers:
                 ok, body = answers[self.path]()

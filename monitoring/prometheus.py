@@ -38,19 +38,19 @@ class MonitorError(RuntimeError):
 
 
 def render_config(metrics_url: str, scrape_interval: str | None = None) -> str:
-    """The shipped prometheus.yml with its target set to ``metrics_url`` (and its scrape interval, if given)."""
+    """The shipped prometheus.yml with its targets set to ``metrics_url`` (and its scrape interval, if given)."""
     config = yaml.safe_load(CONFIG.read_text())
     if scrape_interval:
         config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = scrape_interval
-    [job] = [job for job in config["scrape_configs"] if job["job_name"] == JOB]
-    job["static_configs"] = [{"targets": [urlsplit(metrics_url).netloc]}]
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [urlsplit(metrics_url).netloc]}]
     return yaml.safe_dump(config, sort_keys=False)
 
 
 def binary() -> str:
     found = shutil.which("prometheus")
     if not found:
-        raise MonitorError("prometheus is not installed: run .ci/run, or apt-get install prometheus")
+        raise MonitorError("prometheus is not installed: run ./install.sh")
     return found
 
 

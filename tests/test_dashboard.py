@@ -48,7 +48,7 @@ def targets(dashboard: dict) -> list[dict]:
 def tsc() -> Path:
     """TypeScript and @grafana/schema from monitoring/package-lock.json (installed with npm ci when missing)."""
     if shutil.which("npm") is None:
-        pytest.fail("npm is not installed: run .ci/run (it installs it) or apt-get install npm")
+        pytest.fail("npm is not installed: run ./install.sh")
     compiler = MONITORING / "node_modules" / ".bin" / "tsc"
     if not compiler.exists():
         installed = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=MONITORING,

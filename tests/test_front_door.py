@@ -170,6 +170,40 @@ def test_every_request_gets_an_id_that_the_access_log_names_with_version_and_lat
     assert 0 < latency < 30
 
 
+def door_counts(served) -> dict[str, float]:
+    text = requests.get(f"{served.env['PROXY_METRICS_ADDRESS']}/metrics/front_door", timeout=30).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("frontdoor_requests_total{")}
+
+
+def test_the_front_doors_own_counts_are_metrics_by_version_status_and_retry(served, photos):
+    before = door_counts(served)
+    headers = inference_headers(served)
+    assert requests.post(f"{front(served)}/predictions/digits", data=photos["chelsea"], headers=headers,
+                         timeout=30).status_code == 200
+    requests.post(f"{front(served)}/predictions/digits", data=photos["chelsea"], timeout=30)  # 401
+    requests.get(f"{front(served)}/predictions/digits", headers=headers, timeout=30)  # 405
+    requests.post(f"{front(served)}/predictions/no-such-model-{time.time_ns()}", headers=headers, data=b"x",
+                  timeout=30)  # 404 from TorchServe: counted, not labelled with the made-up name
+    default = served.client.default_version("digits")
+    expected = {
+        f'frontdoor_requests_total{{api="predictions",model="digits",version="{default}",status="200",'
+        f'retried="false"}}': 1,
+        'frontdoor_requests_total{api="predictions",model="digits",version="",status="401",retried="false"}': 1,
+        'frontdoor_requests_total{api="predictions",model="digits",version="",status="405",retried="false"}': 1,
+        'frontdoor_requests_total{api="predictions",model="other",version="",status="404",retried="false"}': 1,
+    }
+    deadline = time.monotonic() + 10  # the access log is flushed every second, read every half second
+    while time.monotonic() < deadline:
+        after = door_counts(served)
+        grown = {key: after.get(key, 0) - before.get(key, 0) for key in expected}
+        if all(grown[key] >= n for key, n in expected.items()):
+            break
+        time.sleep(0.3)
+    assert all(grown[key] >= n for key, n in expected.items()), grown
+    assert not any("no-such-model" in key for key in after)
+
+
 # --- stalled clients -------------------------------------------------------------------------------------------
 
 

@@ -344,7 +344,7 @@ def test_the_archive_needs_none_of_the_users_code(imported, project, tmp_path):
 def test_accuracy_is_exported_with_the_version_metrics(imported):
     import requests
 
-    text = requests.get(imported.env["TS_METRICS_ADDRESS"] + "/metrics", timeout=10).text
+    text = requests.get(imported.env["PROXY_METRICS_ADDRESS"] + "/metrics", timeout=10).text
     lines = [line for line in text.splitlines() if line.startswith("handler_accuracy{")
              and 'model_name="photos"' in line and 'model_version="1.0"' in line and 'k="top1"' in line]
     recorded = imported.store.get("photos", "1.0")["accuracy"]["held_out"]

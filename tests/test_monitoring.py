@@ -31,10 +31,10 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
 @pytest.fixture(scope="module")
 def prometheus(served, tmp_path_factory):
     if shutil.which("prometheus") is None:
-        pytest.fail("prometheus is not installed: run .ci/run (it installs it) or apt-get install prometheus")
+        pytest.fail("prometheus is not installed: run ./install.sh")
     [port] = free_ports(1)
     server = Prometheus(tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{port}")
-    server.start(served.env["TS_METRICS_ADDRESS"], scrape_interval=SCRAPE)
+    server.start(served.env["PROXY_METRICS_ADDRESS"], scrape_interval=SCRAPE)  # the front door's, as make monitor
     try:
         yield server
     finally:

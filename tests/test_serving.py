@@ -114,7 +114,7 @@ def test_token_authorization_stays_on(served, photos):
 
 def test_metrics_answer_in_prometheus_text(served, photos):
     served.client.predict("digits", photos["coffee"], "2.0")
-    text = requests.get(served.env["TS_METRICS_ADDRESS"] + "/metrics", timeout=10).text
+    text = requests.get(served.env["PROXY_METRICS_ADDRESS"] + "/metrics", timeout=10).text
     assert "# TYPE ts_inference_requests_total counter" in text
     assert 'ts_inference_requests_total{model_name="digits",model_version="2.0"' in text
 

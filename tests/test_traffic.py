@@ -49,7 +49,7 @@ def via_proxy(served, payload: bytes, client_id: str | None = None, session=requ
 
 def served_count(served, version: str) -> float:
     """TorchServe's own ts_inference_requests_total for a digits version."""
-    text = requests.get(served.env["TS_METRICS_ADDRESS"] + "/metrics", timeout=10).text
+    text = requests.get(served.env["PROXY_METRICS_ADDRESS"] + "/metrics", timeout=10).text
     pattern = rf'^ts_inference_requests_total{{[^}}]*model_name="digits",model_version="{re.escape(version)}"[^}}]*}} (\S+)'
     return sum(float(m) for m in re.findall(pattern, text, flags=re.MULTILINE))
 
