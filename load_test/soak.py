@@ -64,6 +64,7 @@ from typing import Any, Iterator, NamedTuple
 import requests
 
 from manage.client import REPO, ServeError, TorchServe, address, front_address, serve_home
+from manage.proxy import children
 
 RESULTS = REPO / "load_test" / "results"
 WEIGHTS = {"efficientnet_lite0": 4, "digits": 3, "minilm": 2, "super_resolution": 1}  # shares of the good requests
@@ -314,20 +315,6 @@ def read_pid(path: Path) -> int | None:
         return pid
     except (OSError, ValueError):
         return None
-
-
-def children(parent: int) -> list[int]:
-    """The pids whose parent is ``parent``, from /proc/<pid>/stat."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue  # gone meanwhile
-            if int(fields[1]) == parent:
-                found.append(int(entry.name))
-    return sorted(found)
 
 
 def worker_id(pid: int) -> str | None:

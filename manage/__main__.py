@@ -16,7 +16,7 @@ from pathlib import Path
 from archives import SPECS_DIR, load_specs
 from archives.store import Manifest
 from manage import proxy
-from manage.client import ServeError, TorchServe, ready_workers, server_alive
+from manage.client import ServeError, TorchServe, minimum_workers, ready_workers, server_alive
 
 
 def archives_to_serve(args) -> None:
@@ -42,7 +42,7 @@ def _readiness(ts: TorchServe, expected: set[tuple[str, str]]) -> list[str]:
         info = registered.get((model, version))
         if info is None:
             waiting.append(f"{model} {version}: not registered yet")
-        elif ready_workers(info) < max(1, int(info.get("minWorkers", 1))):
+        elif ready_workers(info) < minimum_workers(info):
             states = [w["status"] for w in info.get("workers", [])]
             waiting.append(f"{model} {version}: workers {states or 'none yet'}")
     return waiting

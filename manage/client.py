@@ -239,6 +239,11 @@ def ready_workers(info: dict[str, Any]) -> int:
     return sum(worker["status"] == READY for worker in info.get("workers", []))
 
 
+def minimum_workers(info: dict[str, Any]) -> int:
+    """How many READY workers make a version ready: its minWorkers, and at least one."""
+    return max(1, int(info.get("minWorkers", 1)))
+
+
 def parse_expiry(text: str) -> dt.datetime:
     """TorchServe writes nanoseconds ("2026-01-01T10:00:00.123456789Z"); Python reads up to microseconds."""
     seconds, _, fraction = text.rstrip("Z").partition(".")

@@ -36,7 +36,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from manage.client import READY, REPO, ServeError, TorchServe, health_address, server_alive
+from manage.client import (
+    READY,
+    REPO,
+    ServeError,
+    TorchServe,
+    health_address,
+    minimum_workers,
+    ready_workers,
+    server_alive,
+)
 
 logger = logging.getLogger("health")
 
@@ -71,8 +80,8 @@ class VersionHealth:
         self.ready_pids = {int(w.get("pid") or -1) for w in workers if w["status"] == READY}
         while self.deaths and self.deaths[0] < now - window:
             self.deaths.popleft()
-        self.ready = sum(w["status"] == READY for w in workers)
-        self.minimum = max(1, int(info.get("minWorkers", 1)))
+        self.ready = ready_workers(info)
+        self.minimum = minimum_workers(info)
         self.states = [w["status"] for w in workers]
 
 
@@ -144,11 +153,10 @@ class Checker:
 
     def __init__(self, interval: float = 0.5, window: float = 30.0, flapping: int = 2, stale: float = 10.0,
                  defaults_every: int = 5):
-        from manage.proxy import Proxy, Routes
+        from manage.proxy import Proxy
 
         self.ts = TorchServe(timeout=5)
         self.proxy = Proxy()
-        self.routes = lambda: Routes(self.proxy.routes_file, fresh=self.proxy.master() is None)
         self.interval, self.window, self.flapping, self.stale = interval, window, flapping, stale
         self.defaults_every = defaults_every
         self.versions: dict[tuple[str, str], VersionHealth] = {}
@@ -223,7 +231,7 @@ class Checker:
     def traffic(self) -> set[tuple[str, str]]:
         """The versions that receive traffic: each model's default and every version of its A/B split."""
         versions = {(model, version) for model, version in self.defaults.items()}
-        for model, route in self.routes().models.items():
+        for model, route in self.proxy.routes().models.items():
             versions |= {(model, version) for version in route["split"]}
         return versions
 

@@ -290,14 +290,14 @@ def _host_port(url: str) -> str:
     return f"{parsed.hostname}:{parsed.port}"
 
 
-def max_body() -> str:
+def max_body() -> int:
     """TorchServe's max_request_size, as nginx's client_max_body_size: one limit for both."""
-    return f"{int(read_properties().get('max_request_size', 6553500))}"
+    return int(read_properties().get("max_request_size", 6553500))
 
 
 def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, logs: Path) -> str:
     blocks = [_model_blocks(model, route["split"]) for model, route in sorted(routes.models.items())]
-    limit_bytes = int(max_body())
+    limit_bytes = max_body()
     limit = f"{limit_bytes / 2**20:g} MiB ({limit_bytes} bytes)"
     pages, locations = _error_blocks((401, 404, 405, 408, 413, 502, 504), limit)
     management_pages, management_locations = _error_blocks((401, 403, 404, 405, 413, 502, 504), limit)
@@ -306,7 +306,7 @@ def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, lo
         "workers": "auto",
         "state": str(state),
         "logs": str(logs),
-        "max_body": max_body(),
+        "max_body": str(limit_bytes),
         "client_timeout": f"{CLIENT_TIMEOUT}s",
         "read_timeout": f"{READ_TIMEOUT}s",
         "inference": _host_port(address("inference")),
@@ -332,17 +332,17 @@ def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, lo
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], TEMPLATE.read_text())
 
 
-def _children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid`` (nginx's workers of its master), from /proc."""
-    children = set()
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (nginx's workers of its master, TorchServe's workers), from /proc."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
         except OSError:  # exited while we looked
             continue
         if int(fields[1]) == pid:
-            children.add(int(stat.parent.name))
-    return children
+            found.append(int(stat.parent.name))
+    return sorted(found)
 
 
 def _alive(pid: int) -> bool:
@@ -385,7 +385,11 @@ class Proxy:
             except BlockingIOError:
                 yield None
                 return
-            yield Routes(self.routes_file, fresh=self.master() is None)
+            yield self.routes()
+
+    def routes(self) -> Routes:
+        """The routing table as it stands (empty when nginx is not running: a table lives as long as its proxy)."""
+        return Routes(self.routes_file, fresh=self.master() is None)
 
     @property
     def routes_file(self) -> Path:
@@ -447,7 +451,7 @@ class Proxy:
             action = "started"
             old_workers: set[int] = set()
         else:
-            old_workers = _children(master)
+            old_workers = set(children(master))
             os.kill(master, signal.SIGHUP)
             action = "reloaded"
         self._wait(lambda: self._serves(routes.generation), f"the front door to serve generation {routes.generation}")
@@ -550,8 +554,7 @@ def rollback(model: str) -> str:
 
 def share_of(model: str, version: str) -> float:
     """The share of MODEL's traffic that the routing table gives VERSION (0 when MODEL is not routed)."""
-    proxy = Proxy()
-    state = Routes(proxy.routes_file, fresh=proxy.master() is None).state(model)
+    state = Proxy().routes().state(model)
     return 0.0 if state is None else state["split"].get(version, 0.0) / sum(state["split"].values())
 
 
