@@ -21,8 +21,6 @@ import argparse
 import base64
 import datetime as dt
 import hashlib
-import importlib
-import inspect
 import json
 import logging
 import shutil
@@ -34,6 +32,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -46,12 +45,13 @@ from export.checkpoint import CheckpointError
 from export.datasets import DataError, as_mapping, read_eval, read_labels
 from export.huggingface import HuggingFaceError
 from export.onnx import OnnxExportError, export_onnx, model_call
-from export.parity import ParityError, check_parity, tensors_of
+from export.parity import ParityError, arrays_of, check_parity
 from export.preprocessing import PreprocessingError, compare, load_transform
 from export.sources import SourceError, source_for
 from export.torchscript import export_torchscript
-from handlers.base import BUILD_RECORD, ModelHandler, Reply
-from handlers.runtime import RUNTIME_FILES, load_model
+import handlers
+from handlers.base import BUILD_RECORD, ModelHandler, Reply, encode_answer
+from handlers.runtime import RUNTIME_FILES, load_model, numpy_model
 
 logger = logging.getLogger("build_mar")
 
@@ -70,13 +70,11 @@ class BuildError(RuntimeError):
 
 
 def handler_class(module_name: str) -> type[ModelHandler]:
-    """The one class a module in handlers/ defines, a handler, as TorchServe will find it (it refuses an entry
-    module that defines more than one class)."""
-    module = importlib.import_module(f"handlers.{module_name}")
-    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
-    if len(classes) != 1 or not issubclass(classes[0], ModelHandler):
-        raise BuildError(f"handlers/{module_name}.py must define exactly one class, a handler; found {classes}")
-    return classes[0]
+    """The handler class of handlers/<module_name>.py (``handlers.handler_class``); BuildError if it has none."""
+    try:
+        return handlers.handler_class(module_name)
+    except TypeError as error:
+        raise BuildError(str(error)) from None
 
 
 def handler_files() -> list[Path]:
@@ -114,7 +112,7 @@ def input_fingerprint(spec: VersionSpec) -> str:
 
 def load_served(path: Path, handler: ModelHandler):
     """An exported file loaded as the server will load it, with the model's own settings."""
-    return load_model(path, torch.device("cpu"), int(handler.settings["threads"]),
+    return load_model(path, "cpu", int(handler.settings["threads"]),
                       bool(handler.settings["optimize_for_inference"]))
 
 
@@ -171,16 +169,15 @@ def measure_accuracy(model, handler: ModelHandler, payloads: list[bytes], labels
     """Top-1 (``held_out``) and, with more than five classes, top-5 accuracy through the handler's own decoding:
     what the server computes."""
     top1 = top5 = classes = 0
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(payloads), EVAL_BATCH), desc=f"accuracy on {name}", unit="batch",
-                          leave=False, disable=None):
-            batch = handler.collate([handler.decode(p) for p in payloads[start:start + EVAL_BATCH]])
-            outputs = handler.forward(model, batch)
-            classes = outputs.shape[1]
-            ranked = outputs.topk(min(5, classes), dim=1).indices
-            target = torch.tensor(labels[start:start + EVAL_BATCH])[:, None]
-            top1 += int((ranked[:, :1] == target).sum())
-            top5 += int((ranked == target).any(dim=1).sum())
+    for start in tqdm(range(0, len(payloads), EVAL_BATCH), desc=f"accuracy on {name}", unit="batch",
+                      leave=False, disable=None):
+        batch = handler.collate([handler.decode(p) for p in payloads[start:start + EVAL_BATCH]])
+        outputs = np.asarray(handler.forward(model, batch))
+        classes = outputs.shape[1]
+        ranked = np.argsort(-outputs, axis=1, kind="stable")[:, :min(5, classes)]
+        target = np.asarray(labels[start:start + EVAL_BATCH])[:, None]
+        top1 += int((ranked[:, :1] == target).sum())
+        top5 += int((ranked == target).any(axis=1).sum())
     result = {"held_out": round(top1 / len(labels), 6), "correct": top1, "samples": len(labels)}
     if classes > 5:
         result["top5"] = round(top5 / len(labels), 6)
@@ -224,10 +221,10 @@ def check_labels(spec: VersionSpec, labels: dict | None, outputs) -> None:
     """A classifier's labels must name every output: as many labels as the model has outputs."""
     if labels is None:
         return
-    [first, *_] = tensors_of(outputs)
-    if first.dim() != 2 or first.shape[1] != len(labels):
+    [first, *_] = arrays_of(outputs)
+    if first.ndim != 2 or first.shape[1] != len(labels):
         raise BuildError(f"{spec.model} {spec.version}: refused: the labels name {len(labels)} classes but the "
-                         f"model has {first.shape[1] if first.dim() == 2 else tuple(first.shape)} outputs")
+                         f"model has {first.shape[1] if first.ndim == 2 else tuple(first.shape)} outputs")
 
 
 def check_preprocessing(spec: VersionSpec, handler: ModelHandler, served, payloads: dict[str, bytes]) -> dict | None:
@@ -246,10 +243,7 @@ def check_preprocessing(spec: VersionSpec, handler: ModelHandler, served, payloa
 def answer_bytes(answer) -> tuple[str, bytes]:
     """An answer as TorchServe sends it: (content type, body)."""
     reply = answer if isinstance(answer, Reply) else Reply(answer)
-    body = reply.body
-    if not isinstance(body, (bytes, bytearray)):
-        body = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-    return reply.content_type, bytes(body)
+    return reply.content_type, encode_answer(reply.body)
 
 
 def same_answer(expected: bytes, served: bytes, tolerance: float = ANSWER_TOLERANCE) -> bool:
@@ -279,11 +273,10 @@ def check_served(spec: VersionSpec, archive_path: Path, handler: ModelHandler, s
     nothing of this repository or of the user's code on the path) and check that it answers every sample as the
     build computed it."""
     expected = {}
-    with torch.inference_mode():
-        for name, payload in samples.items():
-            item = handler.decode(payload)
-            [answer] = handler.answer(handler.forward(served, handler.collate([item])), [item])
-            expected[name] = answer_bytes(answer)
+    for name, payload in samples.items():
+        item = handler.decode(payload)
+        [answer] = handler.answer(handler.forward(served, handler.collate([item])), [item])
+        expected[name] = answer_bytes(answer)
     with tempfile.TemporaryDirectory(prefix="worker-") as folder:
         with zipfile.ZipFile(archive_path) as mar:
             mar.extractall(folder)
@@ -380,8 +373,8 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
         items = {sample: handler.decode(payload) for sample, payload in samples.items()}
         cases = {f"{sample} (batch of 1)": handler.collate([item]) for sample, item in items.items()}
         cases[f"all {len(items)} samples as one batch"] = handler.collate(list(items.values()))
-        with torch.inference_mode():
-            check_labels(spec, labels, handler.forward(built.model, next(iter(cases.values()))))
+        eager = numpy_model(built.model)  # called with numpy arrays, as the served runtimes are
+        check_labels(spec, labels, handler.forward(eager, next(iter(cases.values()))))
 
         exported = export_model(built.model, handler, spec, handler.collate(list(items.values())[:2]), work,
                                 runtimes_to_ship(spec, handler, built.model), built.shipped)
@@ -391,7 +384,7 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
         parities = {}
         for runtime, path in exported.items():
             try:
-                parities[runtime] = check_parity(built.model, load_served(path, handler), cases, forward=handler.forward)
+                parities[runtime] = check_parity(eager, load_served(path, handler), cases, forward=handler.forward)
             except ParityError as error:
                 raise BuildError(f"{name}: refused: {runtime}: {error}") from None
             logger.info("%s: %s parity ok, max |exported - eager| = %.2e (%s)", name, runtime,

@@ -88,7 +88,8 @@ start_torchserve() {
   local started=$SECONDS
   echo "starting TorchServe (java: $JAVA_HOME) with: $archives"
   # TorchServe writes its key file into the current folder: keep it in SERVE_HOME, readable by its owner only.
-  (umask 077 && cd "$SERVE_HOME" && "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" \
+  # handlers/site: the workers' start-up hook, which defers torch until a worker uses it (ONNX Runtime workers never).
+  (umask 077 && cd "$SERVE_HOME" && PYTHONPATH="$ROOT/handlers/site:$PYTHONPATH" "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" \
       --log-config "$ROOT/log4j2.xml" --model-store "$MODEL_STORE" --models $archives >>"$LOG_DIR/torchserve.out" 2>&1)
   if ! manage wait; then
     echo "TorchServe did not become ready; last lines of $LOG_DIR/model_log.log and ts_log.log:" >&2

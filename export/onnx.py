@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from handlers.runtime import to_numpy, to_tensors
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,17 +37,19 @@ class FirstCall:
     def __init__(self, model: torch.nn.Module):
         self.model, self.args = model, None
 
-    def __call__(self, *args):
+    def __call__(self, *arrays):
+        args = to_tensors(arrays)
         if self.args is None:
             self.args = args
-        return self.model(*args)
+        with torch.inference_mode():
+            return to_numpy(self.model(*args))
 
 
 def model_call(model: torch.nn.Module, forward: Callable, batch: Any) -> tuple:
-    """The arguments ``forward(model, batch)`` calls the model with (the first call, where it makes several)."""
+    """The arguments ``forward(model, batch)`` calls the model with (the first call, where it makes several), as
+    tensors."""
     recorder = FirstCall(model)
-    with torch.inference_mode():
-        forward(recorder, batch)
+    forward(recorder, batch)
     if recorder.args is None:
         raise OnnxExportError("the handler's forward never called the model")
     return recorder.args
@@ -89,7 +93,7 @@ def export_onnx(model: torch.nn.Module, args: tuple, path: Path, dynamic_axes: t
 
 class OnnxReference:
     """A user's ONNX file run by ``onnx.reference`` (the ONNX specification's own Python implementation of each
-    operator), called like a torch module: the "eager" side of the parity check for an ONNX file served as it is, so
+    operator), called like the served runtimes (numpy arrays in and out): the "eager" side of the parity check for an ONNX file served as it is, so
     that ONNX Runtime, with its graph optimisations, is held to what the file itself says. Slow (numpy), used only
     at build time."""
 
@@ -104,9 +108,9 @@ class OnnxReference:
                                   f"{' '.join(str(error).split())[:300]}") from None
         self.input_names = list(self.evaluator.input_names)
 
-    def __call__(self, *inputs: torch.Tensor):
-        feeds = {name: tensor.detach().cpu().numpy() for name, tensor in zip(self.input_names, inputs)}
-        outputs = [torch.from_numpy(array) for array in self.evaluator.run(None, feeds)]
+    def __call__(self, *arrays):
+        feeds = dict(zip(self.input_names, arrays))
+        outputs = self.evaluator.run(None, feeds)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def eval(self) -> "OnnxReference":

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-import torch
+import numpy as np
 
 PARITY_TOLERANCE = 1e-4
 
@@ -34,42 +34,43 @@ class ParityResult:
         return asdict(self)
 
 
-def tensors_of(outputs: Any) -> list[torch.Tensor]:
-    """Every tensor in a model's outputs: a tensor, or tuples, lists and dicts of them."""
-    if isinstance(outputs, torch.Tensor):
+def arrays_of(outputs: Any) -> list[np.ndarray]:
+    """Every array in a model's outputs: an array, or tuples, lists and dicts of them."""
+    if isinstance(outputs, np.ndarray):
         return [outputs]
     if isinstance(outputs, dict):
         outputs = list(outputs.values())
     if isinstance(outputs, (tuple, list)):
-        return [t for item in outputs for t in tensors_of(item)]
+        return [t for item in outputs for t in arrays_of(item)]
     return []
 
 
-def check_parity(eager: torch.nn.Module, exported: Callable, cases: dict[str, Any],
+def check_parity(eager: Callable, exported: Callable, cases: dict[str, Any],
                  tolerance: float = PARITY_TOLERANCE, forward: Callable | None = None) -> ParityResult:
     """Compare the export, loaded as the server loads it, with eager on each named batch of inputs, both run
-    through ``forward(model, batch)`` (default: ``model(batch)``)."""
+    through ``forward(model, batch)`` (default: ``model(batch)``). Both models take and give numpy arrays
+    (``handlers.runtime.numpy_model``)."""
     forward = forward or (lambda model, batch: model(batch))
     worst_name, worst = "", -1.0
-    with torch.inference_mode():
-        for name, batch in cases.items():
-            expected = tensors_of(forward(eager, batch))
-            try:
-                actual = tensors_of(forward(exported, batch))
-            except Exception as error:  # the runtime's own error (a fixed axis, a missing operator), named and kept
-                raise ParityError(f"parity check failed on {name}: the exported model cannot run it: "
-                                  f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error
-            shapes = [tuple(t.shape) for t in expected], [tuple(t.shape) for t in actual]
-            if shapes[0] != shapes[1]:
-                raise ParityError(f"parity check failed on {name}: exported output shapes {shapes[1]} "
-                                  f"!= eager {shapes[0]}")
-            diff = max(float((e.float() - a.float()).abs().max()) for e, a in zip(expected, actual))
-            largest = max(float(e.float().abs().max()) for e in expected)
-            allowed = tolerance * max(1.0, largest)
-            if diff != diff or diff > allowed:  # NaN counts as a failure
-                scaled = f" ({tolerance:g} x the largest output, {largest:.3g})" if largest > 1 else ""
-                raise ParityError(f"parity check failed on {name}: max |exported - eager| = {diff:.3g} "
-                                  f"> tolerance {allowed:.3g}{scaled}")
-            if diff > worst:
-                worst_name, worst = name, diff
+    for name, batch in cases.items():
+        expected = arrays_of(forward(eager, batch))
+        try:
+            actual = arrays_of(forward(exported, batch))
+        except Exception as error:  # the runtime's own error (a fixed axis, a missing operator), named and kept
+            raise ParityError(f"parity check failed on {name}: the exported model cannot run it: "
+                              f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error
+        shapes = [tuple(t.shape) for t in expected], [tuple(t.shape) for t in actual]
+        if shapes[0] != shapes[1]:
+            raise ParityError(f"parity check failed on {name}: exported output shapes {shapes[1]} "
+                              f"!= eager {shapes[0]}")
+        diff = max(float(np.abs(e.astype(np.float32) - a.astype(np.float32)).max(initial=0.0))
+                   for e, a in zip(expected, actual))
+        largest = max(float(np.abs(e.astype(np.float32)).max(initial=0.0)) for e in expected)
+        allowed = tolerance * max(1.0, largest)
+        if diff != diff or diff > allowed:  # NaN counts as a failure
+            scaled = f" ({tolerance:g} x the largest output, {largest:.3g})" if largest > 1 else ""
+            raise ParityError(f"parity check failed on {name}: max |exported - eager| = {diff:.3g} "
+                              f"> tolerance {allowed:.3g}{scaled}")
+        if diff > worst:
+            worst_name, worst = name, diff
     return ParityResult(max_abs_diff=worst, worst_input=worst_name, inputs=len(cases), tolerance=tolerance)

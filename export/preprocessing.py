@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from handlers.runtime import numpy_model
 from handlers.vision import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -511,7 +512,7 @@ def compare(handler: Any, transform: Callable, model: Callable, payloads: dict[s
     expected, served = [], []
     for name in names:
         expected.append(run_transform(transform, reference_image(payloads[name], mode), name))
-        served.append(handler.collate([handler.decode(payloads[name])])[0])
+        served.append(torch.from_numpy(handler.collate([handler.decode(payloads[name])])[0]))
         if expected[-1].shape != served[-1].shape:
             where = first_difference(handler, transform, payloads[name])
             raise PreprocessingError(f"the served preprocessing differs from your transform on {name} {where}; "
@@ -544,8 +545,9 @@ def run_transform(transform: Callable, image: Image.Image, name: str) -> torch.T
 
 
 def top1(model: Callable, batch: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(part).argmax(1) for part in batch.split(MODEL_BATCH)])
+    """The model's top class per row; ``model`` is a torch module or a served runtime (numpy in and out)."""
+    model = numpy_model(model)
+    return torch.cat([torch.from_numpy(np.asarray(model(part.numpy())).argmax(1)) for part in batch.split(MODEL_BATCH)])
 
 
 def _hint(handler: Any, transform: Any) -> str:
@@ -566,7 +568,7 @@ def _hint(handler: Any, transform: Any) -> str:
 
 def _setting(transform: ImageTransform, key: str) -> Any:
     value = getattr(transform, key)
-    return value.flatten().tolist() if isinstance(value, torch.Tensor) else value
+    return value.flatten().tolist() if isinstance(value, np.ndarray) else value
 
 
 @dataclass
@@ -581,7 +583,7 @@ def first_difference(handler: Any, transform: Any, payload: bytes) -> str:
     """Where the two pipelines part on one image: "at step 1, Resize(256, interpolation=bicubic): ..."."""
     image = reference_image(payload, input_mode(transform, handler))
     expected = run_transform(transform, image, "the image")
-    actual = handler.collate([handler.decode(payload)])[0]
+    actual = torch.from_numpy(handler.collate([handler.decode(payload)])[0])
     served = getattr(handler, "transform", None)
     if not isinstance(served, ImageTransform):
         return "in the tensor the model gets"
@@ -595,7 +597,7 @@ def first_difference(handler: Any, transform: Any, payload: bytes) -> str:
             return f"{_where(snapshot)}: {found}{note if snapshot.stage != 'decoded' else ''}"
     if expected.shape != actual.shape:
         return f"in the tensor the model gets: {tuple(expected.shape)} where the server gives {tuple(actual.shape)}"
-    levels = ((expected - actual).abs() * served.std[0] * 255.0).mean()
+    levels = ((expected - actual).abs() * torch.from_numpy(served.std[0]) * 255.0).mean()
     culprit = next((s for s in reversed(snapshots) if s.normalizes), snapshots[-1])
     return (f"{_where(culprit)}: the values the model gets differ by {float(levels):.2f} levels of 255 on average "
             f"while the pixels before it agree{note}")

@@ -35,6 +35,7 @@ from archives.store import sha256_file
 from export import digits as digits_model
 from export import super_resolution
 from export.samples import encode, photo, samples_for
+from handlers.runtime import numpy_model
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def digits_cnn_identity(epochs: int, learning_rate: float, batch_size: int = 64,
 def digits_cnn_build(preprocess, epochs: int, learning_rate: float, batch_size: int = 64, seed: int = 0) -> Built:
     images, labels = digits_model.digit_images()
     train_idx, test_idx = digits_model.split(labels)
-    inputs = preprocess.collate([torch.from_numpy(image[..., None]) for image in images[train_idx]])
+    inputs = torch.from_numpy(preprocess.collate([image[..., None] for image in images[train_idx]]))
     model = digits_model.train(inputs, torch.from_numpy(labels[train_idx]), epochs, learning_rate, batch_size, seed)
     held_out = [encode(images[i], "PNG") for i in test_idx]
     samples = {f"digit #{i} (label {labels[i]})": encode(images[i], "PNG") for i in test_idx[:8]}
@@ -95,15 +96,14 @@ def espcn_build(preprocess, scale: int, steps: int, batch: int, patch: int, lear
         raise SourceError(f"the handler's scale {preprocess.settings['scale']} is not the source's {scale}")
     model = super_resolution.train(scale, steps, batch, patch, learning_rate, seed)
     photos = super_resolution.held_out(scale)
-    per_photo = {}
-    with torch.inference_mode():
-        for name, (high, payload) in photos.items():
-            item = preprocess.decode(payload)
-            [reply] = preprocess.answer(preprocess.forward(model, preprocess.collate([item])), [item])
-            served = np.asarray(Image.open(io.BytesIO(reply.body)).convert("RGB"))
-            per_photo[name] = {"psnr_db": round(super_resolution.psnr(served, high), 3),
-                               "bicubic_psnr_db": round(super_resolution.psnr(
-                                   super_resolution.bicubic_upscale(payload, scale), high), 3)}
+    per_photo, runnable = {}, numpy_model(model)
+    for name, (high, payload) in photos.items():
+        item = preprocess.decode(payload)
+        [reply] = preprocess.answer(preprocess.forward(runnable, preprocess.collate([item])), [item])
+        served = np.asarray(Image.open(io.BytesIO(reply.body)).convert("RGB"))
+        per_photo[name] = {"psnr_db": round(super_resolution.psnr(served, high), 3),
+                           "bicubic_psnr_db": round(super_resolution.psnr(
+                               super_resolution.bicubic_upscale(payload, scale), high), 3)}
     quality = {
         "scale": scale,
         "psnr_db": round(float(np.mean([p["psnr_db"] for p in per_photo.values()])), 3),

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from handlers.base import as_args
+from handlers.runtime import as_args, to_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def export_torchscript(model: torch.nn.Module, example: Any, path: Path, method:
                        freeze: bool = True, preserve: tuple[str, ...] | list[str] = ()) -> Path:
     if method not in METHODS:
         raise ValueError(f"export method must be trace or script, not {method!r}")
-    model = model.eval()
+    model, example = model.eval(), to_tensors(example)
     with torch.no_grad():
         if method == "trace":
             scripted = torch.jit.trace_module(model, traced_methods(model, example, preserve), check_trace=False)

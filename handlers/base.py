@@ -19,8 +19,8 @@ frontend fails on a phrase with a line break).
 
 Bounds of this base (settings below), refused with a 4xx before the answer reaches TorchServe:
 
-* ``max_answer_bytes``: an answer is measured as TorchServe sends it (the bytes of a ``Reply``, the JSON that
-  TorchServe writes with ``indent=2``); one over the bound is answered 413 ``answer_too_large`` instead (TorchServe's
+* ``max_answer_bytes``: an answer is measured as TorchServe sends it (the handler hands the worker bytes: a
+  ``Reply``'s own, or JSON written with ``indent=2`` as TorchServe would write it); one over the bound is answered 413 ``answer_too_large`` instead (TorchServe's
   ``max_response_size``, 26214400 bytes in config.properties, would kill the worker). The layers bound their inputs
   so that no answer comes near it with their default settings;
 * multipart bodies from the front door: nginx forwards a body whose Content-Type is ``multipart/form-data`` or
@@ -47,10 +47,11 @@ CPU kernels have no gradients. A model whose layer does not explain answers 400 
 
 Layers
 ------
-* this base: device and model loading on its runtime (``handlers/runtime.py``: TorchScript or ONNX Runtime), settings from model-config.yaml's ``handler:`` section,
-  torch threads, warm-up, payload extraction, per-request errors, batching, replies and explanations;
+* this base: device and model loading on its runtime (``handlers/runtime.py``: TorchScript or ONNX Runtime, numpy
+  arrays in and out), settings from model-config.yaml's ``handler:`` section, threads, warm-up, payload extraction,
+  per-request errors, batching, replies and explanations;
 * a task layer (``handlers/vision.py``, ``handlers/text.py``, ...): ``decode(payload) -> item`` for one request (any
-  object), ``collate(items) -> inputs`` (whatever ``forward`` takes), ``forward(model, inputs) -> outputs``
+  object), ``collate(items) -> inputs`` (numpy arrays, as ``forward`` takes them), ``forward(model, inputs) -> outputs``
   (default: ``model(inputs)``, or ``model(*inputs)`` for a tuple), ``example_input()`` and ``DYNAMIC_AXES`` (the
   axes of the model's inputs that vary, for the ONNX export);
 * a model layer (``handlers/image_classifier.py``, ...): ``answer(outputs, items) -> list`` with one answer per
@@ -70,12 +71,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-from ts.torch_handler.base_handler import BaseHandler
+import numpy as np
 from ts.utils.util import load_label_mapping
 
 from handlers.metrics import HandlerMetrics
-from handlers.runtime import TORCHSCRIPT_FILE, load_model, load_torchscript, runtime_of
+from handlers.runtime import TORCHSCRIPT_FILE, as_args, load_model, load_torchscript, runtime_of, torch_device
 
 logger = logging.getLogger(__name__)
 
@@ -86,24 +86,6 @@ FORM_HEADER = "X-Original-Content-Type"  # set by the front door on the multipar
 MESSAGE_CHARS = 1000  # an error message is cut to this many characters (it may quote the input)
 PHRASE_CHARS = 200  # the HTTP reason phrase: the message in printable ASCII, cut to this many characters
 NOT_PHRASE = re.compile(r"[^\x20-\x7e]+")  # what a reason phrase may not hold (TorchServe fails on \r and \n)
-# TorchServe writes a JSON answer with indent=2. Indentation puts a line break and 2 x depth spaces before each
-# value and each closing bracket, at most 2 x (1 + 2 x depth) characters for a value that takes at least 1 in compact
-# JSON: an answer nested at most 15 deep (the handlers' answers: 5) grows at most this many times.
-INDENT_GROWTH = 32
-
-
-def as_args(inputs: Any) -> tuple:
-    """A model's input as call arguments: a tuple is spread, anything else is the one argument."""
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
-def to_device(inputs: Any, device: torch.device) -> Any:
-    """Tensors, and tuples and lists of them, moved to the device."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(to_device(x, device) for x in inputs)
-    return inputs
 
 
 class InputError(Exception):
@@ -295,19 +277,28 @@ def form_payload(body: bytes, content_type: str, max_parts: int) -> bytes:
     return first_file
 
 
-def answer_size(body: Any, limit: int) -> int:
-    """The size of an answer as TorchServe sends it: its bytes, or its JSON written with indent=2 (measured exactly
-    only when the compact JSON is large enough for that to matter, see INDENT_GROWTH)."""
+def encode_answer(body: Any) -> bytes:
+    """An answer as TorchServe sends it: bytes as they are, text in UTF-8, anything else as JSON written with
+    indent=2 (what TorchServe's worker writes for an answer that is neither). Handing the worker bytes keeps it off
+    its tensor branch, which would import torch."""
     if isinstance(body, (bytes, bytearray)):
-        return len(body)
+        return bytes(body)
     if isinstance(body, str):
-        return len(body.encode("utf-8", "surrogatepass"))
-    compact = len(json.dumps(body))
-    return compact if compact * INDENT_GROWTH <= limit else len(json.dumps(body, indent=2))
+        return body.encode("utf-8", "surrogatepass")
+    return json.dumps(body, indent=2).encode("utf-8")
 
 
-class ModelHandler(BaseHandler):
-    """Base of the project's handlers. Subclasses set ``DEFAULTS`` and implement decode, collate and answer."""
+class ModelHandler:
+    """Base of the project's handlers. Subclasses set ``DEFAULTS`` and implement decode, collate and answer.
+
+    TorchServe's handler contract: the entry module defines one class; the worker creates it, calls
+    ``initialize(context)`` once and ``handle(data, context)`` per batch. ``handle`` runs ``preprocess``,
+    ``inference`` and ``postprocess``, as TorchServe's ``BaseHandler`` does, and records ``HandlerTime``. It is not a
+    subclass of ``BaseHandler``: that module imports torch (and its profiler) when it is imported, 320 MB in every
+    worker, ONNX Runtime workers included; TorchScript workers import torch when their model loads.
+    """
+
+    initialized = False
 
     # Settings and their defaults; model-config.yaml's ``handler:`` section overrides them. Unknown keys are refused.
     DEFAULTS: ClassVar[dict[str, Any]] = {
@@ -326,17 +317,15 @@ class ModelHandler(BaseHandler):
     DYNAMIC_AXES: ClassVar[tuple[tuple[int, ...], ...]] = ((0,),)
 
     def initialize(self, context) -> None:
-        """Load the archive's model on its runtime (``handlers/runtime.py``) and warm it up. TorchServe's own
-        loader is bypassed: it would give an ONNX Runtime session every core of the machine in every worker."""
+        """Load the archive's model on its runtime (``handlers/runtime.py``) and warm it up."""
         self.context = context
         self.manifest = context.manifest
         self.settings = self.load_settings(getattr(context, "model_yaml_config", None) or {})
         threads = int(self.settings["threads"])
-        torch.set_num_threads(threads)
         properties = context.system_properties
         self.files = Path(properties["model_dir"])
         gpu = properties.get("gpu_id")
-        self.device = torch.device(f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu")
+        self.device = "cpu" if gpu is None else f"cuda:{gpu}"
         self.configure()
         self.model_pt_path = str(self.files / self.manifest["model"]["serializedFile"])
         self.runtime = runtime_of(self.model_pt_path)
@@ -346,10 +335,9 @@ class ModelHandler(BaseHandler):
         self.metrics = HandlerMetrics(context)
         self.metrics.accuracy(self.build_record().get("accuracy"))
         self.explainer_model = None
-        example = as_args(to_device(self.example_input(), self.device))
-        with torch.inference_mode():
-            for _ in range(int(self.settings["warmup_runs"])):
-                self.model(*example)
+        example = as_args(self.example_input())
+        for _ in range(int(self.settings["warmup_runs"])):
+            self.model(*example)
         self.initialized = True
         logger.info("%s ready on %s (%s) with settings %s", type(self).__name__, self.device, self.runtime,
                     self.settings)
@@ -378,12 +366,15 @@ class ModelHandler(BaseHandler):
             raise ValueError(f"unknown handler settings {unknown} for {cls.__name__}; known: {sorted(cls.DEFAULTS)}")
         return {**cls.DEFAULTS, **given}
 
-    # --- the three steps TorchServe's BaseHandler.handle() calls --------------------------------------------------
+    # --- the three steps of a batch ------------------------------------------------------------------------------
 
-    def _is_describe(self) -> bool:
-        """TorchServe's describe path answers a whole batch with one answer (503 for every request of a larger
-        batch): a request header ``describe: True`` is honoured only in a batch of one."""
-        return len(getattr(self.context, "request_processor", None) or ()) == 1 and super()._is_describe()
+    def handle(self, data: list, context) -> list:
+        """One batch from TorchServe: one answer per request, in order (bytes, see ``encode_answer``)."""
+        started = time.perf_counter()
+        self.context = context
+        answers = self.postprocess(self.inference(self.preprocess(data)))
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        return answers
 
     def preprocess(self, data: list) -> Batch:
         batch = Batch(size=len(data))
@@ -424,8 +415,7 @@ class ModelHandler(BaseHandler):
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
         with batch.timed("inference"):
             if batch.inputs is not None:
-                with torch.inference_mode():
-                    outputs = self.forward(self.model, to_device(batch.inputs, self.device))
+                outputs = self.forward(self.model, batch.inputs)
                 predicted = batch.predicted
                 batch.answers.update(zip(predicted, self.answer(outputs, [batch.items[idx] for idx in predicted])))
             for idx in sorted(batch.explain & batch.items.keys()):
@@ -443,34 +433,30 @@ class ModelHandler(BaseHandler):
                 reply = batch.answers.get(idx)
                 if idx not in batch.errors and not isinstance(reply, Reply):
                     reply = Reply(reply)
-                if idx not in batch.errors and (size := answer_size(reply.body, limit)) > limit:
+                body = None if idx in batch.errors else encode_answer(reply.body)
+                if body is not None and len(body) > limit:
                     batch.errors[idx] = InputError(
-                        "answer_too_large", f"the answer would be {size:,} bytes; the limit is {limit:,} "
+                        "answer_too_large", f"the answer would be {len(body):,} bytes; the limit is {limit:,} "
                         "(max_answer_bytes): send less in one request", status=413)
                 error = batch.errors.get(idx)
                 if error is not None:
                     self.context.set_response_status(error.status, error.phrase, idx)
                     self.context.set_response_content_type(idx, "application/json")
-                    responses.append(error.body())
+                    responses.append(encode_answer(error.body()))
                     continue
                 self.context.set_response_content_type(idx, reply.content_type)
                 for key, value in reply.headers.items():
                     self.context.set_response_header(idx, key, value)
-                responses.append(reply.body)
+                responses.append(body)
         answered = [batch.answers[idx] for idx in batch.predicted if idx not in batch.errors]
         classes = [name for name in map(self.top_class, answered) if name is not None]
         self.metrics.record(batch.size, batch.seconds, classes,
                             [(error.reason, error.status) for error in batch.errors.values()])
         return responses
 
-    def explain_handle(self, data_preprocess: Batch, raw_data: list) -> list:
-        """TorchServe calls this instead of inference + postprocess when the batch's first request is an
-        explanation; ``inference`` already tells explanations from predictions request by request."""
-        return self.postprocess(self.inference(data_preprocess))
-
     # --- explanations: Integrated Gradients on the TorchScript weights -------------------------------------------
 
-    def explainer(self) -> torch.jit.ScriptModule:
+    def explainer(self):
         """The TorchScript export without optimize_for_inference (its fused kernels have no gradients, and ONNX
         Runtime computes none): loaded on the first explanation, a second copy of the weights in memory from then on.
         Archives of a model that explains ship it beside an ONNX file for this, except where the model came as an
@@ -484,11 +470,19 @@ class ModelHandler(BaseHandler):
                                                     optimize_for_inference=False)
         return self.explainer_model
 
-    def integrated_gradients(self, function, inputs: torch.Tensor, baselines: torch.Tensor, target=None,
-                             additional_forward_args=None) -> tuple[torch.Tensor, float]:
+    def as_tensors(self, *arrays) -> tuple:
+        """Arrays as torch tensors on the explanations' device (explanations only: this imports torch)."""
+        import torch
+
+        device = torch_device(self.device)
+        return tuple(torch.from_numpy(np.ascontiguousarray(array)).to(device) for array in arrays)
+
+    def integrated_gradients(self, function, inputs, baselines, target=None,
+                             additional_forward_args=None) -> tuple[Any, float]:
         """Attributions of ``function(inputs)`` (one score per row, or ``target`` picks the column) to ``inputs``,
         integrated along the straight line from ``baselines``; and the convergence delta (how far their sum is
         from ``function(inputs) - function(baselines)``). ``explain_steps`` and ``explain_batch`` bound the cost."""
+        import torch
         from captum.attr import IntegratedGradients
 
         with torch.enable_grad():
@@ -508,19 +502,19 @@ class ModelHandler(BaseHandler):
         return payload_of(row)
 
     def decode(self, payload: Any) -> Any:
-        """One request's payload → one item (a tensor, or anything collate takes); raises InputError for bad input."""
+        """One request's payload → one item (an array, or anything collate takes); raises InputError for bad input."""
         raise NotImplementedError
 
     def collate(self, items: list) -> Any:
-        """The decoded items of the good requests → what ``forward`` takes."""
-        return torch.stack(items)
+        """The decoded items of the good requests → what ``forward`` takes (numpy arrays)."""
+        return np.stack(items)
 
     def forward(self, model, inputs: Any) -> Any:
         """Run the model on collated inputs (the build's parity check runs the eager model through this too)."""
         return model(*as_args(inputs))
 
     def example_input(self) -> Any:
-        """One model call's input, batch of one (a tensor, or a tuple of tensors): for warm-up and tracing."""
+        """One model call's input, batch of one (an array, or a tuple of arrays): for warm-up and tracing."""
         raise NotImplementedError
 
     def answer(self, outputs: Any, items: list) -> list:

@@ -19,22 +19,21 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
+import numpy as np
 
-from handlers.classifier import CLASSIFIER_DEFAULTS, Classifier
+from handlers.classifier import CLASSIFIER_DEFAULTS, Classifier, softmax
 from handlers.vision import ImageHandler, heat_map
 
 
 class ImageClassifier(Classifier, ImageHandler):
     DEFAULTS: ClassVar[dict[str, Any]] = {**ImageHandler.DEFAULTS, **CLASSIFIER_DEFAULTS, "explain_grid": 14}
 
-    def explanation(self, item: torch.Tensor) -> dict[str, Any]:
-        inputs = self.collate([item]).to(self.device)
-        with torch.inference_mode():
-            probabilities = torch.softmax(self.model(inputs).float(), dim=1)[0]
+    def explanation(self, item: np.ndarray) -> dict[str, Any]:
+        batch = self.collate([item])
+        probabilities = softmax(self.model(batch))[0]
         index = int(probabilities.argmax())
-        attributions, delta = self.integrated_gradients(self.explainer(), inputs, torch.zeros_like(inputs),
-                                                        target=index)
+        [inputs, baselines] = self.as_tensors(batch, np.zeros_like(batch))
+        attributions, delta = self.integrated_gradients(self.explainer(), inputs, baselines, target=index)
         grid = heat_map(attributions, int(self.settings["explain_grid"]))
         return {"class": self.label(index), "index": index, "probability": round(float(probabilities[index]), 6),
                 "grid": len(grid), "heatmap": grid, "steps": int(self.settings["explain_steps"]),

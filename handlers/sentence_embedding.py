@@ -20,16 +20,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+import numpy as np
 
 from handlers.base import Reply
 from handlers.text import TRUNCATED_HEADER, TextHandler, TextItem, rows_per_item  # noqa: F401 (the header's name)
 
 
 class SentenceEmbedder(TextHandler):
-    def answer(self, outputs: torch.Tensor, items: list[TextItem]) -> list[Reply]:
+    def answer(self, outputs: np.ndarray, items: list[TextItem]) -> list[Reply]:
         answers = []
-        for item, vectors in zip(items, rows_per_item(outputs.float().tolist(), items)):
+        for item, vectors in zip(items, rows_per_item(np.asarray(outputs, dtype=np.float32).tolist(), items)):
             tokens = [len(encoding.ids) for encoding in item.encodings]
             truncated = item.truncated
             body = ({"embedding": vectors[0], "tokens": tokens[0], "truncated": truncated[0]} if item.single else
@@ -41,12 +41,10 @@ class SentenceEmbedder(TextHandler):
         return {"explanations": [self.explain_text(encoding) for encoding in item.encodings]}
 
     def explain_text(self, encoding) -> dict[str, Any]:
-        ids, mask = self.encoded(encoding)
-        with torch.inference_mode():
-            target = self.model(ids, mask)
+        target = self.model(*self.encoded(encoding))
         model = self.explainer()
 
-        def similarity(words: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        def similarity(words, mask, target):
             return (model.encode_embeddings(words, mask) * target).sum(dim=1)
 
-        return self.explain_tokens(encoding, similarity, extra=(target.clone(),))
+        return self.explain_tokens(encoding, similarity, extra=self.as_tensors(target))

@@ -21,7 +21,6 @@ import io
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from PIL import Image
 
 from handlers.base import InputError, ModelHandler, Reply
@@ -32,11 +31,11 @@ SIZE_HEADER = "X-Output-Size"
 
 # One request, decoded: (its luma, the luma's bicubic upscaling: 1 x 1 x H x W in 0..1; the upscaled Cb and Cr).
 # A tuple, not a class: TorchServe wants exactly one class in a handler's entry module.
-Upscaling = tuple[torch.Tensor, torch.Tensor, tuple[Image.Image, Image.Image]]
+Upscaling = tuple[np.ndarray, np.ndarray, tuple[Image.Image, Image.Image]]
 
 
-def luma_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+def luma_array(image: Image.Image) -> np.ndarray:
+    return (np.asarray(image, dtype=np.float32) / np.float32(255.0))[None, None]
 
 
 class SuperResolution(ModelHandler):
@@ -55,7 +54,7 @@ class SuperResolution(ModelHandler):
         ycbcr = load_image(image, "RGB").convert("YCbCr")
         size = (ycbcr.width * int(self.settings["scale"]), ycbcr.height * int(self.settings["scale"]))
         y, cb, cr = ycbcr.split()
-        return (luma_tensor(y), luma_tensor(y.resize(size, Image.BICUBIC)),
+        return (luma_array(y), luma_array(y.resize(size, Image.BICUBIC)),
                 (cb.resize(size, Image.BICUBIC), cr.resize(size, Image.BICUBIC)))
 
     def check_output(self, width: int, height: int) -> None:
@@ -69,20 +68,20 @@ class SuperResolution(ModelHandler):
                                                 f"{out_width}x{out_height}, a PNG of up to {bound:,} bytes; the "
                                                 f"answer limit is {limit:,} (max_answer_bytes)", status=413)
 
-    def collate(self, items: list[Upscaling]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def collate(self, items: list[Upscaling]) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(low, bicubic) for low, bicubic, _ in items]
 
-    def forward(self, model, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    def forward(self, model, inputs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         return [model(low, bicubic) for low, bicubic in inputs]
 
-    def example_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def example_input(self) -> tuple[np.ndarray, np.ndarray]:
         scale = int(self.settings["scale"])
-        return torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16 * scale, 16 * scale)
+        return np.zeros((1, 1, 16, 16), np.float32), np.zeros((1, 1, 16 * scale, 16 * scale), np.float32)
 
-    def answer(self, outputs: list[torch.Tensor], items: list[Upscaling]) -> list[Reply]:
+    def answer(self, outputs: list[np.ndarray], items: list[Upscaling]) -> list[Reply]:
         replies = []
         for output, (_, _, chroma) in zip(outputs, items):
-            y = output[0, 0].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+            y = np.round(np.clip(output[0, 0], 0, 1) * np.float32(255)).astype(np.uint8)
             image = Image.merge("YCbCr", (Image.fromarray(y), *chroma)).convert("RGB")
             buffer = io.BytesIO()
             image.save(buffer, format="PNG", compress_level=int(self.settings["png_compress_level"]))

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from handlers.base import InputError, ModelHandler, Reply, request_value, some_keys
 
@@ -180,32 +179,31 @@ class TextHandler(ModelHandler):
                                                           f"{self.settings['explain_steps']} forwards and backwards",
                              status=413)
 
-    def collate(self, items: list[TextItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, items: list[TextItem]) -> tuple[np.ndarray, np.ndarray]:
         encodings = [encoding for item in items for encoding in item.encodings]
         return self.pad([encoding.ids for encoding in encodings])
 
     @staticmethod
-    def pad(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids → (ids, mask), zero-padded to the longest sequence."""
+    def pad(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids → (ids, mask), int64, zero-padded to the longest sequence."""
         length = max(len(ids) for ids in sequences)
-        ids = torch.zeros(len(sequences), length, dtype=torch.long)
-        mask = torch.zeros(len(sequences), length, dtype=torch.long)
+        ids = np.zeros((len(sequences), length), dtype=np.int64)
+        mask = np.zeros((len(sequences), length), dtype=np.int64)
         for row, sequence in enumerate(sequences):
-            ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            ids[row, :len(sequence)] = sequence
             mask[row, :len(sequence)] = 1
         return ids, mask
 
-    def example_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def example_input(self) -> tuple[np.ndarray, np.ndarray]:
         return self.pad([self.tokenizer.encode("warm up").ids])
 
     @staticmethod
     def reply(item: TextItem, body: Any) -> Reply:
         return Reply(body, headers={TRUNCATED_HEADER: str(any(item.truncated)).lower()})
 
-    def encoded(self, encoding) -> tuple[torch.Tensor, torch.Tensor]:
-        """One text's (ids, mask), a batch of one on the model's device."""
-        ids, mask = self.pad([encoding.ids])
-        return ids.to(self.device), mask.to(self.device)
+    def encoded(self, encoding) -> tuple[np.ndarray, np.ndarray]:
+        """One text's (ids, mask), a batch of one."""
+        return self.pad([encoding.ids])
 
     def pad_id(self) -> int:
         return next((i for i in map(self.tokenizer.token_to_id, PAD_TOKENS) if i is not None), 0)
@@ -213,8 +211,10 @@ class TextHandler(ModelHandler):
     def explain_tokens(self, encoding, function, target: int | None = None, extra: tuple = ()) -> dict[str, Any]:
         """Integrated Gradients of ``function(words, mask, *extra)`` (one score per row, or ``target`` picks the
         column) with respect to the text's word embeddings, from padding between its first and last word pieces."""
+        import torch
+
         model = self.explainer()
-        ids, mask = self.encoded(encoding)
+        ids, mask = self.as_tensors(*self.encoded(encoding))
         baseline_ids = torch.full_like(ids, self.pad_id())
         baseline_ids[:, 0], baseline_ids[:, -1] = ids[:, 0], ids[:, -1]  # keep [CLS] and [SEP]
         attributions, delta = self.integrated_gradients(

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
+import numpy as np
 
 from handlers.base import Reply
-from handlers.classifier import CLASSIFIER_DEFAULTS, Classifier
+from handlers.classifier import CLASSIFIER_DEFAULTS, Classifier, softmax
 from handlers.text import TextHandler, TextItem, rows_per_item
 
 
 class TextClassifier(Classifier, TextHandler):
     DEFAULTS: ClassVar[dict[str, Any]] = {**TextHandler.DEFAULTS, **CLASSIFIER_DEFAULTS}
 
-    def answer(self, outputs: torch.Tensor, items: list[TextItem]) -> list[Reply]:
+    def answer(self, outputs: np.ndarray, items: list[TextItem]) -> list[Reply]:
         answers = []
         for item, predictions in zip(items, rows_per_item(self.top_labels(outputs), items)):
             body = predictions[0] if item.single else {"predictions": predictions, "truncated": item.truncated}
@@ -49,13 +49,11 @@ class TextClassifier(Classifier, TextHandler):
         return {"explanations": [self.explain_class(encoding) for encoding in item.encodings]}
 
     def explain_class(self, encoding) -> dict[str, Any]:
-        ids, mask = self.encoded(encoding)
-        with torch.inference_mode():
-            probabilities = torch.softmax(self.model(ids, mask).float(), dim=1)[0]
+        probabilities = softmax(self.model(*self.encoded(encoding)))[0]
         index = int(probabilities.argmax())
         model = self.explainer()
 
-        def logits(words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        def logits(words, mask):
             return model.encode_embeddings(words, mask)
 
         return {"class": self.label(index), "index": index, "probability": round(float(probabilities[index]), 6),

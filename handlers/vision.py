@@ -1,4 +1,4 @@
-"""Image task layer: one encoded image per request → one normalised CHW float tensor per batch row.
+"""Image task layer: one encoded image per request → one normalised CHW float32 array per batch row (numpy).
 
 Input: the bytes of any image PIL reads (JPEG, PNG, WebP, ...; not EPS, which Pillow hands to Ghostscript), in any
 mode (grayscale, with alpha, palette, CMYK, 16-bit, ...). EXIF orientation is applied. The image is converted to
@@ -47,7 +47,6 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from handlers.base import InputError, ModelHandler
@@ -138,9 +137,11 @@ def load_image(image: Image.Image, color_mode: str) -> Image.Image:
         return image if image.mode == color_mode else image.convert(color_mode)  # each would copy the full image
 
 
-def heat_map(attributions: torch.Tensor, grid: int) -> list[list[float]]:
-    """Attributions over one image (1 x C x H x W) → a grid x grid heat map: each cell's share of the total
+def heat_map(attributions, grid: int) -> list[list[float]]:
+    """Attributions over one image (a 1 x C x H x W tensor) → a grid x grid heat map: each cell's share of the total
     absolute attribution (the cells sum to 1), rows top to bottom."""
+    import torch
+
     magnitude = attributions.abs().sum(dim=1, keepdim=True).float()
     cells = torch.nn.functional.adaptive_avg_pool2d(magnitude, min(grid, *magnitude.shape[-2:]))[0, 0]
     cells = cells / cells.sum().clamp(min=1e-12)
@@ -170,7 +171,7 @@ def fill_setting(value: Any, channels: int) -> int | tuple[int, ...]:
 
 
 class ImageTransform:
-    """Bytes → uint8 HWC tensor (decode), and a list of those → normalised NCHW float batch (collate).
+    """Bytes → uint8 HWC array (decode), and a list of those → normalised NCHW float batch (collate).
 
     Shared by the handler and by the build, which measures accuracy and parity on exactly what the server computes.
     ``load``, ``resize_image`` and ``crop_image`` are decode's steps, for comparing it step by step with a
@@ -201,8 +202,8 @@ class ImageTransform:
         self.interpolation = interpolation
         self.jpeg_draft = bool(jpeg_draft)
         self.fill = fill_setting(fill, channels)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, channels, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, channels, 1, 1)
 
     def _check_resize(self) -> None:
         if self.fit not in FITS:
@@ -238,10 +239,9 @@ class ImageTransform:
                                  status=413)
         return image
 
-    def decode(self, payload: bytes) -> torch.Tensor:
+    def decode(self, payload: bytes) -> np.ndarray:
         image = self.crop_image(self.resize_image(self.load(payload)))
-        array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array.reshape(*self.crop, self.channels).copy())
+        return np.asarray(image, dtype=np.uint8).reshape(*self.crop, self.channels)
 
     def load(self, payload: bytes) -> Image.Image:
         """The image decoded (a large JPEG at a reduced scale, ``jpeg_draft``), oriented, in ``color_mode``."""
@@ -302,12 +302,12 @@ class ImageTransform:
         left = int(round((width - crop_width) / 2.0))
         return image.crop((left, top, left + crop_width, top + crop_height))
 
-    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
-        batch = torch.stack(items).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        return batch.sub_(self.mean).div_(self.std).contiguous()
+    def collate(self, items: list[np.ndarray]) -> np.ndarray:
+        batch = np.stack(items).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+        return np.ascontiguousarray((batch - self.mean) / self.std)
 
-    def example_input(self) -> torch.Tensor:
-        return torch.zeros(1, self.channels, *self.crop)
+    def example_input(self) -> np.ndarray:
+        return np.zeros((1, self.channels, *self.crop), dtype=np.float32)
 
 
 class ImageHandler(ModelHandler):
@@ -332,12 +332,12 @@ class ImageHandler(ModelHandler):
     def configure(self) -> None:
         self.transform = ImageTransform.from_settings(self.settings)
 
-    def decode(self, payload: bytes) -> torch.Tensor:
+    def decode(self, payload: bytes) -> np.ndarray:
         return self.transform.decode(payload)
 
-    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+    def collate(self, items: list[np.ndarray]) -> np.ndarray:
         return self.transform.collate(items)
 
-    def example_input(self) -> torch.Tensor:
+    def example_input(self) -> np.ndarray:
         return self.transform.example_input()
 

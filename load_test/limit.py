@@ -16,18 +16,15 @@ import time
 import zipfile
 from pathlib import Path
 
-import torch
 import yaml
 
+from handlers import handler_class
 from handlers.runtime import load_model
 
 
 def load_pipeline(archive: Path, threads: int, optimize_for_inference: bool | None = None):
     """The handler (configured from the archive's model-config) and its model, as a TorchServe worker has them
     (``optimize_for_inference``: None as the archive says; False to see what TorchScript does without it)."""
-    from build_mar import handler_class
-
-    torch.set_num_threads(threads)
     with zipfile.ZipFile(archive) as mar, tempfile.TemporaryDirectory() as tmp:
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
         handler = handler_class(Path(manifest["model"]["handler"]).stem).from_config(
@@ -36,7 +33,7 @@ def load_pipeline(archive: Path, threads: int, optimize_for_inference: bool | No
         serialized = manifest["model"]["serializedFile"]
         mar.extract(serialized, tmp)
         optimize = handler.settings["optimize_for_inference"] if optimize_for_inference is None else optimize_for_inference
-        model = load_model(Path(tmp) / serialized, torch.device("cpu"), threads, bool(optimize))
+        model = load_model(Path(tmp) / serialized, "cpu", threads, bool(optimize))
     return handler, model
 
 
@@ -51,14 +48,13 @@ def forward_rate(archive: Path, payloads: list[bytes], batch: int, seconds: floa
 def rate(step, per_call: int, seconds: float, warmup: int = 10) -> float:
     """Items per second: ``step()`` (``per_call`` items each time) called over and over for ``seconds``, after
     ``warmup`` unmeasured calls (TorchScript's profiling executor optimises over its first calls)."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            step()
-        done, begin = 0, time.perf_counter()
-        while time.perf_counter() - begin < seconds:
-            step()
-            done += per_call
-        return done / (time.perf_counter() - begin)
+    for _ in range(warmup):
+        step()
+    done, begin = 0, time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        step()
+        done += per_call
+    return done / (time.perf_counter() - begin)
 
 
 def through(handler, model, payloads: list[bytes]) -> list:
@@ -69,18 +65,17 @@ def through(handler, model, payloads: list[bytes]) -> list:
 
 def run_batches(handler, model, payloads: list[bytes], batch: int, seconds: float, start_at: float = 0.0) -> tuple[int, float]:
     """Images through the whole pipeline in batches of ``batch`` for ``seconds``: (images, elapsed)."""
-    with torch.inference_mode():
-        for _ in range(3):  # warm-up: TorchScript optimises on its first calls
-            through(handler, model, payloads[:batch])
-        while time.time() < start_at:
-            time.sleep(0.01)
-        done, position, begin = 0, 0, time.perf_counter()
-        while time.perf_counter() - begin < seconds:
-            chunk = [payloads[(position + i) % len(payloads)] for i in range(batch)]
-            position += batch
-            through(handler, model, chunk)
-            done += batch
-        return done, time.perf_counter() - begin
+    for _ in range(3):  # warm-up: TorchScript optimises on its first calls
+        through(handler, model, payloads[:batch])
+    while time.time() < start_at:
+        time.sleep(0.01)
+    done, position, begin = 0, 0, time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        chunk = [payloads[(position + i) % len(payloads)] for i in range(batch)]
+        position += batch
+        through(handler, model, chunk)
+        done += batch
+    return done, time.perf_counter() - begin
 
 
 def single_image_latency(archive: Path, payloads: list[bytes], threads: int, repeats: int = 3) -> float:
@@ -88,12 +83,11 @@ def single_image_latency(archive: Path, payloads: list[bytes], threads: int, rep
     handler, model = load_pipeline(archive, threads)
     run_batches(handler, model, payloads, 1, 0.5)
     times = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for payload in payloads:
-                begin = time.perf_counter()
-                through(handler, model, [payload])
-                times.append(time.perf_counter() - begin)
+    for _ in range(repeats):
+        for payload in payloads:
+            begin = time.perf_counter()
+            through(handler, model, [payload])
+            times.append(time.perf_counter() - begin)
     return statistics.median(times)
 
 

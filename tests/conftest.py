@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -90,14 +91,20 @@ def start_handler(handler_class, model_dir: Path, config: dict, name: str = "tin
 def run_batch(handler, context, rows: list, explain: set[int] = frozenset(),
               headers: list[dict[str, str]] | None = None) -> list:
     """One TorchServe batch: each row a request body (a dict row is passed as it is); ``explain``: the indices
-    sent to /explanations; ``headers``: each row's request headers (as the front door would add them)."""
+    sent to /explanations; ``headers``: each row's request headers (as the front door would add them). The answers
+    come as the worker gets them, bytes (never a tensor, which would import torch in the worker), and are returned
+    parsed where they are JSON."""
     from ts.context import RequestProcessor
 
     headers = headers or [{} for _ in rows]
     context.request_processor = [RequestProcessor({**headers[i], **({"explain": "True"} if i in explain else {})})
                                  for i in range(len(rows))]
     context.metrics.request_ids = {i: f"req-{i}" for i in range(len(rows))}
-    return handler.handle([row if isinstance(row, dict) else {"body": row} for row in rows], context)
+    answers = handler.handle([row if isinstance(row, dict) else {"body": row} for row in rows], context)
+    assert all(isinstance(answer, bytes) for answer in answers), [type(answer) for answer in answers]
+    parse = json.JSONDecoder().decode  # not json.loads, which a test may replace to prove a handler never parses
+    return [parse(answer.decode()) if context.get_response_content_type(idx) == "application/json" else answer
+            for idx, answer in enumerate(answers)]
 
 
 @pytest.fixture

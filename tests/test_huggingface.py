@@ -16,7 +16,7 @@ from export import huggingface
 from export.onnx import export_onnx
 from export.samples import SENTENCES
 from export.torchscript import export_torchscript
-from handlers.runtime import OnnxModel, load_torchscript
+from handlers.runtime import OnnxModel, load_torchscript, to_tensors
 from handlers.text import TextHandler
 from handlers.text_classifier import TextClassifier
 from tests.conftest import MINILM_DIR, run_batch, start_handler
@@ -38,10 +38,10 @@ CONFIG = {"batchSize": 8, "handler": {"max_tokens": 32, "max_texts": 3, "top_k":
 
 
 def tokenize(texts: list[str], folder: Path = MINILM_DIR) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) as the text handlers collate them: zero-padded to the longest text."""
+    """(ids, mask) as the text handlers collate them (zero-padded to the longest text), as tensors."""
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.no_padding()
-    return TextHandler.pad([encoding.ids for encoding in tokenizer.encode_batch(texts)])
+    return to_tensors(TextHandler.pad([encoding.ids for encoding in tokenizer.encode_batch(texts)]))
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -169,7 +169,7 @@ def test_classifier_is_the_transformers_model_and_exports_match_eager(classifier
         assert max_diff(traced(ids, mask), expected) < 1e-4
         assert max_diff(traced.encode_embeddings(words, mask), expected) < 1e-4
         assert max_diff(traced.embed_tokens(ids), words) == 0.0
-        assert max_diff(onnx(ids, mask), expected) < 1e-4
+        assert max_diff(torch.from_numpy(onnx(ids, mask)), expected) < 1e-4  # tensors in, numpy out
 
 
 def test_tracing_preserved_methods_needs_the_models_trace_inputs(tmp_path):

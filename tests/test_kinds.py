@@ -60,7 +60,7 @@ def test_collate_pads_to_the_longest_text_of_the_batch(text_handler):
     ids, mask = handler.collate(items)
     lengths = [len(item.encodings[0].ids) for item in items]
     assert ids.shape == mask.shape == (2, max(lengths))
-    assert mask.sum(dim=1).tolist() == lengths
+    assert mask.sum(axis=1).tolist() == lengths
 
 
 def test_long_text_is_truncated_and_says_so(text_handler):
@@ -153,6 +153,6 @@ def test_minilm_matches_sentence_transformers_on_real_sentences():
     tokenizer.no_padding()
     with torch.inference_mode():
         ours = huggingface.load(MINILM_DIR, "sentence_embedding")(
-            *TextHandler.pad([e.ids for e in tokenizer.encode_batch(texts)]))
+            *map(torch.from_numpy, TextHandler.pad([e.ids for e in tokenizer.encode_batch(texts)])))
     reference = SentenceTransformer(str(MINILM_DIR), device="cpu").encode(texts, convert_to_tensor=True)
     assert float((ours - reference).abs().max()) < 1e-5
