@@ -61,18 +61,23 @@ health_running() {
 start() {
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || {
     echo "nginx (the front door) is not installed: run ./install.sh" >&2; return 1; }
-  local started=$SECONDS
+  local started=$SECONDS fresh=""
   if running; then
     echo "TorchServe is already running (SERVE_HOME=$SERVE_HOME)"
   else
     start_torchserve || return 1
+    fresh=yes
   fi
-  # The health checker runs on its own, its output in the log, holding none of this shell's files.
+  # The health checker runs on its own, its output in the log, holding none of this shell's files. It starts while
+  # the workers load, and says not ready until they are.
   if ! health_running; then
     setsid "$PYTHON" -m manage health </dev/null >>"$LOG_DIR/health.log" 2>&1 &
     echo $! >"$HEALTH_PID"
   fi
-  if ! manage front-start || ! manage wait-front; then
+  if [[ -n "$fresh" ]]; then
+    wait_torchserve || return 1
+  fi
+  if ! manage front-start --wait; then
     stop >&2
     return 1
   fi
@@ -85,12 +90,16 @@ start_torchserve() {
   local archives
   archives="$(manage archives)"
   choose_java
-  local started=$SECONDS
   echo "starting TorchServe (java: $JAVA_HOME) with: $archives"
+  TORCHSERVE_STARTED=$SECONDS
   # TorchServe writes its key file into the current folder: keep it in SERVE_HOME, readable by its owner only.
   # handlers/site: the workers' start-up hook, which defers torch until a worker uses it (ONNX Runtime workers never).
   (umask 077 && cd "$SERVE_HOME" && PYTHONPATH="$ROOT/handlers/site:$PYTHONPATH" "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" \
       --log-config "$ROOT/log4j2.xml" --model-store "$MODEL_STORE" --models $archives >>"$LOG_DIR/torchserve.out" 2>&1)
+}
+
+# Until every version is READY (the workers load in parallel), then the spec's default versions.
+wait_torchserve() {
   if ! manage wait; then
     echo "TorchServe did not become ready; last lines of $LOG_DIR/model_log.log and ts_log.log:" >&2
     tail -n 20 "$LOG_DIR/model_log.log" "$LOG_DIR/ts_log.log" >&2 2>/dev/null || true
@@ -98,7 +107,7 @@ start_torchserve() {
     return 1
   fi
   manage apply-defaults
-  echo "TorchServe ready in $((SECONDS - started)) s"
+  echo "TorchServe ready in $((SECONDS - TORCHSERVE_STARTED)) s"
 }
 
 stop() {

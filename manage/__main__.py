@@ -20,17 +20,17 @@ from manage.client import ServeError, TorchServe, minimum_workers, ready_workers
 
 
 def archives_to_serve(args) -> None:
-    """The archives serve.sh loads: every version in the manifest, each checked against its sha256 first."""
+    """What serve.sh loads: every version in the manifest, each archive checked against its sha256 and served from
+    its unpacked copy in the model store (``Manifest.unpacked``)."""
     manifest = Manifest()
     if not manifest.entries():
         raise ServeError(f"no archives in {manifest.store}: build them first with make archive")
     names = []
     for entry in manifest.entries():
         try:
-            archive, _ = manifest.verify(entry["model"], entry["version"])
+            names.append(manifest.unpacked(entry["model"], entry["version"]).name)
         except ValueError as error:
             raise ServeError(str(error)) from None
-        names.append(archive.name)
     print(" ".join(names))
 
 
@@ -117,7 +117,8 @@ def describe(args) -> None:
 
 
 def built_archive(model: str, version: str) -> Path:
-    """The archive of MODEL VERSION from the model store, after checking it against its spec and manifest entry."""
+    """The archive of MODEL VERSION from the model store, checked against its spec and manifest entry, unpacked
+    (``Manifest.unpacked``: the folder TorchServe loads without extracting)."""
     specs = load_specs()
     if model not in specs:
         raise ServeError(f"unknown model {model!r}: no spec in archives/ (known: {', '.join(sorted(specs))})")
@@ -128,10 +129,9 @@ def built_archive(model: str, version: str) -> Path:
     if manifest.get(model, version) is None:
         raise ServeError(f"{model} {version} is not built: make archive MODEL={model} VERSION={version}")
     try:
-        archive, _ = manifest.verify(model, version)
+        return manifest.unpacked(model, version)
     except ValueError as error:
         raise ServeError(f"refused: {error}") from None
-    return archive
 
 
 def register(args) -> None:
@@ -182,6 +182,8 @@ def routes(args) -> None:
 
 def front_start(args) -> None:
     print(proxy.Proxy().start())
+    if args.wait:
+        wait_front(args)
 
 
 def front_stop(args) -> None:
@@ -320,11 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     command("rollback", rollback, "return MODEL to the default and split before the last ab or promote", "model")
     command("routes", routes, "the routing table the front door serves")
     command("routes-reset", routes_reset, "drop every A/B split (TorchServe's defaults take all the traffic again)")
-    command("front-start", front_start, "(serve.sh) start the front door (nginx)")
+    command("front-start", front_start, "(serve.sh) start the front door (nginx); --wait: until /health/ready says "
+            "ready", wait={"action": "store_true"}, timeout={"type": float, "default": 60.0})
     command("front-stop", front_stop, "(serve.sh) stop the front door (in-flight requests are answered first)")
     command("health", health_checker, "(serve.sh) run the health checker behind /health/live and /health/ready")
-    command("wait-front", wait_front, "(serve.sh) wait until /health/ready says ready",
-            timeout={"type": float, "default": 60.0})
     command("token", token, "print the current key (renewed if expired)").add_argument(
         "kind", choices=["inference", "management"])
     command("predict", predict, "send a file, print the answer", "model", "file", version={})

@@ -216,8 +216,10 @@ class TorchServe:
         self.management("PUT", f"/models/{model}/{version}/set-default")
 
     def register(self, archive_name: str, **params: str | int) -> str:
-        """Register an archive from the model store; returns when its workers are up (synchronous). ``params`` are
-        the management API's other register parameters (model_name, initial_workers, batch_size, ...)."""
+        """Register an archive from the model store, by its name (``<model>_<version>.mar``, extracted by
+        TorchServe) or by its unpacked folder's (``<model>_<version>``, linked); returns when its workers are up
+        (synchronous). ``params`` are the management API's other register parameters (model_name, initial_workers,
+        batch_size, ...)."""
         query = "".join(f"&{key}={value}" for key, value in params.items())
         return self.management("POST", f"/models?url={archive_name}&synchronous=true{query}")["status"]
 

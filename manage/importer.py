@@ -394,7 +394,7 @@ def import_model(request: Request, specs_dir: Path = SPECS_DIR, register: bool =
             plan.runtime = "torchscript"
     if register and server_alive():
         ts = TorchServe(timeout=300)
-        ts.register(record["archive"])
+        ts.register(Manifest().unpacked(request.name, version).name)
         if before is None:
             ts.set_default(request.name, version)
         record["registered"] = "default" if before is None else "registered, not default"

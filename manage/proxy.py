@@ -194,8 +194,9 @@ def _model_blocks(model: str, split: dict[str, float]) -> tuple[str, str]:
 ERRORS = {
     401: ("unauthorized", "missing or wrong key: send Authorization: Bearer <key> (./serve.sh token inference; "
                           "token management for the management API)"),
-    403: ("forbidden", "models are registered by the name of an archive in the model store (url=<name>.mar, "
-                       "no body); URLs, paths and workflows are refused"),
+    403: ("forbidden", "models are registered by the name of an archive in the model store "
+                       "(url=<model>_<version>.mar, or its unpacked folder url=<model>_<version>; no body); URLs, "
+                       "paths, other folders and workflows are refused"),
     404: ("not_found", "no such endpoint on this port; the front door serves /predictions/<model>[/<version>], "
                        "/explanations/..., /ping, /health/live and /health/ready (inference), /models... and "
                        "/ab/routes (management, loopback), /metrics (metrics)"),

@@ -20,10 +20,9 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from archives.store import Manifest
 from manage.client import TorchServe, address, instance_env, read_properties
 from manage.proxy import CLIENT_TIMEOUT
-from tests.conftest import REPO, instance
+from tests.conftest import REPO, instance, ready_pids, store_of
 
 pytestmark = pytest.mark.integration
 
@@ -43,10 +42,6 @@ def json_error(response: requests.Response, status: int, reason: str) -> dict:
     assert body["code"] == status and body["error"] == reason and body["message"], body
     assert response.headers.get("X-Request-Id")
     return body
-
-
-def ready_pids(client: TorchServe, model: str, version: str) -> list[int]:
-    return sorted(w["pid"] for w in client.registered()[(model, version)]["workers"] if w["status"] == "READY")
 
 
 # --- refusals --------------------------------------------------------------------------------------------------
@@ -110,7 +105,9 @@ def test_the_management_api_and_workflows_are_not_reachable_through_the_front_do
     assert requests.get(f"{door}/models", headers=management_key, timeout=30).status_code == 200
     json_error(requests.get(f"{door}/models", timeout=30), 401, "unauthorized")
     json_error(requests.post(f"{door}/workflows?url=x.war", headers=management_key, timeout=30), 404, "not_found")
-    for url in ("http://127.0.0.1:1/x.mar", "file:///etc/passwd", "/tmp", "../model_store/digits_2.0.mar"):
+    # folders in TorchServe's working folder (tmp, workflows) are not archives unpacked in the store
+    for url in ("http://127.0.0.1:1/x.mar", "file:///etc/passwd", "/tmp", "../model_store/digits_2.0.mar", "tmp",
+                "workflows", "digits_2.0/"):
         response = requests.post(f"{door}/models", params={"url": url}, headers=management_key, timeout=30)
         json_error(response, 403, "forbidden")
     response = requests.post(f"{door}/models", json={"url": "http://127.0.0.1:1/x.mar"},
@@ -308,15 +305,7 @@ def small(tmp_path_factory):
     """digits 2.0 and efficientnet_lite0's default on their own TorchServe: HTTPS at the front door with a
     certificate from a throwaway CA, and a queue of 2 requests per version."""
     home = tmp_path_factory.mktemp("small")
-    store = home / "store"
-    store.mkdir()
-    source = Manifest()
-    manifest = Manifest(store)
-    for model, version in (("digits", "2.0"), ("efficientnet_lite0", "1.1")):
-        entry = source.get(model, version)
-        os.link(source.store / entry["archive"], store / entry["archive"])
-        manifest.record(entry)
-    manifest.save()
+    store = store_of(home / "store", [("digits", "2.0"), ("efficientnet_lite0", "1.1")])
     ca, cert, key = make_ca(home)
     env = {**instance_env(home / "serve"), "MODEL_STORE": str(store), "TLS_CERT": str(cert), "TLS_KEY": str(key),
            "TS_JOB_QUEUE_SIZE": "2", "REQUESTS_CA_BUNDLE": str(ca)}

@@ -22,7 +22,8 @@ from export.samples import SENTENCES
 from export.sources import SOURCES, Source
 from handlers.image_classifier import ImageClassifier
 from handlers.runtime import OnnxModel
-from tests.conftest import manage, ok
+from manage.client import TorchServe, instance_env
+from tests.conftest import instance, loads_torch, manage, ok, ready_pids, store_of
 from tests.test_build import SPEC, BrightnessSwitch, write_spec
 
 ONNX_SPEC = {**SPEC, "versions": {"1.0": {**SPEC["versions"]["1.0"], "runtime": "onnxruntime"}}}
@@ -180,3 +181,24 @@ def test_an_ab_split_between_torchscript_and_onnx_runtime(served, photos, restor
         versions = Counter(pool.map(one, jobs))
     assert versions.keys() == set(IMAGE_VERSIONS), versions
     print(f"A/B TorchScript 1.0 / ONNX Runtime 1.1, 50/50 over {len(jobs)} photos: {dict(versions)}")
+
+
+@pytest.mark.integration
+def test_onnx_runtime_workers_never_import_torch_until_they_explain(tmp_path, photos):
+    """A TorchServe of one ONNX Runtime version: after predictions (every photo, in batches) no worker process has
+    torch loaded (TorchServe's worker module imports it at its top; handlers/site defers it); an explanation, which
+    needs torch's gradients, loads it in the worker that explains, and only there."""
+    store = store_of(tmp_path / "store", [("efficientnet_lite0", "1.1")])
+    with instance({**instance_env(tmp_path / "serve"), "MODEL_STORE": str(store)}):
+        client = TorchServe()
+        pids = ready_pids(client, "efficientnet_lite0", "1.1")
+        assert len(pids) == 2
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda payload: client.predict("efficientnet_lite0", payload),
+                                    list(photos.values()) * 3))
+        assert all(answer.status_code == 200 and answer.json() for answer in answers)
+        assert [loads_torch(pid) for pid in pids] == [False, False]
+        response = client.request("inference", "POST", "/explanations/efficientnet_lite0", data=photos["chelsea"])
+        assert "cat" in response.json()["class"]
+        assert sorted(loads_torch(pid) for pid in pids) == [False, True]
+        assert ready_pids(client, "efficientnet_lite0", "1.1") == pids
