@@ -24,6 +24,8 @@ PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 # One TorchServe per temp folder: its pid file, Java's temp files and the workers' sockets live in SERVE_HOME/tmp.
 export TMPDIR="$SERVE_HOME/tmp" TEMP="$SERVE_HOME/tmp"
 export LOG_LOCATION="$LOG_DIR" METRICS_LOCATION="$LOG_DIR"
+# The repository for `manage`; not for TorchServe's workers, which run the handlers their archive carries.
+USER_PYTHONPATH="${PYTHONPATH:-}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # config.properties names monitoring/metrics.yaml as $$TOOLKIT_ROOT$$/monitoring/metrics.yaml, allowed_urls as
 # file://$$MODEL_STORE$$/... and the workflow store as $$SERVE_HOME$$/workflows (kept empty).
@@ -94,7 +96,7 @@ start_torchserve() {
   TORCHSERVE_STARTED=$SECONDS
   # TorchServe writes its key file into the current folder: keep it in SERVE_HOME, readable by its owner only.
   # handlers/site: the workers' start-up hook, which defers torch until a worker uses it (ONNX Runtime workers never).
-  (umask 077 && cd "$SERVE_HOME" && PYTHONPATH="$ROOT/handlers/site:$PYTHONPATH" "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" \
+  (umask 077 && cd "$SERVE_HOME" && PYTHONPATH="$ROOT/handlers/site${USER_PYTHONPATH:+:$USER_PYTHONPATH}" "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" \
       --log-config "$ROOT/log4j2.xml" --model-store "$MODEL_STORE" --models $archives >>"$LOG_DIR/torchserve.out" 2>&1)
 }
 
