@@ -76,10 +76,16 @@ start() {
     setsid "$PYTHON" -m manage health </dev/null >>"$LOG_DIR/health.log" 2>&1 &
     echo $! >"$HEALTH_PID"
   fi
+  # The front door starts while the workers load too (it needs only TorchServe's key file): it answers as soon as
+  # a version is READY, and says ready when every one is.
+  if ! manage front-start; then
+    stop >&2
+    return 1
+  fi
   if [[ -n "$fresh" ]]; then
     wait_torchserve || return 1
   fi
-  if ! manage front-start --wait; then
+  if ! manage wait-front; then
     stop >&2
     return 1
   fi
@@ -94,7 +100,9 @@ start_torchserve() {
   choose_java
   echo "starting TorchServe (java: $JAVA_HOME) with: $archives"
   TORCHSERVE_STARTED=$SECONDS
-  # TorchServe writes its key file into the current folder: keep it in SERVE_HOME, readable by its owner only.
+  # TorchServe writes its key file into the current folder: keep it in SERVE_HOME, readable by its owner only. The
+  # last run's is removed first: the front door starts as soon as the new one is there.
+  rm -f "$SERVE_HOME/key_file.json"
   # handlers/site: the workers' start-up hook, which defers torch until a worker uses it (ONNX Runtime workers never).
   (umask 077 && cd "$SERVE_HOME" && PYTHONPATH="$ROOT/handlers/site${USER_PYTHONPATH:+:$USER_PYTHONPATH}" "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" \
       --log-config "$ROOT/log4j2.xml" --model-store "$MODEL_STORE" --models $archives >>"$LOG_DIR/torchserve.out" 2>&1)

@@ -25,8 +25,11 @@ def archives_to_serve(args) -> None:
     manifest = Manifest()
     if not manifest.entries():
         raise ServeError(f"no archives in {manifest.store}: build them first with make archive")
+    defaults = {spec.name: spec.default_version for spec in load_specs().values()}
     names = []
-    for entry in manifest.entries():
+    # each model's default version first: TorchServe makes the first version it loads a model's default, so the
+    # front door answers with the right one before apply-defaults has run
+    for entry in sorted(manifest.entries(), key=lambda e: (e["model"], e["version"] != defaults.get(e["model"]))):
         try:
             names.append(manifest.unpacked(entry["model"], entry["version"]).name)
         except ValueError as error:
@@ -181,9 +184,13 @@ def routes(args) -> None:
 
 
 def front_start(args) -> None:
+    """Start the front door; with a TorchServe just launched, once its key file is written (the door holds the
+    keys)."""
+    key_file = TorchServe().key_file
+    deadline = time.monotonic() + args.timeout
+    while not key_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     print(proxy.Proxy().start())
-    if args.wait:
-        wait_front(args)
 
 
 def front_stop(args) -> None:
@@ -322,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     command("rollback", rollback, "return MODEL to the default and split before the last ab or promote", "model")
     command("routes", routes, "the routing table the front door serves")
     command("routes-reset", routes_reset, "drop every A/B split (TorchServe's defaults take all the traffic again)")
-    command("front-start", front_start, "(serve.sh) start the front door (nginx); --wait: until /health/ready says "
-            "ready", wait={"action": "store_true"}, timeout={"type": float, "default": 60.0})
+    command("front-start", front_start, "(serve.sh) start the front door (nginx)",
+            timeout={"type": float, "default": 60.0})
     command("front-stop", front_stop, "(serve.sh) stop the front door (in-flight requests are answered first)")
+    command("wait-front", wait_front, "(serve.sh) wait until /health/ready says ready",
+            timeout={"type": float, "default": 60.0})
     command("health", health_checker, "(serve.sh) run the health checker behind /health/live and /health/ready")
     command("token", token, "print the current key (renewed if expired)").add_argument(
         "kind", choices=["inference", "management"])
