@@ -31,6 +31,23 @@ def default_store() -> Path:
     return Path(os.environ.get("MODEL_STORE", REPO / "model_store"))
 
 
+def store_of(folder: Path, versions: list[tuple[str, str]], source: "Manifest | None" = None) -> Path:
+    """A model store holding only ``versions`` (model, version) of ``source`` (default: the built store), as hard
+    links (copies across file systems), with their manifest entries: for an instance of its own."""
+    source = source or Manifest()
+    folder.mkdir(parents=True)
+    manifest = Manifest(folder)
+    for model, version in versions:
+        entry = source.get(model, version)
+        try:
+            os.link(source.store / entry["archive"], folder / entry["archive"])
+        except OSError:
+            shutil.copy2(source.store / entry["archive"], folder / entry["archive"])
+        manifest.record(entry)
+    manifest.save()
+    return folder
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

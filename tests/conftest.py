@@ -154,19 +154,6 @@ def instance(env: dict[str, str]) -> Iterator[str]:
             assert stopped.returncode == 0, stopped.stderr
 
 
-def store_of(folder: Path, versions: list[tuple[str, str]]) -> Path:
-    """A model store holding only ``versions`` (model, version) of the built store, as hard links, with their
-    manifest entries: for an instance of its own."""
-    folder.mkdir(parents=True)
-    source, manifest = Manifest(), Manifest(folder)
-    for model, version in versions:
-        entry = source.get(model, version)
-        os.link(source.store / entry["archive"], folder / entry["archive"])
-        manifest.record(entry)
-    manifest.save()
-    return folder
-
-
 def ready_pids(client: TorchServe, model: str, version: str) -> list[int]:
     """The pids of a version's READY workers, from the management API."""
     return sorted(w["pid"] for w in client.registered()[(model, version)]["workers"] if w["status"] == "READY")

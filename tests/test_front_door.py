@@ -20,9 +20,10 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
+from archives.store import store_of
 from manage.client import TorchServe, address, instance_env, read_properties
 from manage.proxy import CLIENT_TIMEOUT
-from tests.conftest import REPO, instance, ready_pids, store_of
+from tests.conftest import REPO, instance, ready_pids
 
 pytestmark = pytest.mark.integration
 

@@ -17,13 +17,14 @@ from PIL import Image
 
 import build_mar
 from archives import SpecError, load_spec
+from archives.store import store_of
 from export import onnx as onnx_export
 from export.samples import SENTENCES
 from export.sources import SOURCES, Source
 from handlers.image_classifier import ImageClassifier
 from handlers.runtime import OnnxModel
 from manage.client import TorchServe, instance_env
-from tests.conftest import instance, loads_torch, manage, ok, ready_pids, store_of
+from tests.conftest import instance, loads_torch, manage, ok, ready_pids
 from tests.test_build import SPEC, BrightnessSwitch, write_spec
 
 ONNX_SPEC = {**SPEC, "versions": {"1.0": {**SPEC["versions"]["1.0"], "runtime": "onnxruntime"}}}
