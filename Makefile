@@ -15,6 +15,7 @@
 #                                               sampled: growth per hour and errors (load_test/results/soak.*)
 #   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/
 #   make bench-runtimes                         every model on TorchScript and on ONNX Runtime, in-process
+#   make footprint                              start-up timeline, every process's memory, register → READY, frontend CPU
 #   make bench-before                           efficientnet_lite0 1.1 now against its handlers before torch-free workers
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -37,7 +38,7 @@ MANAGE := $(PY) -m manage
 
 .PHONY: help install import archive serve stop status samples predict test demo clean \
         models describe register unregister scale set-default ab promote rollback routes routes-reset \
-        monitor monitor-stop load-test soak bench bench-before bench-runtimes
+        monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes
 
 help:
 	@sed -n '/^[^#]/q;s/^# \{0,1\}//p' Makefile
@@ -127,6 +128,9 @@ soak: serve
 # Starts its own servers on free ports; run it on a quiet machine (about 10 minutes with SECONDS=10).
 bench: archive
 	$(PY) -m load_test.bench --seconds $(SECONDS)
+
+footprint: archive
+	$(PY) -m load_test.footprint
 
 bench-before: archive
 	$(PY) -m load_test.before --seconds $(SECONDS)

@@ -11,11 +11,18 @@ instead, measured in one run with the same inputs and the same load generator.
    maxBatchDelay) at concurrency 16 on the default version;
 4. TorchServe's stock ``image_classifier`` handler on the same TorchScript weights: with TorchServe's defaults (what
    a new user gets: a worker per core, batch size 1, torch's own thread count) and with our settings;
-5. the tutorial Flask app on the eager model.
+5. the tutorial Flask app on the eager model;
+6. the peers users compare us with, LitServe, BentoML and Ray Serve (``load_test/peers.py``), each on our pipeline
+   (the same ONNX Runtime model, preprocessing and answers), each with its best settings of a sweep (workers and
+   dynamic batching) at concurrency 16; then, one after the other, ours (serve.sh with this one version), each peer:
+   answers checked on every photo, concurrency 1, 16 and 64, memory (PSS of the whole process tree) and the time
+   from spawning the server to its first correct answer; the same start-up and memory for the stock handler and
+   the Flask app.
 
 The load generator is wrk (C, one thread, closed loop: ``concurrency`` connections each sending the next photo as soon
 as the last answer arrived); its own CPU use is measured and reported next to the machine's. Output under
-``load_test/results/``: ``bench.md`` (tables, targets, machine), ``bench.json``, ``throughput.png``, ``latency.png``.
+``load_test/results/``: ``bench.md`` (tables, targets, machine), ``bench.json``, ``throughput.png``, ``latency.png``,
+``peers.png``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import yaml
 
 from archives import load_specs
 from archives.store import Manifest
-from load_test import inputs, limit, servers
+from load_test import inputs, limit, peers, servers
 from manage.client import REPO, serve_home
 
 RESULTS = REPO / "load_test" / "results"
@@ -51,6 +58,15 @@ ROUNDS = 3  # interleaved repeats of the comparisons the host's drift would othe
 RUNTIMES = {"torchscript": "TorchScript", "onnxruntime": "ONNX Runtime"}
 # (workers, threads per worker, batchSize, maxBatchDelay ms): the server settings swept for our handler
 GRID = ((2, 1, 1, 0), (2, 1, 2, 1), (2, 1, 2, 5), (2, 1, 4, 2), (2, 1, 8, 5), (1, 2, 1, 0), (1, 2, 4, 2), (4, 1, 1, 0))
+PEER_CONCURRENCY = (1, 16, 64)
+PROBE = ("chelsea@1", "cat")  # the photo a starting server must answer, and what its top class must name
+# the Peers table's figures: (key, label, unit, +1 where more is better / -1 where less is)
+FIGURES = (("rps_c16", "req/s at c16", "req/s", 1), ("rps_c64", "req/s at c64", "req/s", 1),
+           ("p50_c1_ms", "p50 at c1", "ms", -1), ("p99_c1_ms", "p99 at c1", "ms", -1),
+           ("p50_c16_ms", "p50 at c16", "ms", -1), ("p99_c16_ms", "p99 at c16", "ms", -1),
+           ("memory_mb", "memory", "MB", -1), ("start_seconds", "start to first answer", "s", -1))
+P50_MARGIN_MS = 2.0  # the goal: ours within this of the best p50 at concurrency 1
+SETTLE_TIMEOUT = 60.0  # how long a run waits for the machine to go idle (--quick: 5 s, it tests the harness)
 
 
 @dataclass
@@ -90,9 +106,9 @@ def ts_pid() -> int:
     return int((serve_home() / "tmp" / ".model_server.pid").read_text().strip())
 
 
-def settle(idle_cores: float = 0.3, timeout: float = 60.0) -> None:
+def settle(idle_cores: float = 0.3, timeout: float | None = None) -> None:
     """Wait until the machine is idle: a server keeps working through the requests queued when the last run ended."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (SETTLE_TIMEOUT if timeout is None else timeout)
     previous = machine_busy()
     while time.monotonic() < deadline:
         time.sleep(0.5)
@@ -102,22 +118,32 @@ def settle(idle_cores: float = 0.3, timeout: float = 60.0) -> None:
         previous = current
 
 
+def wrk(url: str, files: list[Path], concurrency: int, seconds: float, headers: dict[str, str]) -> str:
+    """One wrk run: its JSON summary line (load_test/wrk.lua)."""
+    command = ["wrk", "-t1", f"-c{concurrency}", "--timeout", "120s", "-s", str(WRK_SCRIPT), f"-d{seconds:g}s"]
+    for key, value in headers.items():
+        command += ["-H", f"{key}: {value}"]
+    run = subprocess.run([*command, url, "--", *map(str, files)], capture_output=True, text=True, check=True)
+    return run.stdout
+
+
+def warm_up(url: str, files: list[Path], concurrency: int, seconds: float, headers: dict[str, str]) -> None:
+    """A short unrecorded run, on an idle machine."""
+    settle()
+    wrk(url, files, concurrency, max(1, round(seconds / 4)), headers)
+
+
 def drive(server: str, url: str, files: list[Path], concurrency: int, seconds: float,
           headers: dict[str, str], frontend: int | None = None) -> Point:
     """One wrk run (after a short unrecorded warm-up at the same concurrency), each on an idle machine."""
-    command = ["wrk", "-t1", f"-c{concurrency}", "--timeout", "120s", "-s", str(WRK_SCRIPT)]
-    for key, value in headers.items():
-        command += ["-H", f"{key}: {value}"]
-    tail = [url, "--", *map(str, files)]
-    settle()
-    subprocess.run([*command, f"-d{max(1, round(seconds / 4))}s", *tail], capture_output=True, check=True)
+    warm_up(url, files, concurrency, seconds, headers)
     settle()
     before, busy_before = os.times(), machine_busy()
     frontend_before = process_seconds(frontend) if frontend else 0.0
-    run = subprocess.run([*command, f"-d{seconds:g}s", *tail], capture_output=True, text=True, check=True)
+    output = wrk(url, files, concurrency, seconds, headers)
     after, busy_after = os.times(), machine_busy()
     frontend_used = process_seconds(frontend) - frontend_before if frontend else None
-    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    summary = json.loads(output.strip().splitlines()[-1])
     elapsed = summary["duration_us"] / 1e6
     errors = summary["errors"]
     failed = errors["status"] + errors["timeout"] + errors["connect"] + errors["read"] + errors["write"]
@@ -135,6 +161,7 @@ class Bench:
         self.concurrency = CONCURRENCY[:2] if quick else CONCURRENCY
         self.points: list[Point] = []
         self.settings: list[Point] = []
+        self.peer_points: list[Point] = []
         self.started = time.monotonic()
 
     def log(self, message: str) -> None:
@@ -149,6 +176,142 @@ class Bench:
             self.points.append(point)
             self.log(f"{server}, concurrency {concurrency}: {point.rps:.1f} req/s, p50 {point.p50_ms:.0f} ms, "
                      f"p99 {point.p99_ms:.0f} ms, {point.failed} failed, client {point.client_cores:.2f} cores")
+
+
+    def measure(self, running: servers.Running, settings: str, kind: str, files: list[Path],
+                photos: dict[str, bytes], reference: dict[str, dict]) -> dict:
+        """A row of the Peers table: answers checked on every photo, concurrency 1, 16 and 64, then memory."""
+        same_answers(running, photos, reference)
+        points = {}
+        for concurrency in PEER_CONCURRENCY:
+            points[concurrency] = drive(running.name, running.url, files, concurrency, self.seconds, running.headers)
+            self.peer_points.append(points[concurrency])
+            self.log(f"{running.name} ({settings}), concurrency {concurrency}: {points[concurrency].rps:.1f} req/s, "
+                     f"p50 {points[concurrency].p50_ms:.1f} ms, p99 {points[concurrency].p99_ms:.1f} ms, "
+                     f"{points[concurrency].failed} failed")
+        memory = servers.tree_memory(running.roots)
+        self.log(f"{running.name}: start to first answer {running.start_seconds:.1f} s, memory {memory['total_mb']:.0f} "
+                 f"MB PSS in {len(memory['processes'])} processes")
+        return peer_row(running, settings, kind, {c: asdict(p) for c, p in points.items()}, memory)
+
+
+def peer_row(running: servers.Running, settings: str, kind: str, points: dict[int, dict], memory: dict) -> dict:
+    def figure(concurrency: int, key: str) -> float | None:
+        return points[concurrency][key] if concurrency in points else None
+
+    return {"server": running.name, "kind": kind, "settings": settings,
+            "rps_c16": figure(16, "rps"), "rps_c64": figure(64, "rps"),
+            "p50_c1_ms": figure(1, "p50_ms"), "p99_c1_ms": figure(1, "p99_ms"),
+            "p50_c16_ms": figure(16, "p50_ms"), "p99_c16_ms": figure(16, "p99_ms"),
+            "failed": sum(p["failed"] for p in points.values()), "memory_mb": memory["total_mb"],
+            "processes": memory["processes"], "start_seconds": running.start_seconds}
+
+
+def reference_answers(archive: Path, photos: dict[str, bytes]) -> dict[str, dict]:
+    """What our handler answers for each photo, in-process (``load_test.limit.through``), one at a time."""
+    handler, model = limit.load_pipeline(archive, 1)
+    return {name: limit.through(handler, model, [body])[0] for name, body in photos.items()}
+
+
+def same_answers(running: servers.Running, photos: dict[str, bytes], reference: dict[str, dict],
+                 tolerance: float = 1e-4) -> None:
+    """A server answers every photo as our handler does in-process: the same top-5 labels, each probability within
+    ``tolerance`` (a batch can move the last digits)."""
+    check_answers(running.post, photos)
+    for name, body in photos.items():
+        response = running.post(body)
+        response.raise_for_status()
+        answer, expected = response.json(), reference[name]
+        if set(answer) != set(expected) or max(abs(answer[k] - expected[k]) for k in expected) > tolerance:
+            raise RuntimeError(f"{running.name}: {name} answered {answer}; our handler answers {expected}")
+
+
+def compare_peers(bench: Bench, archive: Path, manifest: Manifest, version: str, shipped: tuple, stock: Path,
+                  stock_server: str, flask: dict, tmp: Path, photos: dict[str, bytes], files: list[Path]) -> dict:
+    """6. Each peer's settings swept at concurrency 16; then ours (serve.sh with a store of this one version) and each
+    peer with its best settings, one after the other; then the stock handler's start-up and memory (TorchServe
+    started with it alone). ``stock_server`` and ``flask`` (``running``, ``memory``, ``server``): the baselines as
+    measured in sections 4 and 5, whose req/s and latency the Peers table repeats."""
+    probe = (photos[PROBE[0]], PROBE[1])
+    reference = reference_answers(archive, photos)
+    grid = peers.QUICK_GRID if bench.quick else peers.grid()
+    logs = bench.out / "peers"
+    sweep, chosen = {}, {}
+    for peer, name in peers.PEERS.items():
+        sweep[name] = []
+        for setting in grid if len(grid) > 1 else []:  # one setting (--quick): nothing to choose
+            with peers.serve(peer, setting, archive, logs, *probe) as running:
+                point = drive(f"{name}, {setting.name(peer)}", running.url, files, SWEEP_CONCURRENCY, bench.seconds,
+                              {})
+            sweep[name].append({"settings": setting.name(peer), **asdict(setting), **asdict(point)})
+            bench.log(f"sweep, {point.server}: {point.rps:.1f} req/s, p50 {point.p50_ms:.1f} ms, "
+                      f"{point.failed} failed (started in {running.start_seconds:.1f} s)")
+        chosen[peer] = max(grid, key=lambda s: next(((p["failed"] == 0, p["rps"]) for p in sweep[name]
+                                                     if p["settings"] == s.name(peer)), (False, 0.0)))
+        bench.log(f"{name}: best settings {chosen[peer].name(peer)}")
+
+    rows = []
+    store = servers.single_store(tmp / "alone", manifest, MODEL, version)
+    began = time.perf_counter()
+    with servers.torchserve(store, tmp / "serve-alone") as (ts, _):
+        headers = {"Authorization": f"Bearer {ts.token('inference')}"}
+        url = f"{ts.inference_url}/predictions/{MODEL}"
+        seconds = servers.first_answer(url, *probe, began, lambda: None, 60, Path(os.environ["LOG_DIR"]), headers)
+        ours = servers.Running(f"ours ({MODEL} {version})", url, servers.ours_roots(), seconds, headers)
+        rows.append(bench.measure(ours, settings_name(*shipped), "ours", files, photos, reference))
+    for peer, name in peers.PEERS.items():
+        with peers.serve(peer, chosen[peer], archive, logs, *probe) as running:
+            rows.append(bench.measure(running, chosen[peer].name(peer), "peer", files, photos, reference))
+
+    with servers.stock_torchserve(stock, tmp / "stock-alone", *probe) as running:
+        check_answers(running.post, photos)
+        warm_up(running.url, files, SWEEP_CONCURRENCY, bench.seconds, {})
+        memory = servers.tree_memory(running.roots)
+        bench.log(f"{running.name}: start to first answer {running.start_seconds:.1f} s, memory "
+                  f"{memory['total_mb']:.0f} MB PSS")
+    # the baselines' req/s and latency: from their runs in the served table
+    for baseline in ({"running": running, "memory": memory, "server": stock_server}, flask):
+        points = {p.concurrency: asdict(p) for p in bench.points if p.server == baseline["server"]}
+        settings = baseline["server"].removeprefix(baseline["running"].name).strip(", ")
+        settings = settings[1:-1] if settings.startswith("(") and settings.endswith(")") else settings
+        rows.append(peer_row(baseline["running"], settings, "baseline", points, baseline["memory"]))
+    return {"grid": [s.name() for s in grid], "sweep": sweep, "rows": rows, "wins": peer_wins(rows),
+            "goals": peer_goals(rows), "points": [asdict(p) for p in bench.peer_points]}
+
+
+def peer_wins(rows: list[dict]) -> list[str]:
+    """One line per figure where a peer beats ours."""
+    ours = next(row for row in rows if row["kind"] == "ours")
+    lines = []
+    for row in rows:
+        if row["kind"] != "peer":
+            continue
+        for key, label, unit, sign in FIGURES:
+            if row[key] is not None and ours[key] is not None and sign * (row[key] - ours[key]) > 0:
+                lines.append(f"{row['server']} wins {label} by {abs(row[key] - ours[key]):.1f} {unit} "
+                             f"({row[key]:.1f} against ours {ours[key]:.1f})")
+    return lines
+
+
+def peer_goals(rows: list[dict]) -> list[dict]:
+    """Ours against the peers: ahead of every peer on throughput and start-up, within P50_MARGIN_MS of the best p50
+    at concurrency 1."""
+    ours = next(row for row in rows if row["kind"] == "ours")
+    others = [row for row in rows if row["kind"] == "peer"]
+    goals = []
+    for key, label, unit, sign in FIGURES:
+        if key not in ("rps_c16", "rps_c64", "start_seconds"):
+            continue
+        best = max(others, key=lambda row: sign * row[key])
+        goals.append({"goal": f"ours ahead of every peer on {label}",
+                      "measured": f"ours {ours[key]:.1f} {unit}, best peer {best['server']} {best[key]:.1f} {unit}",
+                      "met": sign * (ours[key] - best[key]) > 0})
+    best = min([ours, *others], key=lambda row: row["p50_c1_ms"])
+    goals.append({"goal": f"ours within {P50_MARGIN_MS:g} ms of the best p50 at c1",
+                  "measured": f"ours {ours['p50_c1_ms']:.1f} ms, best {best['server']} {best['p50_c1_ms']:.1f} ms "
+                              f"({ours['p50_c1_ms'] - best['p50_c1_ms']:+.1f} ms)",
+                  "met": ours["p50_c1_ms"] - best["p50_c1_ms"] <= P50_MARGIN_MS})
+    return goals
 
 
 def check_answers(post, photos: dict[str, bytes]) -> None:
@@ -204,6 +367,8 @@ def footprint(ts, archive: Path, name: str, workers: int, photos: dict[str, byte
 def run(seconds: float, quick: bool, out: Path) -> dict:
     import requests
 
+    global SETTLE_TIMEOUT
+    SETTLE_TIMEOUT = 5.0 if quick else 60.0
     bench = Bench(seconds, quick, out)
     cores = os.cpu_count()
     rounds = 1 if quick else ROUNDS
@@ -294,8 +459,8 @@ def run(seconds: float, quick: bool, out: Path) -> dict:
 
             servers.register(ts, stock, "stock", initial_workers=cores)  # a new user's TorchServe: a worker per core
             check_answers(lambda body: ts.predict("stock", body), photos)
-            bench.sweep(f"stock handler, TorchServe defaults ({cores} workers x torch's {cores} threads, batch 1)",
-                        f"{ts.inference_url}/predictions/stock", files, headers)
+            stock_server = f"stock handler, TorchServe defaults ({cores} workers x torch's {cores} threads, batch 1)"
+            bench.sweep(stock_server, f"{ts.inference_url}/predictions/stock", files, headers)
             servers.unregister(ts, "stock")
 
         # 4b: the stock handler with our settings; its only way to one torch thread per worker is OMP_NUM_THREADS
@@ -307,10 +472,16 @@ def run(seconds: float, quick: bool, out: Path) -> dict:
             bench.sweep(f"stock handler, our settings ({settings_name(*shipped)})",
                         f"{ts.inference_url}/predictions/stock", files, headers)
 
-    # 5. the Flask app
-    with servers.flask_app(out / "flask.log") as url:
-        check_answers(lambda body: requests.post(url, data=body, timeout=60), photos)
-        bench.sweep("Flask app, eager model (tutorial)", url, files, {})
+        # 5. the Flask app
+        with servers.flask_app(out / "flask.log", photos[PROBE[0]], PROBE[1]) as running:
+            check_answers(running.post, photos)
+            flask = {"running": running, "server": f"{running.name}, eager model (tutorial)"}
+            bench.sweep(flask["server"], running.url, files, {})
+            flask["memory"] = servers.tree_memory(running.roots)
+
+        # 6. the peers, and every server's start-up and memory
+        peer_results = compare_peers(bench, archives[default], manifest, versions[default], shipped, stock,
+                                     stock_server, flask, Path(tmp), photos, files)
 
     return {
         "machine": machine(),
@@ -329,6 +500,7 @@ def run(seconds: float, quick: bool, out: Path) -> dict:
         "servers": [asdict(p) for p in bench.points],
         "settings": [asdict(p) for p in bench.settings],
         "ours": names,
+        "peers": peer_results,
     }
 
 
@@ -351,7 +523,8 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**20, 1),
             "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": version("onnxruntime"),
-            "torchserve": version("torchserve"), "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True,
+            "torchserve": version("torchserve"), "litserve": version("litserve"), "bentoml": version("bentoml"),
+            "ray": version("ray"), "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True,
                                                                         check=False).stdout.split()[1],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -490,7 +663,87 @@ def markdown(results: dict) -> str:
         "![latency](latency.png)",
         "",
     ]
+    if results.get("peers"):
+        lines += peers_markdown(results)
     return "\n".join(lines)
+
+
+def peers_markdown(results: dict) -> list[str]:
+    compared = results["peers"]
+    rows = compared["rows"]
+
+    def number(value: float | None, spec: str = ".1f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    def pair(row: dict, concurrency: int) -> str:
+        p50, p99 = row[f"p50_c{concurrency}_ms"], row[f"p99_c{concurrency}_ms"]
+        return "-" if p50 is None else f"{p50:.1f} / {p99:.1f}"
+
+    lines = [
+        "## Peers: LitServe, BentoML and Ray Serve on our pipeline",
+        "",
+        f"Each peer serves {MODEL} {results['versions'][results['default_runtime']]} on ONNX Runtime through our "
+        "handler's own decode, collate, forward and answer (`load_test/peers.py`: the same preprocessing, the same "
+        "answers, checked on every photo against our handler in-process), with the settings that gave it the most "
+        f"req/s at concurrency {SWEEP_CONCURRENCY} in the sweep below; the same photos, the same wrk. Ours is "
+        "`serve.sh start` with a store of this one version, measured through the front door, right before the peers. "
+        "Memory: PSS of every process of the server after its runs (the processes are listed below). Start: from "
+        "spawning the server (`serve.sh start`, `torchserve --start`, the app's command) to its first correct answer "
+        f"on a real photo. The stock handler's and the Flask app's req/s and latency are their runs in the served "
+        "table above; their start and memory are measured the same way as the others'.",
+        "",
+        "| server | chosen settings | req/s c16 | req/s c64 | p50 / p99 c1, ms | p50 / p99 c16, ms | memory MB PSS | "
+        "start to first answer, s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {row['server']} | {row['settings']} | {number(row['rps_c16'])} | {number(row['rps_c64'])} | "
+          f"{pair(row, 1)} | {pair(row, 16)} | {row['memory_mb']:.0f} | {row['start_seconds']:.1f} |" for row in rows),
+        "",
+        *(["Where a peer beats ours:", "", *(f"- {line}" for line in compared["wins"])] if compared["wins"]
+          else ["No peer beats ours on any of these figures."]),
+        "",
+        "| goal | measured | met |",
+        "| --- | --- | --- |",
+        *(f"| {goal['goal']} | {goal['measured']} | {'yes' if goal['met'] else '**no**'} |"
+          for goal in compared["goals"]),
+        "",
+        "What each server's memory counts (PSS, MB):",
+        "",
+        *(f"- {row['server']}: " + ", ".join(f"{count} x {name} {mb:.0f}" if count > 1 else f"{name} {mb:.0f}"
+                                            for name, count, mb in process_groups(row["processes"]))
+          for row in rows),
+        "",
+    ]
+    if any(compared["sweep"].values()):
+        lines += [
+            f"Sweep at concurrency {SWEEP_CONCURRENCY}, each setting on a fresh start (workers x ONNX Runtime threads "
+            "each; batching with the peer's own dynamic batching):",
+            "",
+            "| peer | settings | req/s | p50 ms | p99 ms | failed |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+            *(f"| {peer} | {p['settings']} | {p['rps']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['failed']} |"
+              for peer, points in compared["sweep"].items() for p in points),
+            "",
+        ]
+    return [*lines, "![peers](peers.png)", ""]
+
+
+def process_groups(processes: list[dict]) -> list[tuple[str, int, float]]:
+    """Processes grouped by what they are: (name, count, PSS MB), largest first."""
+    groups: dict[str, list[float]] = {}
+    for process in processes:
+        words = process["name"].split()
+        if words[0].startswith("python"):
+            rest = [w for w in words[1:] if not w.startswith("-")]
+            code = words[words.index("-c") + 1:] if "-c" in words else []
+            name = (words[words.index("-m") + 1] if "-m" in words  # python -m module
+                    else f"{code[1]} (python -c)" if code[:1] == ["from"] and len(code) > 1  # multiprocessing's
+                    else (rest or ["python"])[0])  # python script.py
+        elif words[0].endswith(":"):  # nginx: master process ...
+            name = " ".join(words[:2])
+        else:
+            name = words[0].split("(")[0].rstrip("-0123456789") or words[0]
+        groups.setdefault(name, []).append(process["pss_mb"])
+    return sorted(((name, len(mb), sum(mb)) for name, mb in groups.items()), key=lambda group: -group[2])
 
 
 def plots(results: dict, out: Path) -> None:
@@ -532,6 +785,42 @@ def plots(results: dict, out: Path) -> None:
     axis.grid(alpha=0.3, which="both")
     figure.tight_layout()
     figure.savefig(out / "latency.png", dpi=110)
+
+    if results.get("peers"):
+        peers_plot(results["peers"]["rows"], out / "peers.png")
+
+
+def peers_plot(rows: list[dict], path: Path) -> None:
+    """The Peers table as bars: throughput, latency, memory, start-up; ours first, in the first colour."""
+    import matplotlib.pyplot as plt
+
+    names = [row["server"].split(" (")[0].replace(", TorchServe defaults", "\n(TorchServe defaults)") for row in rows]
+    panels = (("requests per second (more is better)", (("rps_c16", "c16"), ("rps_c64", "c64"))),
+              ("latency, ms (less is better)", (("p50_c1_ms", "p50 c1"), ("p99_c1_ms", "p99 c1"),
+                                                ("p50_c16_ms", "p50 c16"), ("p99_c16_ms", "p99 c16"))),
+              ("memory, MB PSS of every process (less is better)", (("memory_mb", "memory"),)),
+              ("start to first correct answer, s (less is better)", (("start_seconds", "start"),)))
+    figure, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    for axis, (title, series) in zip(axes.flat, panels):
+        width = 0.8 / len(series)
+        for index, (key, label) in enumerate(series):
+            xs = [i + (index - (len(series) - 1) / 2) * width for i in range(len(rows))]
+            values = [row[key] if row[key] is not None else float("nan") for row in rows]
+            bars = axis.bar(xs, values, width, label=label if len(series) > 1 else None,
+                            color=[f"C{index}" if len(series) > 1 else ("C0" if row["kind"] == "ours" else "C7")
+                                   for row in rows])
+            axis.bar_label(bars, labels=["-" if row[key] is None else f"{row[key]:.0f}" if row[key] >= 10
+                                         else f"{row[key]:.1f}" for row in rows], fontsize=7, padding=1)
+        axis.set_xticks(range(len(rows)), labels=names, fontsize=8, rotation=20, ha="right")
+        axis.set_title(title, fontsize=10)
+        axis.set_yscale("log" if title.startswith("latency") else "linear")
+        axis.grid(axis="y", alpha=0.3)
+        if len(series) > 1:
+            axis.legend(fontsize=8)
+    figure.suptitle(f"{MODEL}: ours against LitServe, BentoML and Ray Serve on the same pipeline; "
+                    "stock handler and Flask app for reference", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

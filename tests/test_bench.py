@@ -1,5 +1,6 @@
 """The load-test harness itself: Locust scenarios against the tests' TorchServe and proxy, and a short `make bench`
-run whose servers must start, answer the real photos correctly, and produce a well-formed report with plots."""
+run whose servers, the peers (LitServe, BentoML, Ray Serve) included, must start, answer the real photos correctly,
+and produce a well-formed report with plots."""
 
 from __future__ import annotations
 
@@ -54,9 +55,30 @@ def test_a_short_bench_run_writes_a_well_formed_table_and_plots(tmp_path):
     assert len([line for line in targets.splitlines() if line.startswith("| ") and "---" not in line]) == 9
     served_rows = [line for line in report.split("## Served")[1].split("##")[0].splitlines() if line.startswith("| ")]
     assert len(served_rows) == 2 + len(results["servers"])
-    for plot in ("throughput.png", "latency.png"):
+    for plot in ("throughput.png", "latency.png", "peers.png"):
         with Image.open(tmp_path / plot) as image:
             assert image.format == "PNG" and image.width > 500
+
+    # the peers: each started, answered every photo as our handler does (the bench checks that before measuring),
+    # and has a full row beside ours and the two baselines
+    peers = results["peers"]
+    rows = {row["server"].split(" (")[0]: row for row in peers["rows"]}
+    assert list(rows) == ["ours", "LitServe", "BentoML", "Ray Serve", "stock handler, TorchServe defaults",
+                          "Flask app"], list(rows)
+    assert [row["kind"] for row in peers["rows"]] == ["ours", "peer", "peer", "peer", "baseline", "baseline"]
+    for name in ("ours", "LitServe", "BentoML", "Ray Serve"):
+        row = rows[name]
+        assert row["failed"] == 0 and row["rps_c16"] > 0 and row["rps_c64"] > 0, row
+        assert 0 < row["p50_c1_ms"] <= row["p99_c1_ms"] and 0 < row["p50_c16_ms"] <= row["p99_c16_ms"], row
+    for name, row in rows.items():
+        assert row["start_seconds"] > 0 and row["memory_mb"] > 50 and row["processes"], (name, row)
+    assert len(rows["Ray Serve"]["processes"]) > len(rows["LitServe"]["processes"])  # raylet, GCS, dashboard, ...
+    assert len(peers["goals"]) == 4 and all(isinstance(line, str) for line in peers["wins"])
+    section = report.split("## Peers")[1]
+    table = [line for line in section.split("\n\n")[2].splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + len(rows) and all(line.count("|") == 9 for line in table), table
+    assert all(f"| {row['server']} |" in section for row in peers["rows"])
+    assert ("Where a peer beats ours" in section) == bool(peers["wins"]) and "![peers](peers.png)" in section
 
 
 def test_the_runtime_comparison_prints_both_runtimes_for_a_model():
