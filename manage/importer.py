@@ -182,8 +182,7 @@ def onnx_input_size(path: Path) -> int | None:
 
 def classes_of(model, source: Path, settings: dict) -> int:
     """The number of outputs: the model run once on the handler's own example input (the served shape)."""
-    import torch
-
+    from handlers.runtime import numpy_model
     from handlers.vision import ImageHandler
 
     example = ImageHandler.from_config({"handler": settings}).example_input()
@@ -191,8 +190,7 @@ def classes_of(model, source: Path, settings: dict) -> int:
         from export.onnx import OnnxReference
 
         model = OnnxReference(source)
-    with torch.inference_mode():
-        outputs = model(example)
+    outputs = numpy_model(model)(example)
     outputs = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
     return int(outputs.shape[-1])
 
