@@ -180,10 +180,11 @@ class Bench:
 
     def measure(self, running: servers.Running, settings: str, kind: str, files: list[Path],
                 photos: dict[str, bytes], reference: dict[str, dict]) -> dict:
-        """A row of the Peers table: answers checked on every photo, concurrency 1, 16 and 64, then memory."""
+        """A row of the Peers table: answers checked on every photo, concurrency 1, 16 and 64 (--quick: 1 and 16),
+        then memory."""
         same_answers(running, photos, reference)
         points = {}
-        for concurrency in PEER_CONCURRENCY:
+        for concurrency in PEER_CONCURRENCY[:2] if self.quick else PEER_CONCURRENCY:
             points[concurrency] = drive(running.name, running.url, files, concurrency, self.seconds, running.headers)
             self.peer_points.append(points[concurrency])
             self.log(f"{running.name} ({settings}), concurrency {concurrency}: {points[concurrency].rps:.1f} req/s, "
@@ -300,7 +301,7 @@ def peer_goals(rows: list[dict]) -> list[dict]:
     others = [row for row in rows if row["kind"] == "peer"]
     goals = []
     for key, label, unit, sign in FIGURES:
-        if key not in ("rps_c16", "rps_c64", "start_seconds"):
+        if key not in ("rps_c16", "rps_c64", "start_seconds") or ours[key] is None:  # c64: not in --quick
             continue
         best = max(others, key=lambda row: sign * row[key])
         goals.append({"goal": f"ours ahead of every peer on {label}",

@@ -18,8 +18,8 @@ their targets.
    the front door and straight to TorchServe's inference port: the Java process's CPU time (``/proc/<pid>/stat``,
    and per thread) per answered request and its share of all the CPU the machine used; then TorchServe settings
    that might cut it, each on a fresh TorchServe (digits 2.0 only), the settings taking turns round after round; and
-   TorchServe's access log switched off and on in turns within one TorchServe (log4j re-reading a copy of
-   log4j2.xml), the same JVM measured with and without its per-request line.
+   TorchServe's access log without and with its line per prediction, in turns within one TorchServe (log4j
+   re-reading a copy of log4j2.xml), the same JVM measured with and without the line.
 
 ``--quick`` skips part 4 and repeats part 3 once (the harness test). Output in ``load_test/results/`` (or ``--out``):
 ``footprint.md``, ``footprint.json``, ``footprint_timeline.png``, ``footprint_pss.png`` and, with part 4,
@@ -76,8 +76,8 @@ IDLE_SECONDS = 3.0  # the frontend's CPU at rest, measured before each loaded ru
 JIT_CHUNK_S, JIT_MAX_S, JIT_QUIET_CORES = 3.0, 60.0, 0.02  # JIT warm-up: chunks of load until its threads are quiet
 REGISTERED = (("efficientnet_lite0", "1.1"), ("efficientnet_lite0", "1.0"))  # part 3: the target, then the comparison
 CPU_MODELS = ("digits", "efficientnet_lite0")
-VARIANT_STORE = (("digits", "2.0"),)
-ACCESS_TURNS = 4  # part 4c: the access log off and on in one JVM, this many times each  # what the fresh TorchServes of the settings experiment serve
+VARIANT_STORE = (("digits", "2.0"),)  # what the fresh TorchServes of the settings experiment serve
+ACCESS_TURNS = 4  # part 4c: the access log with and without predictions in one JVM, this many times each
 MB = 1e6
 
 # Targets on this project's 2-core machine.
@@ -95,34 +95,34 @@ TOTAL_TARGET_MB = 1500.0
 ASYNC_LOGGERS = "-Dlog4j2.contextSelector=org.apache.logging.log4j.core.async.AsyncLoggerContextSelector"
 
 
-def access_log_default() -> str:
-    """The level of TorchServe's access log when ACCESS_LOG_LEVEL is not set (log4j2.xml)."""
-    found = re.search(r"\$\{env:ACCESS_LOG_LEVEL:-(\w+)\}", (REPO / "log4j2.xml").read_text())
-    return found.group(1) if found else "info"
+def variants() -> list[tuple[str, str, dict[str, str], dict[str, Any]]]:
+    """The settings tried, relative to config.properties and log4j2.xml as they are now. A config.properties value
+    may be a function of the file's value (None: the key is left out)."""
+    from manage.client import read_properties
 
-
-def variants() -> list[tuple[str, str, dict[str, str], dict[str, str]]]:
-    access = "info" if access_log_default() == "off" else "off"
-    return [
+    vmargs = read_properties().get("vmargs", "")
+    found = [
         ("shipped", "config.properties and log4j2.xml as they are", {}, {}),
         ("number_of_netty_threads=1", "TS_NUMBER_OF_NETTY_THREADS=1", {"TS_NUMBER_OF_NETTY_THREADS": "1"}, {}),
         ("number_of_netty_threads=2", "TS_NUMBER_OF_NETTY_THREADS=2", {"TS_NUMBER_OF_NETTY_THREADS": "2"}, {}),
         ("netty_client_threads=1", "TS_NETTY_CLIENT_THREADS=1", {"TS_NETTY_CLIENT_THREADS": "1"}, {}),
         ("netty_client_threads=2", "TS_NETTY_CLIENT_THREADS=2", {"TS_NETTY_CLIENT_THREADS": "2"}, {}),
-        (f"access log {'on' if access == 'info' else 'off'}", f"ACCESS_LOG_LEVEL={access} (log4j2.xml)",
-         {"ACCESS_LOG_LEVEL": access}, {}),
-        ("asynchronous loggers", f"TS_CONFIG_FILE: config.properties + vmargs={ASYNC_LOGGERS}", {},
-         {"vmargs": ASYNC_LOGGERS}),
+        ("access log of every request", "ACCESS_LOG_SKIP=none (log4j2.xml)", {"ACCESS_LOG_SKIP": "none"}, {}),
+        ("access log off", "ACCESS_LOG_LEVEL=off (log4j2.xml)", {"ACCESS_LOG_LEVEL": "off"}, {}),
+        ("asynchronous loggers", f"vmargs + {ASYNC_LOGGERS}", {},
+         {"vmargs": lambda value: f"{value or ''} {ASYNC_LOGGERS}".strip()}),
         ("metrics_mode=log", "TS_METRICS_MODE=log", {"TS_METRICS_MODE": "log"}, {}),
         ("prefer_direct_buffer=true", "TS_PREFER_DIRECT_BUFFER=true", {"TS_PREFER_DIRECT_BUFFER": "true"}, {}),
-        ("vmargs=-XX:+UseSerialGC", "TS_CONFIG_FILE: config.properties + vmargs=-XX:+UseSerialGC", {},
-         {"vmargs": "-XX:+UseSerialGC"}),
-        ("vmargs=-XX:+UseSerialGC -Xmn32m", "TS_CONFIG_FILE: config.properties + vmargs=-XX:+UseSerialGC -Xmn32m", {},
-         {"vmargs": "-XX:+UseSerialGC -Xmn32m"}),
-        ("number_of_netty_threads=1 and -XX:+UseSerialGC -Xmn32m",
-         "TS_NUMBER_OF_NETTY_THREADS=1; TS_CONFIG_FILE: config.properties + vmargs=-XX:+UseSerialGC -Xmn32m",
-         {"TS_NUMBER_OF_NETTY_THREADS": "1"}, {"vmargs": "-XX:+UseSerialGC -Xmn32m"}),
     ]
+    if "-XX:TieredStopAtLevel=1" in vmargs:
+        found.append(("C2 too (no -XX:TieredStopAtLevel=1)", "vmargs without -XX:TieredStopAtLevel=1", {},
+                      {"vmargs": lambda value: " ".join(a for a in value.split() if a != "-XX:TieredStopAtLevel=1")}))
+    if vmargs:
+        found.append(("the JVM's defaults (no vmargs)", ("config.properties without vmargs (G1, C1 and C2, "
+                      "heap from 1/64 of memory)"), {}, {"vmargs": None}))
+    else:
+        found.append(("vmargs=-XX:+UseSerialGC", "vmargs=-XX:+UseSerialGC", {}, {"vmargs": "-XX:+UseSerialGC"}))
+    return found
 
 
 def say(message: str) -> None:
@@ -927,17 +927,24 @@ def collector_cost(instance: Instance, runs: int = 3) -> dict[str, Any]:
     return {"cpu_seconds_per_run": statistics.median(used), "runs": used}
 
 
-def config_copy(folder: Path, overrides: dict[str, str]) -> Path:
-    """config.properties with ``overrides`` (key → value) replacing or added to its lines."""
+def config_copy(folder: Path, overrides: dict[str, Any]) -> Path:
+    """config.properties with ``overrides``: key → its new value, a function of its value (None where it has none),
+    or None to leave the key out."""
     lines, done = [], set()
     for line in (REPO / "config.properties").read_text().splitlines():
-        key = line.partition("=")[0].strip()
+        key, _, value = line.partition("=")
+        key = key.strip()
         if not line.lstrip().startswith("#") and key in overrides:
-            lines.append(f"{key}={overrides[key]}")
+            new = overrides[key](value.strip()) if callable(overrides[key]) else overrides[key]
+            if new is not None:
+                lines.append(f"{key}={new}")
             done.add(key)
         else:
             lines.append(line)
-    lines += [f"{key}={value}" for key, value in overrides.items() if key not in done]
+    for key, change in overrides.items():
+        value = change(None) if callable(change) and key not in done else change
+        if key not in done and value is not None:
+            lines.append(f"{key}={value}")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.properties"
     path.write_text("\n".join(lines) + "\n")
@@ -1004,49 +1011,64 @@ def log_root(folder: Path) -> Path:
     return folder
 
 
-def set_access_log(root: Path, level: str) -> None:
+SKIP_LOOKUP = re.compile(r"\$\{env:ACCESS_LOG_SKIP:-[^}]*\}")
+
+
+def set_access_log(root: Path, every_request: bool) -> None:
+    """The copy of log4j2.xml in ``root``: as log4j2.xml is, or logging every request (ACCESS_LOG_SKIP=none)."""
     text = (REPO / "log4j2.xml").read_text().replace("<Configuration>", '<Configuration monitorInterval="1">', 1)
-    text = re.sub(r"\$\{env:ACCESS_LOG_LEVEL:-\w+\}", level, text)
+    if every_request:
+        text = SKIP_LOOKUP.sub("none", text)
     staged = root / "log4j2.xml.new"
     staged.write_text(text)
     staged.replace(root / "log4j2.xml")  # log4j never reads half a file
 
 
+def inference_lines(path: Path) -> int:
+    """The access log's lines for predictions."""
+    if not path.exists():
+        return 0
+    with open(path, errors="replace") as log:
+        return sum("/predictions/" in line for line in log)
+
+
 def access_log_switched(tmp: Path, manifest: Manifest, files: list[Path], seconds: float, turns: int,
                         log: Callable[[str], None]) -> dict[str, Any]:
-    """TorchServe's access log off and on in turns within one JVM (log4j re-reads its configuration while TorchServe
-    runs): the same JIT-compiled code, the same worker, only the log line differs. digits 2.0 through the front door;
-    each turn in the other order (off, on; on, off; ...)."""
+    """TorchServe's access log as log4j2.xml has it (predictions left out) and logging every request, in turns within
+    one JVM (log4j re-reads a copy of its configuration while TorchServe runs): the same JIT-compiled code, the same
+    worker, only the per-request line differs. digits 2.0 through the front door; each turn in the other order."""
     root = log_root(tmp / "root")
-    set_access_log(root, "off")
+    set_access_log(root, False)
     store = model_store(tmp / "store-access", manifest, lambda e: (e["model"], e["version"]) in VARIANT_STORE)
-    runs: dict[str, list[dict[str, Any]]] = {"off": [], "info": []}
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     with Instance(tmp / "access", store, watch=False, root=root) as instance:
         url = f"{front_address()}/predictions/digits"
         access_log = instance.log_dir / "access_log.log"
         warm_jit(instance, url, files)
         for turn in range(turns):
-            for level in ("off", "info") if turn % 2 == 0 else ("info", "off"):
-                set_access_log(root, level)
+            for every in (False, True) if turn % 2 == 0 else (True, False):
+                set_access_log(root, every)
                 deadline = time.monotonic() + 30
-                while True:  # until log4j has taken the change: the log grows when on, stays when off
-                    before = line_count(access_log)
+                while True:  # until log4j has taken the change: predictions are logged, or not
+                    before = inference_lines(access_log)
                     wrk(url, files, instance.headers(), 1, concurrency=2)
                     time.sleep(1.2)
-                    grown = line_count(access_log) > before
-                    if grown == (level == "info") or time.monotonic() > deadline:
+                    if (inference_lines(access_log) > before) == every or time.monotonic() > deadline:
                         break
+                before = inference_lines(access_log)
                 point = measure(instance, url, files, seconds, 2.0)
-                point["lines"] = line_count(access_log) - before
-                runs[level].append(point)
-                log(f"  turn {turn + 1}, access log {level}: {point['java_ms_per_request_steady']:.3f} ms per "
-                    f"request ({point['rps']:.0f} req/s, {point['lines']} access log lines)")
-    off = [r["java_ms_per_request_steady"] for r in runs["off"]]
-    on = [r["java_ms_per_request_steady"] for r in runs["info"]]
-    differences = [b - a for a, b in zip(off, on)]
-    return {"off": off, "on": on, "differences": differences, "median_difference": statistics.median(differences),
-            "median_off": statistics.median(off), "median_on": statistics.median(on),
-            "lines_on": [r["lines"] for r in runs["info"]], "lines_off": [r["lines"] for r in runs["off"]]}
+                point["lines"] = inference_lines(access_log) - before
+                runs[every].append(point)
+                log(f"  turn {turn + 1}, {'every request logged' if every else 'predictions not logged'}: "
+                    f"{point['java_ms_per_request_steady']:.3f} ms per request ({point['rps']:.0f} req/s, "
+                    f"{point['lines']} prediction lines)")
+    skipped = [r["java_ms_per_request_steady"] for r in runs[False]]
+    every = [r["java_ms_per_request_steady"] for r in runs[True]]
+    differences = [b - a for a, b in zip(skipped, every, strict=True)]
+    return {"off": skipped, "on": every, "differences": differences,
+            "median_difference": statistics.median(differences), "median_off": statistics.median(skipped),
+            "median_on": statistics.median(every), "lines_on": [r["lines"] for r in runs[True]],
+            "lines_off": [r["lines"] for r in runs[False]]}
 
 
 def line_count(path: Path) -> int:
@@ -1122,7 +1144,8 @@ def run(out: Path = RESULTS, quick: bool = False, seconds: float = 10.0, rounds:
             step(f"4b. frontend settings, each on a fresh TorchServe (digits 2.0), {rounds} rounds in turns")
             chosen = [v for v in variants() if v[0] == "shipped" or settings is None or v[0] in settings]
             results["cpu"]["settings"] = settings_experiment(tmp, manifest, files, seconds, rounds, log, chosen)
-            step(f"4c. TorchServe's access log off and on in turns within one TorchServe, {ACCESS_TURNS} turns")
+            step(f"4c. TorchServe's access log without and with predictions, in turns within one TorchServe, "
+                 f"{ACCESS_TURNS} turns")
             results["cpu"]["access_log"] = access_log_switched(tmp, manifest, files["digits"], seconds, ACCESS_TURNS,
                                                                log)
     results["targets"] = targets(results)
@@ -1336,25 +1359,30 @@ def cpu_markdown(cpu: dict[str, Any], results: dict[str, Any]) -> list[str]:
                          f"{s['median']:.3f} | {s['vs_shipped']:+.0%} | {s['rps']:.0f} | {s['java_pss_mb']:.0f} | "
                          f"{s['verdict']} |")
         shipped = settings["shipped"]["runs"][0]
+        from manage.client import read_properties
+
+        asynchronous = read_properties().get("async_logging", "unset")
         lines += ["", (f"Shipped: an async logger thread {'is' if shipped['async_logger_thread'] else 'is not'} "
-                      f"running (async_logging=true in config.properties); {shipped['netty_threads']} netty "
-                      "event-loop threads."), "", "![frontend CPU per request by setting](footprint_cpu.png)"]
+                      f"running (async_logging={asynchronous} in config.properties); {shipped['netty_threads']} "
+                      "netty event-loop threads."), "", "![frontend CPU per request by setting](footprint_cpu.png)"]
     access = cpu.get("access_log")
     if access:
         more = sum(d > 0 for d in access["differences"])
         lines += [
-            "", "## TorchServe's access log off and on within one TorchServe", "",
-            ("One TorchServe (digits 2.0, through the front door), log4j re-reading its configuration while it runs: "
-             "the access log switched off and on in turns, each turn in the other order; frontend CPU per request "
-             "without the JIT, ms."),
-            "", "| turn | off | on | on - off |", "| ---: | ---: | ---: | ---: |",
+            "", "## TorchServe's access log without and with predictions, within one TorchServe", "",
+            ("One TorchServe (digits 2.0, through the front door), log4j re-reading a copy of log4j2.xml while it "
+             "runs: predictions left out of the access log (log4j2.xml as shipped) and every request logged "
+             "(ACCESS_LOG_SKIP=none), in turns, each turn in the other order; frontend CPU per request without the "
+             "JIT, ms."),
+            "", "| turn | predictions not logged | every request logged | difference |",
+            "| ---: | ---: | ---: | ---: |",
             *(f"| {i + 1} | {a:.3f} | {b:.3f} | {b - a:+.3f} |"
               for i, (a, b) in enumerate(zip(access["off"], access["on"], strict=False))),
             "",
-            (f"Median off {access['median_off']:.3f} ms, on {access['median_on']:.3f} ms; on - off: median "
-             f"{access['median_difference']:+.3f} ms, higher with the log in {more} of {len(access['differences'])} "
-             f"turns. Access log lines written while on: {', '.join(map(str, access['lines_on']))}; while off: "
-             f"{', '.join(map(str, access['lines_off']))}."),
+            (f"Medians: {access['median_off']:.3f} ms without, {access['median_on']:.3f} ms with every request "
+             f"logged; difference: median {access['median_difference']:+.3f} ms, higher with every request logged in "
+             f"{more} of {len(access['differences'])} turns. Prediction lines written: "
+             f"{', '.join(map(str, access['lines_on']))} with, {', '.join(map(str, access['lines_off']))} without."),
         ]
     return lines
 

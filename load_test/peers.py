@@ -137,7 +137,7 @@ def serve(peer: str, settings: Settings, archive: Path, folder: Path, probe: byt
     with open(log, "w") as out:
         began = time.perf_counter()
         process = subprocess.Popen(command(peer, port), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=servers.die_with_parent)
         try:
             seconds = servers.first_answer(url, probe, expected, began, process.poll, START_TIMEOUT, log)
             yield servers.Running(PEERS[peer], url, [process.pid], seconds)

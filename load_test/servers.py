@@ -71,6 +71,14 @@ def first_answer(url: str, body: bytes, expected: str, began: float, exited: Cal
         time.sleep(0.05)
 
 
+def die_with_parent() -> None:
+    """For ``Popen(preexec_fn=...)``: the child gets SIGTERM when the benchmark's process dies (killed by a test's
+    timeout, say), so that a server started in its own session is not left running (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
 def _parents() -> dict[int, int]:
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -255,7 +263,8 @@ def flask_app(log: Path, probe: bytes, expected: str) -> Iterator[Running]:
     with open(log, "w") as out:
         began = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "load_test.flask_app", "--port", str(port)], cwd=REPO,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=die_with_parent)
         try:
             seconds = first_answer(url, probe, expected, began, process.poll, 120, log)
             yield Running("Flask app", url, [process.pid], seconds)

@@ -32,9 +32,10 @@ def test_locust_scenarios_run_headless_and_count_every_request(served, restored,
     assert all(int(row["Failure Count"]) == 0 for row in rows.values()), rows
 
 
+@pytest.mark.timeout(900)  # the peers' start-ups (Ray's ~20 s) on a shared 2-core machine
 def test_a_short_bench_run_writes_a_well_formed_table_and_plots(tmp_path):
     run = subprocess.run([sys.executable, "-m", "load_test.bench", "--quick", "--seconds", "1", "--out",
-                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=580, check=False)
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=880, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "bench.json").read_text())
     servers = list(dict.fromkeys(p["server"] for p in results["servers"]))
@@ -66,14 +67,17 @@ def test_a_short_bench_run_writes_a_well_formed_table_and_plots(tmp_path):
     assert list(rows) == ["ours", "LitServe", "BentoML", "Ray Serve", "stock handler, TorchServe defaults",
                           "Flask app"], list(rows)
     assert [row["kind"] for row in peers["rows"]] == ["ours", "peer", "peer", "peer", "baseline", "baseline"]
-    for name in ("ours", "LitServe", "BentoML", "Ray Serve"):
+    for name in ("ours", "LitServe", "BentoML", "Ray Serve"):  # --quick measures concurrency 1 and 16
         row = rows[name]
-        assert row["failed"] == 0 and row["rps_c16"] > 0 and row["rps_c64"] > 0, row
+        assert row["failed"] == 0 and row["rps_c16"] > 0 and row["rps_c64"] is None, row
         assert 0 < row["p50_c1_ms"] <= row["p99_c1_ms"] and 0 < row["p50_c16_ms"] <= row["p99_c16_ms"], row
     for name, row in rows.items():
         assert row["start_seconds"] > 0 and row["memory_mb"] > 50 and row["processes"], (name, row)
     assert len(rows["Ray Serve"]["processes"]) > len(rows["LitServe"]["processes"])  # raylet, GCS, dashboard, ...
-    assert len(peers["goals"]) == 4 and all(isinstance(line, str) for line in peers["wins"])
+    goals = [goal["goal"] for goal in peers["goals"]]
+    assert goals == ["ours ahead of every peer on req/s at c16", "ours ahead of every peer on start to first answer",
+                     "ours within 2 ms of the best p50 at c1"], goals
+    assert all(line.split(" wins ")[0] in ("LitServe", "BentoML", "Ray Serve") for line in peers["wins"])
     section = report.split("## Peers")[1]
     table = [line for line in section.split("\n\n")[2].splitlines() if line.startswith("| ")]
     assert len(table) == 2 + len(rows) and all(line.count("|") == 9 for line in table), table
