@@ -191,8 +191,8 @@ class Bench:
                      f"p50 {points[concurrency].p50_ms:.1f} ms, p99 {points[concurrency].p99_ms:.1f} ms, "
                      f"{points[concurrency].failed} failed")
         memory = servers.tree_memory(running.roots)
-        self.log(f"{running.name}: start to first answer {running.start_seconds:.1f} s, memory {memory['total_mb']:.0f} "
-                 f"MB PSS in {len(memory['processes'])} processes")
+        self.log(f"{running.name}: start to first answer {running.start_seconds:.1f} s, memory "
+                 f"{memory['total_mb']:.0f} MB PSS in {len(memory['processes'])} processes")
         return peer_row(running, settings, kind, {c: asdict(p) for c, p in points.items()}, memory)
 
 
