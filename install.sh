@@ -3,7 +3,9 @@
 # does CI. Safe to run again: it only installs what is missing, and says what it installs.
 #
 # 1. Debian packages the toolkit and its tests drive: nginx (the front door), Prometheus (make monitor, and promtool),
-#    wrk (make bench's load generator), npm (the dashboard's schema check), openssl and curl (the TLS test). As root
+#    wrk (make bench's load generator), npm (the dashboard's schema check), openssl and curl (the TLS test),
+#    kubernetes-client (kubectl kustomize renders make deploy's folder) and tini (the container's init, which the
+#    loopback rehearsal runs as the container does). As root
 #    they are installed with apt-get; otherwise with sudo when it needs no password; otherwise one line says what
 #    to run.
 # 2. uv (from PyPI, when missing), then the Python packages exactly as uv.lock pins them, into .venv/. Java for
@@ -20,6 +22,8 @@ have wrk || missing+=(wrk)
 have npm || missing+=(npm)
 have openssl || missing+=(openssl)
 have curl || missing+=(curl)
+have kubectl || missing+=(kubernetes-client)
+have tini || missing+=(tini)
 if ((${#missing[@]})); then
   if [[ $(id -u) == 0 ]]; then
     sudo=()
