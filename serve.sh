@@ -4,6 +4,11 @@
 #   ./serve.sh start            TorchServe with every archive built in model_store/, its health checker and the
 #                               front door; returns when every version is READY and the front door says ready
 #   ./serve.sh stop             stop them (the front door first: requests in flight are answered)
+#   ./serve.sh run              start, then stay in the foreground with TorchServe (a container's command, under an
+#                               init such as tini): SIGTERM or SIGINT stops everything as stop does, exit 0; exits
+#                               with TorchServe's status if TorchServe dies
+#   ./serve.sh drain            mark the instance not ready (/health/ready answers 503) and wait DRAIN_SECONDS
+#                               (default 10) for load balancers to notice: a pod's preStop hook
 #   ./serve.sh status           what is served (exit 3 when not running)
 #   ./serve.sh token inference  print the current inference key (or: token management)
 #   ./serve.sh java             the Java runtime start would use
@@ -13,7 +18,9 @@
 # Environment: SERVE_HOME (state: pids, key file; default .serve/), LOG_DIR (default logs/), MODEL_STORE (default
 # model_store/), TLS_CERT and TLS_KEY (the front door speaks HTTPS with them), PROXY_ADDRESS,
 # PROXY_MANAGEMENT_ADDRESS, PROXY_METRICS_ADDRESS and HEALTH_ADDRESS (the front door's ports), TS_<KEY> overrides
-# any key of config.properties (TorchServe's own loopback ports, for a second instance).
+# any key of config.properties (TorchServe's own loopback ports, for a second instance), TS_CONFIG_FILE (another
+# config.properties), SERVE_MODELS (a comma list: serve only these models of the store), AB_SPLITS (run: a JSON file
+# {"<model>": {"<version>": weight}} applied as the front door's splits before it says ready).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,6 +37,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # config.properties names monitoring/metrics.yaml as $$TOOLKIT_ROOT$$/monitoring/metrics.yaml, allowed_urls as
 # file://$$MODEL_STORE$$/... and the workflow store as $$SERVE_HOME$$/workflows (kept empty).
 export TOOLKIT_ROOT="$ROOT"
+# The configuration TorchServe reads (KServe's storage layout brings its own: config/config.properties).
+export TS_CONFIG_FILE="${TS_CONFIG_FILE:-$ROOT/config.properties}"
 TORCHSERVE="$(dirname "$PYTHON")/torchserve"
 
 manage() { "$PYTHON" -m manage "$@"; }
@@ -55,6 +64,7 @@ choose_java() {
 }
 
 HEALTH_PID="$SERVE_HOME/health.pid"
+HOLD="$SERVE_HOME/not-ready"
 
 health_running() {
   [[ -f "$HEALTH_PID" ]] && kill -0 "$(cat "$HEALTH_PID")" 2>/dev/null
@@ -64,6 +74,10 @@ start() {
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || {
     echo "nginx (the front door) is not installed: run ./install.sh" >&2; return 1; }
   local started=$SECONDS fresh=""
+  # /health/ready answers 503 while SERVE_HOME/not-ready exists (the reason is its text): until the splits apply
+  mkdir -p "$SERVE_HOME"
+  rm -f "$HOLD"
+  [[ -z "${AB_SPLITS:-}" ]] || echo "applying the A/B splits of $AB_SPLITS" >"$HOLD"
   if running; then
     echo "TorchServe is already running (SERVE_HOME=$SERVE_HOME)"
   else
@@ -85,6 +99,10 @@ start() {
   if [[ -n "$fresh" ]]; then
     wait_torchserve || return 1
   fi
+  if [[ -n "${AB_SPLITS:-}" ]]; then
+    manage splits "$AB_SPLITS" || { stop >&2; return 1; }
+    rm -f "$HOLD"
+  fi
   if ! manage wait-front; then
     stop >&2
     return 1
@@ -104,8 +122,15 @@ start_torchserve() {
   # last run's is removed first: the front door starts as soon as the new one is there.
   rm -f "$SERVE_HOME/key_file.json"
   # handlers/site: the workers' start-up hook, which defers torch until a worker uses it (ONNX Runtime workers never).
-  (umask 077 && cd "$SERVE_HOME" && PYTHONPATH="$ROOT/handlers/site${USER_PYTHONPATH:+:$USER_PYTHONPATH}" "$TORCHSERVE" --start --ncs --ts-config "$ROOT/config.properties" \
-      --log-config "$ROOT/log4j2.xml" --model-store "$MODEL_STORE" --models $archives >>"$LOG_DIR/torchserve.out" 2>&1)
+  local launch=(--start)
+  # run: TorchServe's launcher stays in the foreground (a child of this shell, which waits for it)
+  [[ -n "${FOREGROUND:-}" ]] && launch=(--foreground)
+  (umask 077 && cd "$SERVE_HOME" && PYTHONPATH="$ROOT/handlers/site${USER_PYTHONPATH:+:$USER_PYTHONPATH}" exec "$TORCHSERVE" "${launch[@]}" --ncs --ts-config "$TS_CONFIG_FILE" \
+      --log-config "$ROOT/log4j2.xml" --model-store "$MODEL_STORE" --models $archives >>"$LOG_DIR/torchserve.out" 2>&1) &
+  TORCHSERVE_PID=$!
+  if [[ -z "${FOREGROUND:-}" ]]; then
+    wait "$TORCHSERVE_PID"
+  fi
 }
 
 # Until every version is READY (the workers load in parallel), then the spec's default versions.
@@ -149,11 +174,41 @@ status() {
   manage list
 }
 
+# The container's command: start, then wait on TorchServe. A signal stops everything in order (the front door first,
+# so the requests it holds are answered; TorchServe does not drain on its own).
+run() {
+  trap 'STOPPING=yes' TERM INT
+  FOREGROUND=yes
+  start || exit 1
+  echo "serving in the foreground (pid $$); SIGTERM stops"
+  local status=0
+  while [[ -z "${STOPPING:-}" ]]; do
+    wait "$TORCHSERVE_PID" && status=0 || status=$?
+    if [[ -z "${STOPPING:-}" ]]; then  # TorchServe itself exited
+      echo "TorchServe exited with status $status" >&2
+      stop >&2 || true
+      exit "$((status ? status : 1))"
+    fi
+  done
+  echo "stopping on a signal"
+  stop
+  exit 0
+}
+
+drain() {
+  mkdir -p "$SERVE_HOME"
+  echo "draining: the instance is stopping" >"$HOLD"
+  echo "draining: /health/ready answers 503; waiting ${DRAIN_SECONDS:-10} s"
+  sleep "${DRAIN_SECONDS:-10}"
+}
+
 case "${1:-}" in
   start) start ;;
+  run) run ;;
+  drain) drain ;;
   stop) stop ;;
   status) status ;;
   token) manage token "${2:-inference}" ;;
   java) choose_java; echo "$JAVA_HOME" ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -19,21 +19,37 @@ from manage import proxy
 from manage.client import ServeError, TorchServe, minimum_workers, ready_workers, server_alive
 
 
-def archives_to_serve(args) -> None:
-    """What serve.sh loads: every version in the manifest, each archive checked against its sha256 and served from
-    its unpacked copy in the model store (``Manifest.unpacked``)."""
-    manifest = Manifest()
-    if not manifest.entries():
+def served_entries(manifest: Manifest) -> list[dict]:
+    """The manifest's versions this instance serves: all of them, or those of the models named in ``SERVE_MODELS``
+    (a comma list: a Kubernetes pod serves one model of an image that carries them all)."""
+    entries = manifest.entries()
+    if not entries:
         raise ServeError(f"no archives in {manifest.store}: build them first with make archive")
+    chosen = {m.strip() for m in os.environ.get("SERVE_MODELS", "").split(",") if m.strip()}
+    if not chosen:
+        return entries
+    unknown = chosen - {e["model"] for e in entries}
+    if unknown:
+        raise ServeError(f"SERVE_MODELS names {', '.join(sorted(unknown))}, not in {manifest.store}")
+    return [e for e in entries if e["model"] in chosen]
+
+
+def archives_to_serve(args) -> None:
+    """What serve.sh loads: the served versions (``served_entries``), each archive checked against its sha256 and
+    served from its unpacked copy in the model store (``Manifest.unpacked``), or from the archive itself where the
+    store is read-only and holds no copy (TorchServe then extracts it)."""
+    manifest = Manifest()
     defaults = {spec.name: spec.default_version for spec in load_specs().values()}
     names = []
     # each model's default version first: TorchServe makes the first version it loads a model's default, so the
     # front door answers with the right one before apply-defaults has run
-    for entry in sorted(manifest.entries(), key=lambda e: (e["model"], e["version"] != defaults.get(e["model"]))):
+    for entry in sorted(served_entries(manifest), key=lambda e: (e["model"], e["version"] != defaults.get(e["model"]))):
         try:
             names.append(manifest.unpacked(entry["model"], entry["version"]).name)
         except ValueError as error:
             raise ServeError(str(error)) from None
+        except PermissionError:
+            names.append(manifest.verify(entry["model"], entry["version"])[0].name)
     print(" ".join(names))
 
 
@@ -52,9 +68,9 @@ def _readiness(ts: TorchServe, expected: set[tuple[str, str]]) -> list[str]:
 
 
 def wait_ready(args) -> None:
-    """Wait until every archive in the manifest is registered with its minimum workers READY."""
+    """Wait until every served archive (``served_entries``) is registered with its minimum workers READY."""
     ts = TorchServe(timeout=5)
-    expected = {(e["model"], e["version"]) for e in Manifest().entries()}
+    expected = {(e["model"], e["version"]) for e in served_entries(Manifest())}
     deadline = time.monotonic() + args.timeout
     waiting = ["TorchServe not answering yet"]
     while time.monotonic() < deadline:
@@ -163,6 +179,18 @@ def set_default(args) -> None:
 
 def ab(args) -> None:
     print(proxy.set_split(args.model, proxy.parse_split(args.split)))
+
+
+def apply_splits(args) -> None:
+    """Each model's A/B split from a JSON file ``{"<model>": {"<version>": weight, ...}}`` (a pod's ConfigMap)."""
+    try:
+        splits = json.loads(Path(args.file).read_text())
+    except (OSError, ValueError) as error:
+        raise ServeError(f"{args.file}: {error}") from None
+    if not isinstance(splits, dict) or not all(isinstance(s, dict) for s in splits.values()):
+        raise ServeError(f'{args.file}: expected {{"<model>": {{"<version>": weight, ...}}, ...}}')
+    for model, split in splits.items():
+        print(proxy.set_split(model, proxy.parse_split([f"{v}={w}" for v, w in split.items()])))
 
 
 def promote(args) -> None:
@@ -323,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     command("set-default", set_default, "make VERSION the default of MODEL", "model", "version")
     command("ab", ab, "split MODEL's traffic by weight at the front door: ab digits 1.0=90 2.0=10",
             "model").add_argument("split", nargs="+", help="VERSION=WEIGHT terms")
+    command("splits", apply_splits, "(serve.sh) apply the A/B splits of a JSON file: {model: {version: weight}}",
+            "file")
     command("promote", promote, "make VERSION the default and send it all of the proxy's traffic (refused when it is "
             "less accurate than the default on a set both were measured on, unless --force)", "model", "version",
             force={"action": "store_true"})

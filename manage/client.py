@@ -23,7 +23,7 @@ from typing import Any
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "config.properties"
+CONFIG = Path(os.environ.get("TS_CONFIG_FILE") or REPO / "config.properties")  # serve.sh exports the one it uses
 TOKEN_MARGIN = dt.timedelta(seconds=30)  # renew a token this long before it expires
 API_KEYS = ("inference", "management")
 KEY_FILE_READS = 20

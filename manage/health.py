@@ -11,7 +11,9 @@ every ``interval`` seconds and answers the front door from what it saw last:
   (30) seconds; else 503 naming what is missing. A version whose worker keeps dying is reported at its first death
   (its only worker is not READY while TorchServe restarts it) and stays not ready while it is READY between deaths,
   until 30 s pass without one. A death between two polls (0.5 s apart) that TorchServe repairs before the next one
-  can be missed; a worker that keeps dying cannot hide for long.
+  can be missed; a worker that keeps dying cannot hide for long. It is also 503 while serve.sh holds the instance
+  (``held``): from ``serve.sh drain`` on (a pod's preStop hook), so load balancers stop sending work, and while a
+  start applies its A/B splits, so no request sees the defaults alone.
 
 Both answer JSON: ``{"ready": false, "versions": {"digits/2.0": {"ready": 0, "min": 1, "deaths": 2, ...}}}``.
 
@@ -44,6 +46,7 @@ from manage.client import (
     health_address,
     minimum_workers,
     ready_workers,
+    serve_home,
     server_alive,
 )
 
@@ -146,6 +149,15 @@ class DoorLog:
                 label_text = ",".join(f'{name}="{label}"' for name, label in zip(names, labels))
                 lines.append(f"{metric}{{{label_text}}} {value:g}")
         return "\n".join(lines) + "\n"
+
+
+def held() -> str | None:
+    """Why serve.sh holds this instance not ready, if it does: ``serve.sh drain`` (a pod's preStop hook: stopping),
+    or a start that has A/B splits still to apply. The reason is the text of ``SERVE_HOME/not-ready``."""
+    try:
+        return (serve_home() / "not-ready").read_text().strip() or "held not ready by serve.sh"
+    except FileNotFoundError:
+        return None
 
 
 class Checker:
@@ -253,6 +265,9 @@ class Checker:
                 if len(health.deaths) >= self.flapping:
                     missing.append(f"{model} {version}: {len(health.deaths)} workers died in the last "
                                    f"{self.window:g} s")
+        reason = held()
+        if reason:
+            missing.insert(0, reason)
         ready = alive and not missing
         if not alive:
             missing.insert(0, f"TorchServe is not answering: {live['error'] or 'no answer yet'}")
