@@ -207,7 +207,13 @@ class Checker:
             return self.door.exposition()
 
     def sync_keys(self) -> None:
-        """Reload the front door when the key file changed or the soonest expiry has passed."""
+        """Reload the front door when the key file changed or the soonest expiry has passed. With CLIENT_KEYS_FILE,
+        clients never hold TorchServe's inference key, so TorchServe's is renewed here before it expires."""
+        if os.environ.get("CLIENT_KEYS_FILE"):
+            try:
+                self.ts.token("inference")  # renews it within TOKEN_MARGIN of its expiry
+            except ServeError as error:
+                logger.warning("could not renew TorchServe's inference key: %s", error)
         key_file = self.ts.key_file
         try:
             stamp = (key_file.stat().st_mtime, time.strftime("%Y-%m-%dT%H:%M", time.gmtime()))

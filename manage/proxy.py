@@ -247,6 +247,29 @@ def _key_lines(keys: list[str]) -> str:
     return "\n".join(f'        "Bearer {key}" 1;' for key in keys)
 
 
+CLIENT_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
+
+
+def client_keys() -> list[str]:
+    """Inference keys of the deployment's own, one per line of ``CLIENT_KEYS_FILE`` (a mounted Kubernetes Secret;
+    ``#`` starts a comment; two lines during a rotation). TorchServe makes a random key per instance, so replicas
+    behind one Service share no key of TorchServe's: the front door accepts these on every replica, besides
+    TorchServe's own, and hands TorchServe its current key (``render``)."""
+    path = os.environ.get("CLIENT_KEYS_FILE")
+    if not path:
+        return []
+    try:
+        lines = [line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines()]
+    except OSError as error:
+        raise ServeError(f"CLIENT_KEYS_FILE: {error}") from None
+    keys = [line for line in lines if line]
+    bad = [key for key in keys if not CLIENT_KEY.match(key)]
+    if bad or not keys:
+        raise ServeError(f"CLIENT_KEYS_FILE {path}: {'no key' if not keys else f'{len(bad)} malformed line(s)'}: "
+                         "one key per line, 16 to 256 characters of A-Z a-z 0-9 . _ ~ + / = -")
+    return keys
+
+
 @dataclass
 class Listen:
     """The front door's three addresses, and its TLS certificate and key (``TLS_CERT``, ``TLS_KEY``) when given."""
@@ -319,7 +342,9 @@ def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, lo
         "tls": listen.tls_lines(),
         "management_listen": listen.management,
         "metrics_listen": listen.metrics,
-        "inference_keys": _key_lines(valid_keys(keys, "inference")),
+        "inference_keys": _key_lines(valid_keys(keys, "inference") + client_keys()),
+        # what TorchServe itself is sent: its own current key, whichever key the client passed the door with
+        "torchserve_key": (keys.get("inference") or {}).get("key", ""),
         "management_keys": _key_lines(valid_keys(keys, "management")),
         "api_keys": _key_lines(valid_keys(keys, "API")),
         "error_pages": pages,
