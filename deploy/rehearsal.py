@@ -1,0 +1,437 @@
+"""A Deployment rehearsed on loopback: the generated manifest's replicas, probes and rolling update, run on one machine.
+
+This is a rehearsal of a cluster, not a cluster. What it runs for real: the container's exact command line (its
+``command`` and ``args``, under tini) and environment from the generated Deployment, from a folder staged with exactly
+what the image carries (``deploy.image.stage_image``), as two or three replicas; the Deployment's probes, with its
+paths, ports, periods and thresholds; its ``preStop`` hook and its grace period; and nginx in front of them standing in
+for the Service. What it plays itself: the kubelet (it runs the probes and the hook, sends SIGTERM, then SIGKILL after
+the grace period) and the endpoints controller (a replica is in the Service while its readiness probe passes, and is
+taken out the moment it is deleted, ``propagation`` seconds later, as kube-proxy learns of it). What it cannot show:
+networking between nodes, kube-proxy's connection tracking, the scheduler, image pulls, cgroup CPU limits, a real
+Service's load balancing (nginx picks per request, kube-proxy per connection).
+
+Each replica is one loopback "pod": its container ports (8080, 8082, 8083 in the manifest) are mapped to free ports,
+``/opt/toolkit`` to the staged folder and ``/tmp`` to its own folder; TorchServe's internal loopback ports, which pods
+would not share, get free ports too (``manage.client.instance_env``).
+
+``python -m deploy.rehearsal [--model digits] [--replicas 3]``: renders the manifests, starts the replicas, runs a
+rolling update under steady load (one replica at a time: deleted → out of the Service → preStop drain → SIGTERM →
+replacement started → startup probe → readiness probe → back in the Service) and prints the count of requests and
+of failures, which must be zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from manage.client import REPO, free_ports, instance_env
+from manage.proxy import nginx_binary
+
+IMAGE_ROOT = "/opt/toolkit"
+ADDRESS = re.compile(r"\b(?:0\.0\.0\.0|127\.0\.0\.1|localhost):(\d+)\b")  # what a pod listens on
+
+
+@dataclass
+class Probe:
+    """One of the container's httpGet probes, as the kubelet runs it."""
+
+    path: str
+    port: int  # the container's port; a replica maps it
+    period: float
+    failures: int  # failureThreshold
+    timeout: float
+    delay: float = 0.0
+
+    @classmethod
+    def of(cls, spec: dict[str, Any], ports: dict[str, int]) -> Probe:
+        get = spec["httpGet"]
+        port = get["port"]
+        return cls(get["path"], ports[port] if isinstance(port, str) else int(port), float(spec.get("periodSeconds", 10)),
+                   int(spec.get("failureThreshold", 3)), float(spec.get("timeoutSeconds", 1)),
+                   float(spec.get("initialDelaySeconds", 0)))
+
+    def check(self, port: int) -> bool:
+        """The kubelet's verdict: an answer from 200 to 399 within the timeout."""
+        try:
+            status = requests.get(f"http://127.0.0.1:{port}{self.path}", timeout=self.timeout,
+                                  allow_redirects=False).status_code
+        except requests.RequestException:
+            return False
+        return 200 <= status < 400
+
+
+@dataclass
+class Container:
+    """What the Deployment says about its one container."""
+
+    command: list[str]
+    env: dict[str, str]
+    ports: dict[str, int]  # name → containerPort
+    startup: Probe
+    readiness: Probe
+    liveness: Probe
+    pre_stop: list[str]
+    grace: float
+    replicas: int
+
+    @classmethod
+    def of(cls, deployment: dict[str, Any]) -> Container:
+        pod = deployment["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        ports = {p["name"]: int(p["containerPort"]) for p in container.get("ports", [])}
+        env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
+        return cls(list(container.get("command", [])) + list(container.get("args", [])), env, ports,
+                   Probe.of(container["startupProbe"], ports), Probe.of(container["readinessProbe"], ports),
+                   Probe.of(container["livenessProbe"], ports), list(container["lifecycle"]["preStop"]["exec"]["command"]),
+                   float(pod.get("terminationGracePeriodSeconds", 30)), int(deployment["spec"].get("replicas", 1)))
+
+
+class Replica:
+    """One pod on loopback: the container's command and environment with its ports, paths and /tmp mapped."""
+
+    def __init__(self, name: str, container: Container, image: Path, home: Path, extra_env: dict[str, str]):
+        self.name, self.container, self.image, self.home = name, container, image, home
+        home.mkdir(parents=True, exist_ok=True)
+        # every port the pod listens on, its container ports and those its environment names on loopback (a pod
+        # has a loopback of its own), gets a free one here
+        inside = sorted(set(container.ports.values()) | {int(p) for v in container.env.values()
+                                                         for p in ADDRESS.findall(v)})
+        self.port = dict(zip(inside, free_ports(len(inside)), strict=True))
+        env = instance_env(home)  # and TorchServe's internal loopback ports, which config.properties names
+        for key, value in container.env.items():
+            env[key] = self.mapped(value, image)
+        self.env = {**os.environ, **env, **extra_env, "TINI_SUBREAPER": "1"}  # tini is not PID 1 here
+        self.command = [self.mapped(arg, image) for arg in container.command]
+        self.process: subprocess.Popen | None = None
+
+    def mapped(self, value: str, image: Path) -> str:
+        value = value.replace("/tmp", str(self.home)).replace(IMAGE_ROOT, str(image))
+        return ADDRESS.sub(lambda m: f"127.0.0.1:{self.port[int(m.group(1))]}", value)
+
+    def start(self) -> None:
+        log = open(self.home / "container.log", "ab")  # noqa: SIM115 (the process holds it)
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+
+    def probe(self, which: str) -> bool:
+        probe: Probe = getattr(self.container, which)
+        return probe.check(self.port[probe.port] if probe.port in self.port else probe.port)
+
+    def wait_probe(self, which: str) -> float:
+        """Run a probe at its period until it passes, within the startup probe's budget (failureThreshold x period:
+        the kubelet would restart the container after it; readiness has no limit of its own)."""
+        probe: Probe = getattr(self.container, which)
+        startup = self.container.startup
+        limit = startup.failures * startup.period + startup.delay
+        started = time.monotonic()
+        time.sleep(probe.delay)
+        while not self.probe(which):
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode} before its {which} probe "
+                                   f"passed: see {self.home / 'container.log'}")
+            if time.monotonic() - started > limit:
+                raise RuntimeError(f"{self.name}: {which} probe still failing after {limit:g} s")
+            time.sleep(probe.period)
+        return time.monotonic() - started
+
+    def pre_stop(self) -> int:
+        command = [self.mapped(arg, self.image) for arg in self.container.pre_stop]
+        return subprocess.run(command, env=self.env, capture_output=True, timeout=self.container.grace).returncode
+
+    def terminate(self) -> tuple[int | None, float]:
+        """SIGTERM to the container's first process, SIGKILL if it outlives the grace period: (status, seconds)."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            status = self.process.wait(timeout=self.container.grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            status = None
+        return status, time.monotonic() - started
+
+
+class Service:
+    """nginx standing in for the Service: an upstream of the replicas that are endpoints; reloaded gracefully (old
+    workers finish what they hold) whenever the endpoints change. No retries: a Service does not retry."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        (home / "logs").mkdir(parents=True, exist_ok=True)
+        [self.port] = free_ports(1)
+        self.endpoints: list[int] = []
+        self.master: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+        self.changes: list[tuple[float, list[int]]] = []
+
+    def render(self) -> str:
+        servers = "".join(f"        server 127.0.0.1:{p};\n" for p in self.endpoints) or "        server 127.0.0.1:9 down;\n"
+        user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
+        return (f"{user}worker_processes 1;\npid {self.home}/nginx.pid;\nerror_log {self.home}/logs/error.log warn;\n"
+                f"daemon off;\nevents {{ worker_connections 1024; }}\nhttp {{\n"
+                f"    access_log {self.home}/logs/access.log;\n    client_body_temp_path {self.home}/body;\n"
+                f"    proxy_temp_path {self.home}/proxy;\n    client_max_body_size 25m;\n"
+                f"    upstream service {{\n{servers}    }}\n"
+                f"    server {{\n        listen 127.0.0.1:{self.port};\n        proxy_next_upstream off;\n"
+                f"        location / {{ proxy_pass http://service; }}\n    }}\n}}\n")
+
+    def set(self, endpoints: list[int]) -> None:
+        with self.lock:
+            self.endpoints = sorted(endpoints)
+            (self.home / "nginx.conf").write_text(self.render())
+            self.changes.append((time.monotonic(), list(self.endpoints)))
+            if self.master is None:
+                self.master = subprocess.Popen([nginx_binary(), "-c", str(self.home / "nginx.conf"), "-p",
+                                                str(self.home)], stderr=subprocess.DEVNULL)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    try:
+                        requests.get(f"http://127.0.0.1:{self.port}/", timeout=1)
+                        return
+                    except requests.ConnectionError:
+                        time.sleep(0.05)
+                raise RuntimeError("the Service's nginx did not start")
+            self.master.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.master is not None:
+            self.master.send_signal(signal.SIGQUIT)
+            self.master.wait(timeout=30)
+
+
+@dataclass
+class Load:
+    """Steady load through the Service: ``clients`` threads, each sending one request after another, each on a
+    connection of its own: a reload of the stand-in's nginx closes idle keep-alive connections (a client that sends
+    on one as it closes sees it reset), which a real Service, kube-proxy's packet rules, never does."""
+
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    clients: int = 4
+    statuses: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> list[threading.Thread]:
+        def client() -> None:
+            session = requests.Session()
+            while not self.stop.is_set():
+                try:
+                    answer = session.post(self.url, data=self.body, timeout=30,
+                                          headers={**self.headers, "Connection": "close"})
+                    self.statuses[answer.status_code] += 1
+                    if answer.status_code != 200:
+                        self.errors.append(f"{answer.status_code}: {answer.text[:200]}")
+                except requests.RequestException as error:
+                    self.statuses["connection error"] += 1
+                    self.errors.append(f"{type(error).__name__}: {error}"[:300])
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(self.clients)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def failed(self) -> int:
+        return self.total - self.statuses[200]
+
+
+class Rehearsal:
+    """The replicas, the Service in front of them, and the steps of a rolling update."""
+
+    def __init__(self, deployment: dict[str, Any], image: Path, home: Path, replicas: int | None = None,
+                 propagation: float = 1.0, extra_env: dict[str, str] | None = None, log=print):
+        self.container = Container.of(deployment)
+        self.image, self.home, self.propagation, self.log = image, home, propagation, log
+        self.count = replicas or self.container.replicas
+        self.extra_env = extra_env or {}
+        self.names = (f"pod-{i}" for i in itertools.count())
+        self.replicas: list[Replica] = []
+        self.service = Service(home / "service")
+        self.timeline: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.timeline.append(text)
+        self.log(text)
+
+    def replica(self) -> Replica:
+        name = next(self.names)
+        return Replica(name, self.container, self.image, self.home / name, self.extra_env)
+
+    def http_port(self, replica: Replica) -> int:
+        return replica.port[self.container.ports["http"]]
+
+    def up(self) -> None:
+        """Start every replica at once, wait for each one's startup and readiness probes, then serve them."""
+        started = time.monotonic()
+        self.replicas = [self.replica() for _ in range(self.count)]
+        for replica in self.replicas:
+            replica.start()
+        for replica in self.replicas:
+            replica.wait_probe("startup")
+            replica.wait_probe("readiness")
+        self.service.set([self.http_port(r) for r in self.replicas])
+        self.note(f"{self.count} replicas ready and in the Service after {time.monotonic() - started:.1f} s")
+
+    def replace(self, old: Replica) -> Replica:
+        """One step of the rolling update: delete ``old`` (out of the Service after ``propagation`` s, preStop
+        meanwhile, then SIGTERM, SIGKILL after the grace period), then start its replacement and serve it once its
+        startup and readiness probes pass."""
+        others = [self.http_port(r) for r in self.replicas if r is not old]
+        deleted = time.monotonic()
+        out = threading.Timer(self.propagation, self.service.set, [others])
+        out.start()
+        hook = old.pre_stop()
+        ready_during_drain = old.probe("readiness")
+        live_during_drain = old.probe("liveness")
+        out.join()
+        status, stopping = old.terminate()
+        self.note(f"{old.name}: deleted; preStop exit {hook} after {time.monotonic() - deleted - stopping:.1f} s "
+                  f"(readiness {'passes' if ready_during_drain else 'fails'}, liveness "
+                  f"{'passes' if live_during_drain else 'fails'} while draining); SIGTERM → exit {status} in "
+                  f"{stopping:.1f} s (grace {self.container.grace:g} s)")
+        if status != 0:
+            raise RuntimeError(f"{old.name} did not stop cleanly on SIGTERM: {status} (see {old.home}/container.log)")
+        if ready_during_drain or not live_during_drain:
+            raise RuntimeError(f"{old.name}: while draining, readiness must fail and liveness pass")
+        new = self.replica()
+        new.start()
+        startup = new.wait_probe("startup")
+        ready = new.wait_probe("readiness")
+        self.replicas[self.replicas.index(old)] = new
+        self.service.set([self.http_port(r) for r in self.replicas])
+        self.note(f"{new.name}: started; startup probe passed after {startup:.1f} s, readiness after {ready:.1f} "
+                  f"more; in the Service")
+        return new
+
+    def crash(self, replica: Replica) -> dict[str, Any]:
+        """TorchServe killed (SIGKILL) inside a replica: its readiness probe must fail and the container exit with
+        an error, for the kubelet to restart it; restarted in place, its probes pass again. The seconds each took."""
+        deadline = time.monotonic() + 60  # serve.sh run has finished starting (its probes may pass before)
+        while b"serving in the foreground" not in (replica.home / "container.log").read_bytes():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{replica.name}: serve.sh run did not finish starting")
+            time.sleep(0.1)
+        pid = int((Path(replica.env["SERVE_HOME"]) / "tmp" / ".model_server.pid").read_text())
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while replica.probe("readiness"):
+            if time.monotonic() - killed > 30:
+                raise RuntimeError(f"{replica.name}: readiness still passes 30 s after TorchServe was killed")
+            time.sleep(0.1)
+        unready = time.monotonic() - killed
+        assert replica.process is not None
+        status = replica.process.wait(timeout=self.container.grace)
+        exited = time.monotonic() - killed
+        if status == 0:
+            raise RuntimeError(f"{replica.name}: the container exited 0 after TorchServe was killed")
+        self.service.set([self.http_port(r) for r in self.replicas if r is not replica])
+        replica.start()  # the kubelet restarts the container (restartPolicy: Always)
+        replica.wait_probe("startup")
+        replica.wait_probe("readiness")
+        self.service.set([self.http_port(r) for r in self.replicas])
+        result = {"unready_s": round(unready, 1), "exit_status": status, "exited_s": round(exited, 1),
+                  "ready_again_s": round(time.monotonic() - killed, 1)}
+        self.note(f"{replica.name}: TorchServe killed; readiness failed after {unready:.1f} s, the container exited "
+                  f"{status} after {exited:.1f} s; restarted, ready again after {result['ready_again_s']} s")
+        return result
+
+    def rolling_update(self) -> None:
+        for old in list(self.replicas):
+            self.replace(old)
+
+    def down(self) -> None:
+        for replica in self.replicas:
+            if replica.process is not None and replica.process.poll() is None:
+                replica.terminate()
+        self.service.stop()
+
+
+def deployment_of(folder: Path, model: str) -> dict[str, Any]:
+    """The Deployment in a rendered folder that serves ``model`` (its SERVE_MODELS)."""
+    import yaml
+
+    for path in sorted(folder.rglob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if not isinstance(document, dict) or document.get("kind") != "Deployment":
+                continue
+            env = Container.of(document).env
+            if model in env.get("SERVE_MODELS", "").split(","):
+                return document
+    raise LookupError(f"no Deployment serving {model} under {folder}")
+
+
+def rehearse(model: str = "digits", replicas: int | None = None, home: Path | None = None,
+             load_seconds: float = 3.0, log=print) -> dict[str, Any]:
+    """Render, stage, start the replicas, roll them all under load; the figures."""
+    from deploy import render
+    from deploy.image import stage_image
+
+    home = home or Path(tempfile.mkdtemp(prefix="rehearsal-"))
+    rendered = render.render_all(home / "rendered", models=[model])
+    image = stage_image(home / "image")
+    keys = home / "client-keys"
+    keys.write_text("rehearsal-client-key-" + os.urandom(8).hex() + "\n")
+    rehearsal = Rehearsal(deployment_of(rendered, model), image, home / "pods", replicas,
+                          extra_env={"CLIENT_KEYS_FILE": str(keys)}, log=log)
+    key = keys.read_text().strip()
+    body = (REPO / "samples" / ("digit.png" if model == "digits" else "chelsea.jpg")).read_bytes()
+    try:
+        rehearsal.up()
+        load = Load(f"http://127.0.0.1:{rehearsal.service.port}/predictions/{model}", body,
+                    {"Authorization": f"Bearer {key}"})
+        threads = load.run()
+        time.sleep(load_seconds)
+        before = load.total
+        started = time.monotonic()
+        rehearsal.rolling_update()
+        time.sleep(load_seconds)
+        load.stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        result = {"model": model, "replicas": rehearsal.count, "requests": load.total, "failed": load.failed,
+                  "statuses": {str(k): v for k, v in load.statuses.items()}, "errors": load.errors[:10],
+                  "requests_before_update": before, "update_seconds": round(time.monotonic() - started, 1),
+                  "timeline": rehearsal.timeline}
+        log(f"rolling update of {rehearsal.count} replicas under load: {load.total} requests, {load.failed} failed "
+            f"({result['statuses']}), update {result['update_seconds']} s")
+        return result
+    finally:
+        rehearsal.down()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.rehearsal", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--replicas", type=int, default=None, help="default: the Deployment's replicas")
+    args = parser.parse_args()
+    result = rehearse(args.model, args.replicas)
+    print(json.dumps({k: v for k, v in result.items() if k != "timeline"}, indent=2))
+    return 0 if result["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
