@@ -17,7 +17,8 @@ would not share, get free ports too (``manage.client.instance_env``).
 ``python -m deploy.rehearsal [--model digits] [--replicas 3]``: renders the manifests, starts the replicas, runs a
 rolling update under steady load (one replica at a time: deleted → out of the Service → preStop drain → SIGTERM →
 replacement started → startup probe → readiness probe → back in the Service) and prints the count of requests and
-of failures, which must be zero.
+of failures, which must be zero; then kills one replica's TorchServe, whose readiness must fail and whose container
+must exit with an error (for the kubelet to restart it), and restarts it.
 """
 
 from __future__ import annotations
@@ -89,17 +90,27 @@ class Container:
     pre_stop: list[str]
     grace: float
     replicas: int
+    surge: int  # the rolling update's maxSurge (as a count; 0 or 1 here)
+    min_ready: float  # minReadySeconds
+    volumes: dict[str, dict[str, str]]  # mountPath → the files of the ConfigMap mounted there
 
     @classmethod
-    def of(cls, deployment: dict[str, Any]) -> Container:
+    def of(cls, deployment: dict[str, Any], config_maps: dict[str, dict[str, str]] | None = None) -> Container:
+        config_maps = config_maps or {}
         pod = deployment["spec"]["template"]["spec"]
         [container] = pod["containers"]
         ports = {p["name"]: int(p["containerPort"]) for p in container.get("ports", [])}
         env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
+        rolling = deployment["spec"].get("strategy", {}).get("rollingUpdate", {})
+        maps = {v["name"]: v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v}
+        volumes = {m["mountPath"]: config_maps.get(maps[m["name"]], {})
+                   for m in container.get("volumeMounts", []) if m["name"] in maps}
         return cls(list(container.get("command", [])) + list(container.get("args", [])), env, ports,
                    Probe.of(container["startupProbe"], ports), Probe.of(container["readinessProbe"], ports),
                    Probe.of(container["livenessProbe"], ports), list(container["lifecycle"]["preStop"]["exec"]["command"]),
-                   float(pod.get("terminationGracePeriodSeconds", 30)), int(deployment["spec"].get("replicas", 1)))
+                   float(pod.get("terminationGracePeriodSeconds", 30)), int(deployment["spec"].get("replicas", 1)),
+                   int(str(rolling.get("maxSurge", 1)).rstrip("%") != "0"), float(deployment["spec"].get("minReadySeconds", 0)),
+                   volumes)
 
 
 class Replica:
@@ -108,6 +119,13 @@ class Replica:
     def __init__(self, name: str, container: Container, image: Path, home: Path, extra_env: dict[str, str]):
         self.name, self.container, self.image, self.home = name, container, image, home
         home.mkdir(parents=True, exist_ok=True)
+        self.mounts: dict[str, Path] = {}  # a ConfigMap's mountPath → the folder its files are written to here
+        for index, (mount, files) in enumerate(sorted(container.volumes.items())):
+            folder = home / "volumes" / str(index)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (folder / name).write_text(text)
+            self.mounts[mount] = folder
         # every port the pod listens on, its container ports and those its environment names on loopback (a pod
         # has a loopback of its own), gets a free one here
         inside = sorted(set(container.ports.values()) | {int(p) for v in container.env.values()
@@ -121,7 +139,11 @@ class Replica:
         self.process: subprocess.Popen | None = None
 
     def mapped(self, value: str, image: Path) -> str:
-        value = value.replace("/tmp", str(self.home)).replace(IMAGE_ROOT, str(image))
+        # the pod's paths, each mapped once (one pass: a mapped path may itself lie under /tmp)
+        paths = {**{mount: str(folder) for mount, folder in self.mounts.items()}, "/tmp": str(self.home),
+                 IMAGE_ROOT: str(image)}
+        pattern = "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
+        value = re.sub(rf"(?<![\w.-])(?:{pattern})(?=/|$)", lambda m: paths[m.group(0)], value)
         return ADDRESS.sub(lambda m: f"127.0.0.1:{self.port[int(m.group(1))]}", value)
 
     def start(self) -> None:
@@ -228,6 +250,7 @@ class Load:
     headers: dict[str, str]
     clients: int = 4
     statuses: Counter = field(default_factory=Counter)
+    versions: Counter = field(default_factory=Counter)  # X-Model-Version of the answers: the A/B split at work
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -239,6 +262,7 @@ class Load:
                     answer = session.post(self.url, data=self.body, timeout=30,
                                           headers={**self.headers, "Connection": "close"})
                     self.statuses[answer.status_code] += 1
+                    self.versions[answer.headers.get("X-Model-Version", "none")] += 1
                     if answer.status_code != 200:
                         self.errors.append(f"{answer.status_code}: {answer.text[:200]}")
                 except requests.RequestException as error:
@@ -262,9 +286,10 @@ class Load:
 class Rehearsal:
     """The replicas, the Service in front of them, and the steps of a rolling update."""
 
-    def __init__(self, deployment: dict[str, Any], image: Path, home: Path, replicas: int | None = None,
-                 propagation: float = 1.0, extra_env: dict[str, str] | None = None, log=print):
-        self.container = Container.of(deployment)
+    def __init__(self, deployment: dict[str, Any], config_maps: dict[str, dict[str, str]], image: Path, home: Path,
+                 replicas: int | None = None, propagation: float = 1.0, extra_env: dict[str, str] | None = None,
+                 log=print):
+        self.container = Container.of(deployment, config_maps)
         self.image, self.home, self.propagation, self.log = image, home, propagation, log
         self.count = replicas or self.container.replicas
         self.extra_env = extra_env or {}
@@ -272,6 +297,7 @@ class Rehearsal:
         self.replicas: list[Replica] = []
         self.service = Service(home / "service")
         self.timeline: list[str] = []
+        self.steps: list[dict[str, Any]] = []  # the rolling update's, one per replaced replica
 
     def note(self, text: str) -> None:
         self.timeline.append(text)
@@ -297,34 +323,55 @@ class Rehearsal:
         self.note(f"{self.count} replicas ready and in the Service after {time.monotonic() - started:.1f} s")
 
     def replace(self, old: Replica) -> Replica:
-        """One step of the rolling update: delete ``old`` (out of the Service after ``propagation`` s, preStop
-        meanwhile, then SIGTERM, SIGKILL after the grace period), then start its replacement and serve it once its
-        startup and readiness probes pass."""
-        others = [self.http_port(r) for r in self.replicas if r is not old]
+        """One step of the rolling update, in the order the Deployment's strategy gives: with ``maxSurge`` 1 the
+        replacement starts first and ``old`` is deleted once it is ready (and ``minReadySeconds`` has passed), with
+        ``maxSurge`` 0 the other way round. Deleting: out of the Service after ``propagation`` s, preStop meanwhile,
+        then SIGTERM, SIGKILL after the grace period. Starting: in the Service once its startup and readiness probes
+        pass."""
+        step: dict[str, Any] = {}
+        if self.container.surge:
+            new = self._create(step)
+            time.sleep(self.container.min_ready)
+            self._delete(old, step)
+            self.replicas[self.replicas.index(old)] = new
+        else:
+            self._delete(old, step)
+            self.replicas.remove(old)
+            new = self._create(step)
+        step["order"] = "start, then delete" if self.container.surge else "delete, then start"
+        self.steps.append(step)
+        return new
+
+    def _delete(self, old: Replica, step: dict[str, Any]) -> None:
+        others = [self.http_port(r) for r in self.replicas if r is not old and r.process is not None]
         deleted = time.monotonic()
         out = threading.Timer(self.propagation, self.service.set, [others])
         out.start()
         hook = old.pre_stop()
+        hook_s = time.monotonic() - deleted
         ready_during_drain = old.probe("readiness")
         live_during_drain = old.probe("liveness")
         out.join()
         status, stopping = old.terminate()
-        self.note(f"{old.name}: deleted; preStop exit {hook} after {time.monotonic() - deleted - stopping:.1f} s "
-                  f"(readiness {'passes' if ready_during_drain else 'fails'}, liveness "
-                  f"{'passes' if live_during_drain else 'fails'} while draining); SIGTERM → exit {status} in "
-                  f"{stopping:.1f} s (grace {self.container.grace:g} s)")
+        step.update({"deleted": old.name, "pre_stop_exit": hook, "pre_stop_s": round(hook_s, 1),
+                     "ready_while_draining": ready_during_drain, "live_while_draining": live_during_drain,
+                     "exit_status": status, "stop_s": round(stopping, 1)})
+        self.note(f"{old.name}: deleted; preStop exit {hook} after {step['pre_stop_s']} s (readiness "
+                  f"{'passes' if ready_during_drain else 'fails'}, liveness {'passes' if live_during_drain else 'fails'}"
+                  f" while draining); SIGTERM → exit {status} in {stopping:.1f} s (grace {self.container.grace:g} s)")
         if status != 0:
             raise RuntimeError(f"{old.name} did not stop cleanly on SIGTERM: {status} (see {old.home}/container.log)")
-        if ready_during_drain or not live_during_drain:
-            raise RuntimeError(f"{old.name}: while draining, readiness must fail and liveness pass")
+
+    def _create(self, step: dict[str, Any]) -> Replica:
         new = self.replica()
         new.start()
-        startup = new.wait_probe("startup")
-        ready = new.wait_probe("readiness")
-        self.replicas[self.replicas.index(old)] = new
-        self.service.set([self.http_port(r) for r in self.replicas])
-        self.note(f"{new.name}: started; startup probe passed after {startup:.1f} s, readiness after {ready:.1f} "
-                  f"more; in the Service")
+        step["started"] = new.name
+        step["startup_s"] = round(new.wait_probe("startup"), 1)
+        step["ready_s"] = round(new.wait_probe("readiness"), 1)
+        serving = [r for r in self.replicas if r.process is not None and r.process.poll() is None]
+        self.service.set([self.http_port(r) for r in serving] + [self.http_port(new)])
+        self.note(f"{new.name}: started; startup probe passed after {step['startup_s']} s, readiness after "
+                  f"{step['ready_s']} more; in the Service")
         return new
 
     def crash(self, replica: Replica) -> dict[str, Any]:
@@ -370,32 +417,33 @@ class Rehearsal:
         self.service.stop()
 
 
-def deployment_of(folder: Path, model: str) -> dict[str, Any]:
-    """The Deployment in a rendered folder that serves ``model`` (its SERVE_MODELS)."""
+def manifests_of(folder: Path, model: str) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """The Deployment in a rendered folder that serves ``model`` (its SERVE_MODELS), and the ConfigMaps' files."""
     import yaml
 
-    for path in sorted(folder.rglob("*.yaml")):
-        for document in yaml.safe_load_all(path.read_text()):
-            if not isinstance(document, dict) or document.get("kind") != "Deployment":
-                continue
-            env = Container.of(document).env
-            if model in env.get("SERVE_MODELS", "").split(","):
-                return document
+    documents = [d for path in sorted(folder.rglob("*.yaml")) for d in yaml.safe_load_all(path.read_text())
+                 if isinstance(d, dict)]
+    config_maps = {d["metadata"]["name"]: d.get("data", {}) for d in documents if d.get("kind") == "ConfigMap"}
+    for document in documents:
+        if document.get("kind") == "Deployment" and model in Container.of(document).env.get(
+                "SERVE_MODELS", "").split(","):
+            return document, config_maps
     raise LookupError(f"no Deployment serving {model} under {folder}")
 
 
-def rehearse(model: str = "digits", replicas: int | None = None, home: Path | None = None,
+def rehearse(model: str = "digits", replicas: int | None = None, home: Path | None = None, split: str | None = None,
              load_seconds: float = 3.0, log=print) -> dict[str, Any]:
-    """Render, stage, start the replicas, roll them all under load; the figures."""
-    from deploy import render
+    """Render (with ``split`` as the model's A/B split, which the pods apply from their ConfigMap), stage, start the
+    replicas, roll them all under load, crash one; the figures."""
     from deploy.image import stage_image
+    from deploy.render import render_all
 
     home = home or Path(tempfile.mkdtemp(prefix="rehearsal-"))
-    rendered = render.render_all(home / "rendered", models=[model])
+    rendered = render_all(home / "rendered", models=[model], split=split, use_running=False)
     image = stage_image(home / "image")
     keys = home / "client-keys"
     keys.write_text("rehearsal-client-key-" + os.urandom(8).hex() + "\n")
-    rehearsal = Rehearsal(deployment_of(rendered, model), image, home / "pods", replicas,
+    rehearsal = Rehearsal(*manifests_of(rendered / "kubernetes", model), image, home / "pods", replicas,
                           extra_env={"CLIENT_KEYS_FILE": str(keys)}, log=log)
     key = keys.read_text().strip()
     body = (REPO / "samples" / ("digit.png" if model == "digits" else "chelsea.jpg")).read_bytes()
@@ -414,10 +462,12 @@ def rehearse(model: str = "digits", replicas: int | None = None, home: Path | No
             thread.join(timeout=60)
         result = {"model": model, "replicas": rehearsal.count, "requests": load.total, "failed": load.failed,
                   "statuses": {str(k): v for k, v in load.statuses.items()}, "errors": load.errors[:10],
-                  "requests_before_update": before, "update_seconds": round(time.monotonic() - started, 1),
-                  "timeline": rehearsal.timeline}
+                  "versions": dict(load.versions),
+                  "requests_before_update": before, "update_seconds": round(time.monotonic() - started, 1)}
         log(f"rolling update of {rehearsal.count} replicas under load: {load.total} requests, {load.failed} failed "
             f"({result['statuses']}), update {result['update_seconds']} s")
+        result["crash"] = rehearsal.crash(rehearsal.replicas[0])
+        result["steps"], result["timeline"] = rehearsal.steps, rehearsal.timeline
         return result
     finally:
         rehearsal.down()
@@ -427,9 +477,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.rehearsal", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits")
     parser.add_argument("--replicas", type=int, default=None, help="default: the Deployment's replicas")
+    parser.add_argument("--split", default=None, help='the A/B split the pods apply, e.g. "1.0=80 2.0=20"')
     args = parser.parse_args()
-    result = rehearse(args.model, args.replicas)
-    print(json.dumps({k: v for k, v in result.items() if k != "timeline"}, indent=2))
+    result = rehearse(args.model, args.replicas, split=args.split)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("timeline", "steps")}, indent=2))
     return 0 if result["failed"] == 0 else 1
 
 

@@ -1,0 +1,55 @@
+"""The generated Deployment rehearsed on loopback (``deploy/rehearsal.py``): a rehearsal of a cluster, not a cluster.
+
+Three replicas run the container's exact command line and environment from the rendered manifest, from a folder
+staged with what the image carries, behind nginx standing in for the Service; the rehearsal plays the kubelet (probes,
+preStop, SIGTERM, the grace period) and the endpoints controller.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from deploy.rehearsal import rehearse
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def rehearsed(tmp_path_factory) -> dict:
+    return rehearse("digits", replicas=3, home=tmp_path_factory.mktemp("rehearsal"), split="1.0=20 2.0=80",
+                    load_seconds=3.0)
+
+
+def test_a_rolling_update_under_steady_load_loses_no_request(rehearsed):
+    assert rehearsed["failed"] == 0, rehearsed["errors"]
+    assert rehearsed["statuses"] == {"200": rehearsed["requests"]}
+    # the load ran before, through and after the update: thousands of requests, not a handful
+    assert rehearsed["requests_before_update"] > 50
+    assert rehearsed["requests"] > 10 * rehearsed["requests_before_update"]
+
+
+def test_the_pods_apply_the_rendered_split(rehearsed):
+    """The split rendered into the ConfigMap (AB_SPLITS) is what every pod's front door serves, from its first
+    request: 20 % of the answers from 1.0, 80 % from 2.0."""
+    versions = rehearsed["versions"]
+    assert set(versions) == {"1.0", "2.0"}, versions
+    share = versions["2.0"] / sum(versions.values())
+    assert 0.75 < share < 0.85, versions
+
+
+def test_every_replica_is_replaced_one_at_a_time_and_drains_before_it_stops(rehearsed):
+    steps = rehearsed["steps"]
+    # one at a time, in order: each deleted replica's replacement is ready before the next is deleted
+    assert [(s["deleted"], s["started"]) for s in steps] == [("pod-0", "pod-3"), ("pod-1", "pod-4"), ("pod-2", "pod-5")]
+    assert {s["order"] for s in steps} == {"start, then delete"}  # the Deployment's maxSurge 1, maxUnavailable 0
+    for step in steps:
+        assert step["pre_stop_exit"] == 0 and step["pre_stop_s"] >= 9, step  # the Deployment's DRAIN_SECONDS
+        assert not step["ready_while_draining"] and step["live_while_draining"], step
+        assert step["exit_status"] == 0, step  # serve.sh run stopped in order on SIGTERM, inside the grace period
+
+
+def test_probes_follow_a_crash_and_the_container_exits_for_its_restart(rehearsed):
+    crash = rehearsed["crash"]
+    assert crash["unready_s"] < 5  # the health checker polls every 0.5 s
+    assert crash["exit_status"] not in (0, None)  # serve.sh run exits when TorchServe dies: the kubelet restarts it
+    assert crash["ready_again_s"] > crash["exited_s"]
