@@ -15,6 +15,11 @@
 #                                               sampled: growth per hour and errors (load_test/results/soak.*)
 #   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/
 #   make bench-runtimes                         every model on TorchScript and on ONNX Runtime, in-process
+#   make deploy [MODEL=..] [SPLIT="1.0=90 2.0=10"]   Kubernetes, KServe and Dockerfile into deploy/out/ (README)
+#   make deploy-check                           prove deploy/out/ offline: kubernetes-validate, KServe's rules,
+#                                               promtool, kubectl kustomize, hadolint
+#   make rehearse [MODEL=digits] [SPLIT=..]     the Deployment on loopback: 3 replicas behind nginx, a rolling
+#                                               update under load (requests lost: must be 0), a crash
 #   make footprint                              start-up timeline, every process's memory, register → READY, frontend CPU
 #   make bench-before                           efficientnet_lite0 1.1 now against its handlers before torch-free workers
 SHELL := /bin/bash
@@ -38,7 +43,7 @@ MANAGE := $(PY) -m manage
 
 .PHONY: help install import archive serve stop status samples predict test demo clean \
         models describe register unregister scale set-default ab promote rollback routes routes-reset \
-        monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes
+        monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes deploy deploy-check rehearse
 
 help:
 	@sed -n '/^[^#]/q;s/^# \{0,1\}//p' Makefile
@@ -137,6 +142,16 @@ bench-before: archive
 
 bench-runtimes: install
 	$(PY) -m load_test.runtimes
+
+# The split comes from the running front door when it routes the model, else from SPLIT (with MODEL).
+deploy: archive
+	$(PY) -m deploy $(if $(MODEL),--model $(MODEL)) $(if $(SPLIT),--split '$(SPLIT)')
+
+deploy-check: deploy
+	$(PY) -m deploy check
+
+rehearse: archive
+	$(PY) -m deploy.rehearsal --model $(or $(MODEL),digits) $(if $(SPLIT),--split '$(SPLIT)')
 
 test: archive
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -92,19 +92,22 @@ class Container:
     replicas: int
     surge: int  # the rolling update's maxSurge (as a count; 0 or 1 here)
     min_ready: float  # minReadySeconds
-    volumes: dict[str, dict[str, str]]  # mountPath → the files of the ConfigMap mounted there
+    volumes: dict[str, dict[str, str]]  # mountPath → the files of the ConfigMap or Secret mounted there
 
     @classmethod
-    def of(cls, deployment: dict[str, Any], config_maps: dict[str, dict[str, str]] | None = None) -> Container:
-        config_maps = config_maps or {}
+    def of(cls, deployment: dict[str, Any], config_maps: dict[str, dict[str, str]] | None = None,
+           secrets: dict[str, dict[str, str]] | None = None) -> Container:
+        config_maps, secrets = config_maps or {}, secrets or {}
         pod = deployment["spec"]["template"]["spec"]
         [container] = pod["containers"]
         ports = {p["name"]: int(p["containerPort"]) for p in container.get("ports", [])}
         env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
         rolling = deployment["spec"].get("strategy", {}).get("rollingUpdate", {})
-        maps = {v["name"]: v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v}
-        volumes = {m["mountPath"]: config_maps.get(maps[m["name"]], {})
-                   for m in container.get("volumeMounts", []) if m["name"] in maps}
+        sources = {v["name"]: config_maps.get(v["configMap"]["name"], {}) if "configMap" in v
+                   else secrets.get(v["secret"]["secretName"], {}) for v in pod.get("volumes", [])
+                   if "configMap" in v or "secret" in v}
+        volumes = {m["mountPath"]: sources[m["name"]] for m in container.get("volumeMounts", [])
+                   if m["name"] in sources}
         return cls(list(container.get("command", [])) + list(container.get("args", [])), env, ports,
                    Probe.of(container["startupProbe"], ports), Probe.of(container["readinessProbe"], ports),
                    Probe.of(container["livenessProbe"], ports), list(container["lifecycle"]["preStop"]["exec"]["command"]),
@@ -116,7 +119,7 @@ class Container:
 class Replica:
     """One pod on loopback: the container's command and environment with its ports, paths and /tmp mapped."""
 
-    def __init__(self, name: str, container: Container, image: Path, home: Path, extra_env: dict[str, str]):
+    def __init__(self, name: str, container: Container, image: Path, home: Path):
         self.name, self.container, self.image, self.home = name, container, image, home
         home.mkdir(parents=True, exist_ok=True)
         self.mounts: dict[str, Path] = {}  # a ConfigMap's mountPath → the folder its files are written to here
@@ -134,7 +137,7 @@ class Replica:
         env = instance_env(home)  # and TorchServe's internal loopback ports, which config.properties names
         for key, value in container.env.items():
             env[key] = self.mapped(value, image)
-        self.env = {**os.environ, **env, **extra_env, "TINI_SUBREAPER": "1"}  # tini is not PID 1 here
+        self.env = {**os.environ, **env, "TINI_SUBREAPER": "1"}  # tini is not PID 1 here
         self.command = [self.mapped(arg, image) for arg in container.command]
         self.process: subprocess.Popen | None = None
 
@@ -286,13 +289,12 @@ class Load:
 class Rehearsal:
     """The replicas, the Service in front of them, and the steps of a rolling update."""
 
-    def __init__(self, deployment: dict[str, Any], config_maps: dict[str, dict[str, str]], image: Path, home: Path,
-                 replicas: int | None = None, propagation: float = 1.0, extra_env: dict[str, str] | None = None,
-                 log=print):
-        self.container = Container.of(deployment, config_maps)
+    def __init__(self, deployment: dict[str, Any], config_maps: dict[str, dict[str, str]],
+                 secrets: dict[str, dict[str, str]], image: Path, home: Path, replicas: int | None = None,
+                 propagation: float = 1.0, log=print):
+        self.container = Container.of(deployment, config_maps, secrets)
         self.image, self.home, self.propagation, self.log = image, home, propagation, log
         self.count = replicas or self.container.replicas
-        self.extra_env = extra_env or {}
         self.names = (f"pod-{i}" for i in itertools.count())
         self.replicas: list[Replica] = []
         self.service = Service(home / "service")
@@ -305,7 +307,7 @@ class Rehearsal:
 
     def replica(self) -> Replica:
         name = next(self.names)
-        return Replica(name, self.container, self.image, self.home / name, self.extra_env)
+        return Replica(name, self.container, self.image, self.home / name)
 
     def http_port(self, replica: Replica) -> int:
         return replica.port[self.container.ports["http"]]
@@ -435,17 +437,17 @@ def rehearse(model: str = "digits", replicas: int | None = None, home: Path | No
              load_seconds: float = 3.0, log=print) -> dict[str, Any]:
     """Render (with ``split`` as the model's A/B split, which the pods apply from their ConfigMap), stage, start the
     replicas, roll them all under load, crash one; the figures."""
+    from deploy.contract import CLIENT_KEYS_FILE, CLIENT_KEYS_SECRET
     from deploy.image import stage_image
     from deploy.render import render_all
 
     home = home or Path(tempfile.mkdtemp(prefix="rehearsal-"))
     rendered = render_all(home / "rendered", models=[model], split=split, use_running=False)
     image = stage_image(home / "image")
-    keys = home / "client-keys"
-    keys.write_text("rehearsal-client-key-" + os.urandom(8).hex() + "\n")
-    rehearsal = Rehearsal(*manifests_of(rendered / "kubernetes", model), image, home / "pods", replicas,
-                          extra_env={"CLIENT_KEYS_FILE": str(keys)}, log=log)
-    key = keys.read_text().strip()
+    key = "rehearsal-client-key-" + os.urandom(8).hex()  # the user's Secret, as kubectl create secret would make it
+    secrets = {CLIENT_KEYS_SECRET: {Path(CLIENT_KEYS_FILE).name: key + "\n"}}
+    rehearsal = Rehearsal(*manifests_of(rendered / "kubernetes", model), secrets, image, home / "pods", replicas,
+                          log=log)
     body = (REPO / "samples" / ("digit.png" if model == "digits" else "chelsea.jpg")).read_bytes()
     try:
         rehearsal.up()
@@ -476,7 +478,7 @@ def rehearse(model: str = "digits", replicas: int | None = None, home: Path | No
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.rehearsal", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits")
-    parser.add_argument("--replicas", type=int, default=None, help="default: the Deployment's replicas")
+    parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--split", default=None, help='the A/B split the pods apply, e.g. "1.0=80 2.0=20"')
     args = parser.parse_args()
     result = rehearse(args.model, args.replicas, split=args.split)
