@@ -20,7 +20,8 @@
 # PROXY_MANAGEMENT_ADDRESS, PROXY_METRICS_ADDRESS and HEALTH_ADDRESS (the front door's ports), TS_<KEY> overrides
 # any key of config.properties (TorchServe's own loopback ports, for a second instance), TS_CONFIG_FILE (another
 # config.properties), SERVE_MODELS (a comma list: serve only these models of the store), AB_SPLITS (run: a JSON file
-# {"<model>": {"<version>": weight}} applied as the front door's splits before it says ready).
+# {"<model>": {"<version>": weight}} applied as the front door's splits before it says ready), CLIENT_KEYS_FILE (keys
+# the front door accepts besides TorchServe's, one per line), V2_ADDRESS and V2_GRPC_ADDRESS (the v2 gateway's).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -70,6 +71,13 @@ health_running() {
   [[ -f "$HEALTH_PID" ]] && kill -0 "$(cat "$HEALTH_PID")" 2>/dev/null
 }
 
+# The Open Inference Protocol gateway (manage/v2.py): REST behind the front door's /v2/, gRPC on V2_GRPC_ADDRESS.
+V2_PID="$SERVE_HOME/v2.pid"
+
+v2_running() {
+  [[ -f "$V2_PID" ]] && kill -0 "$(cat "$V2_PID")" 2>/dev/null
+}
+
 start() {
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || {
     echo "nginx (the front door) is not installed: run ./install.sh" >&2; return 1; }
@@ -89,6 +97,10 @@ start() {
   if ! health_running; then
     setsid "$PYTHON" -m manage health </dev/null >>"$LOG_DIR/health.log" 2>&1 &
     echo $! >"$HEALTH_PID"
+  fi
+  if ! v2_running; then
+    setsid "$PYTHON" -m manage v2 </dev/null >>"$LOG_DIR/v2.log" 2>&1 &
+    echo $! >"$V2_PID"
   fi
   # The front door starts while the workers load too (it needs only TorchServe's key file): it answers as soon as
   # a version is READY, and says ready when every one is.
@@ -151,6 +163,10 @@ stop() {
     kill "$(cat "$HEALTH_PID")"
   fi
   rm -f "$HEALTH_PID"
+  if v2_running; then
+    kill "$(cat "$V2_PID")"
+  fi
+  rm -f "$V2_PID"
   if ! running; then
     echo "TorchServe is not running"
     return 0
@@ -210,5 +226,5 @@ case "${1:-}" in
   status) status ;;
   token) manage token "${2:-inference}" ;;
   java) choose_java; echo "$JAVA_HOME" ;;
-  *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

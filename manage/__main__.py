@@ -235,6 +235,12 @@ def health_checker(args) -> None:
     health.main()
 
 
+def v2_gateway(args) -> None:
+    from manage import v2
+
+    v2.main()
+
+
 def wait_front(args) -> None:
     """Wait until the front door says ready (``/health/ready``, asked of the health checker behind it)."""
     from manage.client import health_address
@@ -365,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     command("wait-front", wait_front, "(serve.sh) wait until /health/ready says ready",
             timeout={"type": float, "default": 60.0})
     command("health", health_checker, "(serve.sh) run the health checker behind /health/live and /health/ready")
+    command("v2", v2_gateway, "(serve.sh) run the Open Inference Protocol gateway (KServe v2, REST and gRPC)")
     command("token", token, "print the current key (renewed if expired)").add_argument(
         "kind", choices=["inference", "management"])
     command("predict", predict, "send a file, print the answer", "model", "file", version={})

@@ -17,8 +17,10 @@ import os
 import socket
 import time
 from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import requests
 
@@ -78,6 +80,34 @@ def health_address() -> str:
     return os.environ.get("HEALTH_ADDRESS", "http://127.0.0.1:8183")
 
 
+def v2_address() -> str:
+    """Where the Open Inference Protocol gateway (``manage/v2.py``) answers the front door's ``/v2/``, on loopback:
+    ``V2_ADDRESS`` or :8185."""
+    return os.environ.get("V2_ADDRESS", "http://127.0.0.1:8185")
+
+
+def v2_grpc_address() -> str:
+    """Where the gateway speaks KServe v2 gRPC, host:port: ``V2_GRPC_ADDRESS`` or 127.0.0.1:8083 (a container
+    listens on 0.0.0.0:8083)."""
+    return os.environ.get("V2_GRPC_ADDRESS", "127.0.0.1:8083")
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler of the loopback servers behind the front door, which log nothing themselves: the front
+    door's access log has every request."""
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+def loopback_server(address: str, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """A threaded HTTP server on ``address`` (a URL), one daemon thread per request."""
+    parsed = urlparse(address)
+    server = ThreadingHTTPServer((parsed.hostname, parsed.port), handler)
+    server.daemon_threads = True
+    return server
+
+
 def serve_home() -> Path:
     return Path(os.environ.get("SERVE_HOME", REPO / ".serve"))
 
@@ -108,7 +138,7 @@ def instance_env(home: Path) -> dict[str, str]:
     """The environment of one more TorchServe (and its front door) beside any other: its own state folder, logs and
     free ports. serve.sh, the client and ``python -m manage`` all read it."""
     (inference, management, metrics, grpc_inference, grpc_management, front, front_management, front_metrics,
-     health, retry) = free_ports(10)
+     health, retry, v2, v2_grpc) = free_ports(12)
     return {
         "SERVE_HOME": str(home),
         "LOG_DIR": str(home / "logs"),
@@ -122,6 +152,8 @@ def instance_env(home: Path) -> dict[str, str]:
         "PROXY_METRICS_ADDRESS": f"http://127.0.0.1:{front_metrics}",
         "HEALTH_ADDRESS": f"http://127.0.0.1:{health}",
         "RETRY_ADDRESS": f"http://127.0.0.1:{retry}",
+        "V2_ADDRESS": f"http://127.0.0.1:{v2}",
+        "V2_GRPC_ADDRESS": f"127.0.0.1:{v2_grpc}",
     }
 
 

@@ -33,17 +33,18 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from manage.client import (
     READY,
     REPO,
+    QuietHandler,
     ServeError,
     TorchServe,
     health_address,
+    loopback_server,
     minimum_workers,
     ready_workers,
     serve_home,
@@ -91,7 +92,8 @@ class VersionHealth:
 # One line of the front door's access log (proxy/nginx.conf's log_format "front").
 LOG_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>/\S*) [^"]*" (?P<status>\d{3}) (?P<seconds>[\d.]+) '
                       r'version=(?P<version>\S*) upstream=\S* retried=(?P<retried>\S*)')
-APIS = ("predictions", "explanations", "ping", "health", "ab", "metrics", "models")
+# v2: the Open Inference Protocol (manage/v2.py); each element of a v2 infer is also one of its predictions lines
+APIS = ("predictions", "explanations", "v2", "ping", "health", "ab", "metrics", "models")
 
 
 class DoorLog:
@@ -133,6 +135,8 @@ class DoorLog:
         parts = match["path"].split("?")[0].split("/")
         api = parts[1] if len(parts) > 1 and parts[1] in APIS else "other"
         model = parts[2] if api in ("predictions", "explanations") and len(parts) > 2 else ""
+        if api == "v2" and len(parts) > 3 and parts[2] == "models":  # /v2/models/<model>[/versions/<v>]/...
+            model = parts[3]
         model = model if not model or model in models else "other"
         version = match["version"] if (model, match["version"]) in known else ""
         return api, model, version, match["status"], "true" if match["retried"] == "true" else "false"
@@ -281,7 +285,7 @@ class Checker:
 
 
 def serve(checker: Checker, address: str) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path == "/metrics":
                 payload = checker.metrics().encode()
@@ -307,13 +311,8 @@ def serve(checker: Checker, address: str) -> ThreadingHTTPServer:
 
         do_HEAD = do_GET
 
-        def log_message(self, format: str, *args) -> None:  # the front door's access log has every request
-            pass
 
-    parsed = urlparse(address)
-    server = ThreadingHTTPServer((parsed.hostname, parsed.port), Handler)
-    server.daemon_threads = True
-    return server
+    return loopback_server(address, Handler)
 
 
 def main() -> None:

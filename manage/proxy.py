@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -56,6 +57,7 @@ from manage.client import (
     read_properties,
     ready_workers,
     serve_home,
+    v2_address,
 )
 
 TEMPLATE = REPO / "proxy" / "nginx.conf"
@@ -148,6 +150,18 @@ def nginx_binary() -> str:
     return found
 
 
+def cpu_limit() -> int:
+    """The CPUs this process may use: its cgroup's quota (a container's CPU limit) when one is set, else the cores it
+    may run on. nginx's ``worker_processes auto`` counts the node's cores, a worker each, whatever the pod's limit."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return len(os.sched_getaffinity(0))
+
+
 def _user_line() -> str:
     """As root, nginx's workers need an unprivileged user; as anyone else they run as that user."""
     if os.geteuid() != 0:
@@ -198,7 +212,7 @@ ERRORS = {
                        "(url=<model>_<version>.mar, or its unpacked folder url=<model>_<version>; no body); URLs, "
                        "paths, other folders and workflows are refused"),
     404: ("not_found", "no such endpoint on this port; the front door serves /predictions/<model>[/<version>], "
-                       "/explanations/..., /ping, /health/live and /health/ready (inference), /models... and "
+                       "/explanations/..., /ping, /health/live and /health/ready, /v2/... (inference), /models... and "
                        "/ab/routes (management, loopback), /metrics (metrics)"),
     405: ("method_not_allowed", "method not allowed here; see the Allow header"),
     408: ("request_timeout", "the request was not received in time"),
@@ -327,7 +341,7 @@ def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, lo
     management_pages, management_locations = _error_blocks((401, 403, 404, 405, 413, 502, 504), limit)
     values = {
         "user": _user_line(),
-        "workers": "auto",
+        "workers": str(cpu_limit()),
         "state": str(state),
         "logs": str(logs),
         "max_body": str(limit_bytes),
@@ -337,6 +351,7 @@ def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, lo
         "management": _host_port(address("management")),
         "metrics": _host_port(address("metrics")),
         "health": _host_port(health_address()),
+        "v2": _host_port(v2_address()),
         "retry": _host_port(retry_address()),
         "listen": listen.inference + (" ssl" if listen.cert else ""),
         "tls": listen.tls_lines(),
