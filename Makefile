@@ -15,7 +15,7 @@
 #                                               sampled: growth per hour and errors (load_test/results/soak.*)
 #   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/
 #   make bench-runtimes                         every model on TorchScript and on ONNX Runtime, in-process
-#   make deploy [MODEL=..] [SPLIT="1.0=90 2.0=10"]   Kubernetes, KServe and Dockerfile into deploy/out/ (README)
+#   make deploy [MODEL=..] [SPLIT="1.0=90 2.0=10"] [IMAGE=..]   Kubernetes, KServe, Dockerfile into deploy/out/
 #   make deploy-check                           prove deploy/out/ offline: kubernetes-validate, KServe's rules,
 #                                               promtool, kubectl kustomize, hadolint
 #   make rehearse [MODEL=digits] [SPLIT=..]     the Deployment on loopback: 3 replicas behind nginx, a rolling
@@ -145,7 +145,7 @@ bench-runtimes: install
 
 # The split comes from the running front door when it routes the model, else from SPLIT (with MODEL).
 deploy: archive
-	$(PY) -m deploy $(if $(MODEL),--model $(MODEL)) $(if $(SPLIT),--split '$(SPLIT)')
+	$(PY) -m deploy $(if $(MODEL),--model $(MODEL)) $(if $(SPLIT),--split '$(SPLIT)') $(if $(IMAGE),--image '$(IMAGE)')
 
 deploy-check: deploy
 	$(PY) -m deploy check

@@ -96,6 +96,8 @@ def check_command(args) -> int:
 
     notes["promtool"] = "check rules + test rules, one unit test per alert"
     run("promtool", promtool_all)
+    notes["prometheus-adapter"] = "the HPA's rate query, filled in as the adapter does, unit-tested by promtool"
+    run("prometheus-adapter", checks.adapter_problems, out / "prometheus-adapter" / "rules.yaml")
     notes["hadolint + Dockerfile contract"] = "every hadolint finding fails; pins, non-root USER, tini, COPY list"
     run("hadolint + Dockerfile contract", checks.dockerfile_problems, out / "Dockerfile")
     for line in promtool_lines:

@@ -440,6 +440,28 @@ def promtool_problems(folder: Path, plans: list | None = None) -> tuple[list[str
     return problems, lines
 
 
+def adapter_problems(rules_file: Path) -> list[str]:
+    """prometheus-adapter's rule, as the adapter would run it for one pod: its ``metricsQuery`` with the adapter's
+    template filled in, unit-tested by promtool: a pod answering 3 predictions a second, and 5 probes a second that
+    must not count, reads 3."""
+    [rule] = load(rules_file)[0]["rules"]
+    series = re.sub(r"\{.*", "", rule["seriesQuery"])
+    query = (rule["metricsQuery"].replace("<<.Series>>", series)
+             .replace("<<.LabelMatchers>>", 'namespace="ns",pod="p"').replace("<<.GroupBy>>", "pod"))
+    labels = 'namespace="ns",pod="p"'
+    test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": f'{series}{{{labels},api="predictions"}}', "values": "0+180x10"},
+                         {"series": f'{series}{{{labels},api="health"}}', "values": "0+300x10"}],
+        "promql_expr_test": [{"expr": query, "eval_time": "10m", "exp_samples": [{"labels": '{pod="p"}',
+                                                                                 "value": 3}]}],
+    }]}
+    with tempfile.TemporaryDirectory() as work:
+        (Path(work) / "adapter.test.yaml").write_text(yaml.safe_dump(test, sort_keys=False))
+        code, output = promtool("test", "rules", "adapter.test.yaml", cwd=Path(work))
+    return [] if code == 0 else [f"{rules_file.name}: the adapter's query, filled in as the adapter does: {output}"]
+
+
 # --- kustomize -----------------------------------------------------------------------------------------------------
 
 

@@ -46,6 +46,11 @@ def meta(name: str, plan: ModelPlan | None = None, **extra: Any) -> dict[str, An
     return {"name": name, "labels": labels(plan), **extra}
 
 
+def resource(api_version: str, kind: str, plan: ModelPlan, spec: dict[str, Any]) -> dict[str, Any]:
+    """A model's object: its kind, its name and labels, its spec."""
+    return {"apiVersion": api_version, "kind": kind, "metadata": meta(plan.name, plan), "spec": spec}
+
+
 def probe(spec: contract.Probe) -> dict[str, Any]:
     return {"httpGet": {"path": spec.path, "port": "http"}, "periodSeconds": spec.period,
             "failureThreshold": spec.failures, "timeoutSeconds": spec.timeout, "initialDelaySeconds": spec.delay}
@@ -72,84 +77,64 @@ def container(plan: ModelPlan, image: str) -> dict[str, Any]:
 
 
 def deployment(plan: ModelPlan, image: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta(plan.name, plan),
-        "spec": {
-            "selector": {"matchLabels": selector(plan)},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "minReadySeconds": 5,
-            "revisionHistoryLimit": 5,
-            "template": {
-                "metadata": {"labels": labels(plan)},
-                "spec": {
-                    "serviceAccountName": SERVICE_ACCOUNT,
-                    "automountServiceAccountToken": False,
-                    "terminationGracePeriodSeconds": contract.GRACE_SECONDS,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": contract.UID,
-                                        "runAsGroup": contract.UID, "fsGroup": contract.UID,
-                                        "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [container(plan, image)],
-                    "volumes": [
-                        {"name": "tmp", "emptyDir": {"sizeLimit": contract.TMP_SIZE}},
-                        {"name": "ab-splits", "configMap": {"name": f"{plan.name}-ab-splits"}},
-                        {"name": "client-keys", "secret": {"secretName": contract.CLIENT_KEYS_SECRET,
-                                                           "defaultMode": 0o440}},
-                    ],
-                    "topologySpreadConstraints": [{
-                        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
-                        "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector(plan)}}],
-                },
+    return resource("apps/v1", "Deployment", plan, {
+        "selector": {"matchLabels": selector(plan)},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "minReadySeconds": 5,
+        "revisionHistoryLimit": 5,
+        "template": {
+            "metadata": {"labels": labels(plan)},
+            "spec": {
+                "serviceAccountName": SERVICE_ACCOUNT,
+                "automountServiceAccountToken": False,
+                "terminationGracePeriodSeconds": contract.GRACE_SECONDS,
+                "securityContext": {"runAsNonRoot": True, "runAsUser": contract.UID,
+                                    "runAsGroup": contract.UID, "fsGroup": contract.UID,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [container(plan, image)],
+                "volumes": [
+                    {"name": "tmp", "emptyDir": {"sizeLimit": contract.TMP_SIZE}},
+                    {"name": "ab-splits", "configMap": {"name": f"{plan.name}-ab-splits"}},
+                    {"name": "client-keys", "secret": {"secretName": contract.CLIENT_KEYS_SECRET,
+                                                       "defaultMode": 0o440}},
+                ],
+                "topologySpreadConstraints": [{
+                    "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                    "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector(plan)}}],
             },
         },
-    }
+    })
 
 
 def service(plan: ModelPlan) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": meta(plan.name, plan),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector(plan),
-            "ports": [{"name": name, "port": port, "targetPort": name, "protocol": "TCP",
-                       **({"appProtocol": "grpc"} if name == "grpc" else {})}
-                      for name, port in contract.PORTS.items()],
-        },
-    }
+    return resource("v1", "Service", plan, {
+        "type": "ClusterIP",
+        "selector": selector(plan),
+        "ports": [{"name": name, "port": port, "targetPort": name, "protocol": "TCP",
+                   **({"appProtocol": "grpc"} if name == "grpc" else {})}
+                  for name, port in contract.PORTS.items()],
+    })
 
 
 def hpa(plan: ModelPlan) -> dict[str, Any]:
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": meta(plan.name, plan),
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": plan.name},
-            "minReplicas": plan.min_replicas,
-            "maxReplicas": plan.max_replicas,
-            "metrics": [{"type": "Pods", "pods": {
-                "metric": {"name": monitoring.RPS_METRIC},
-                "target": {"type": "AverageValue", "averageValue": str(plan.target_rps)}}}],
-            "behavior": {
-                "scaleUp": {"stabilizationWindowSeconds": 0,
-                            "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]},
-                "scaleDown": {"stabilizationWindowSeconds": 300,
-                              "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}]},
-            },
+    return resource("autoscaling/v2", "HorizontalPodAutoscaler", plan, {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": plan.name},
+        "minReplicas": plan.min_replicas,
+        "maxReplicas": plan.max_replicas,
+        "metrics": [{"type": "Pods", "pods": {
+            "metric": {"name": monitoring.RPS_METRIC},
+            "target": {"type": "AverageValue", "averageValue": str(plan.target_rps)}}}],
+        "behavior": {
+            "scaleUp": {"stabilizationWindowSeconds": 0,
+                        "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]},
+            "scaleDown": {"stabilizationWindowSeconds": 300,
+                          "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}]},
         },
-    }
+    })
 
 
 def pdb(plan: ModelPlan) -> dict[str, Any]:
-    return {
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": meta(plan.name, plan),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(plan)}},
-    }
+    return resource("policy/v1", "PodDisruptionBudget", plan, {"maxUnavailable": 1, "selector": {"matchLabels": selector(plan)}})
 
 
 def network_policy(plan: ModelPlan, gateway_namespace: str, prometheus_namespace: str) -> dict[str, Any]:
@@ -158,23 +143,18 @@ def network_policy(plan: ModelPlan, gateway_namespace: str, prometheus_namespace
     def namespace(name: str) -> dict[str, Any]:
         return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
 
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": meta(plan.name, plan),
-        "spec": {
-            "podSelector": {"matchLabels": selector(plan)},
-            "policyTypes": ["Ingress"],
-            "ingress": [
-                {"from": [namespace(gateway_namespace)],
-                 "ports": [{"protocol": "TCP", "port": contract.PORTS["http"]},
-                           {"protocol": "TCP", "port": contract.PORTS["grpc"]}]},
-                {"from": [{**namespace(prometheus_namespace),
-                           "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
-                 "ports": [{"protocol": "TCP", "port": contract.PORTS["metrics"]}]},
-            ],
-        },
-    }
+    return resource("networking.k8s.io/v1", "NetworkPolicy", plan, {
+        "podSelector": {"matchLabels": selector(plan)},
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {"from": [namespace(gateway_namespace)],
+             "ports": [{"protocol": "TCP", "port": contract.PORTS["http"]},
+                       {"protocol": "TCP", "port": contract.PORTS["grpc"]}]},
+            {"from": [{**namespace(prometheus_namespace),
+                       "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+             "ports": [{"protocol": "TCP", "port": contract.PORTS["metrics"]}]},
+        ],
+    })
 
 
 def ab_configmap(plan: ModelPlan) -> dict[str, Any]:
@@ -188,25 +168,15 @@ def ab_configmap(plan: ModelPlan) -> dict[str, Any]:
 
 
 def service_monitor(plan: ModelPlan) -> dict[str, Any]:
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": meta(plan.name, plan),
-        "spec": {
-            "selector": {"matchLabels": selector(plan)},
-            "endpoints": [{"port": "metrics", "path": path, "interval": "15s", "scrapeTimeout": "10s"}
-                          for path in ("/metrics", "/metrics/front_door")],
-        },
-    }
+    return resource("monitoring.coreos.com/v1", "ServiceMonitor", plan, {
+        "selector": {"matchLabels": selector(plan)},
+        "endpoints": [{"port": "metrics", "path": path, "interval": "15s", "scrapeTimeout": "10s"}
+                      for path in ("/metrics", "/metrics/front_door")],
+    })
 
 
 def prometheus_rule(plan: ModelPlan) -> dict[str, Any]:
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "PrometheusRule",
-        "metadata": meta(plan.name, plan),
-        "spec": {"groups": monitoring.rule_groups(plan)},
-    }
+    return resource("monitoring.coreos.com/v1", "PrometheusRule", plan, {"groups": monitoring.rule_groups(plan)})
 
 
 def model_objects(plan: ModelPlan, image: str, gateway_namespace: str,

@@ -105,6 +105,12 @@ def _expected(groups: list[dict], alert: str, labels: dict[str, str]) -> dict[st
             "exp_annotations": {k: _expand(v, labels) for k, v in rule.get("annotations", {}).items()}}
 
 
+def _test_file(rules_file: str, series: list[dict[str, str]], alert_tests: list[dict[str, Any]]) -> dict[str, Any]:
+    """A promtool test file: ``series`` sampled every minute, the rules evaluated every minute, ``alert_tests``."""
+    return {"rule_files": [rules_file], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": alert_tests}]}
+
+
 def unit_tests(plan: ModelPlan, groups: list[dict], rules_file: str,
                error_ratio: float = ERROR_RATIO, p99_seconds: float = P99_SECONDS) -> dict[str, dict[str, Any]]:
     """One promtool test file per alert: alert name → the file's content (its ``rule_files`` is ``rules_file``)."""
@@ -115,51 +121,35 @@ def unit_tests(plan: ModelPlan, groups: list[dict], rules_file: str,
     errors = int(round(100 * min(1.0, error_ratio * 4)))  # well over the threshold
     few = max(0, int(100 * error_ratio / 5))  # well under it
     door = 'frontdoor_requests_total{{api="predictions",model="{m}",version="{v}",status="{s}",retried="false"}}'
-    error_test = {
-        "rule_files": [rules_file],
-        "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1m",
-            "input_series": [
-                {"series": door.format(m=model, v=bad, s="200"), "values": f"0+{100 - errors}x30"},
-                {"series": door.format(m=model, v=bad, s="503"), "values": f"0+{errors}x30"},
-                {"series": door.format(m=model, v=good, s="200"), "values": f"0+{100 - few}x30"},
-                {"series": door.format(m=model, v=good, s="500"), "values": f"0+{few}x30"},
-                # client errors are not the model's: a version refusing bad input stays silent
-                {"series": door.format(m=model, v=good, s="400"), "values": "0+50x30"},
-            ],
-            "alert_rule_test": [
-                {"eval_time": "3m", "alertname": ERROR_ALERT, "exp_alerts": []},  # pending: under its "for"
-                {"eval_time": "20m", "alertname": ERROR_ALERT,
-                 "exp_alerts": [_expected(groups, ERROR_ALERT, {"model": model, "version": bad})]},
-            ],
-        }],
-    }
+    error_test = _test_file(rules_file, [
+        {"series": door.format(m=model, v=bad, s="200"), "values": f"0+{100 - errors}x30"},
+        {"series": door.format(m=model, v=bad, s="503"), "values": f"0+{errors}x30"},
+        {"series": door.format(m=model, v=good, s="200"), "values": f"0+{100 - few}x30"},
+        {"series": door.format(m=model, v=good, s="500"), "values": f"0+{few}x30"},
+        # client errors are not the model's: a version refusing bad input stays silent
+        {"series": door.format(m=model, v=good, s="400"), "values": "0+50x30"},
+    ], [
+        {"eval_time": "3m", "alertname": ERROR_ALERT, "exp_alerts": []},  # pending: under its "for"
+        {"eval_time": "20m", "alertname": ERROR_ALERT,
+         "exp_alerts": [_expected(groups, ERROR_ALERT, {"model": model, "version": bad})]},
+    ])
     slow_le, fast_le = _bucket_above(p99_seconds), _bucket_below(p99_seconds)
     bucket = 'handler_request_seconds_bucket{{model_name="{m}",model_version="{v}",le="{le}"}}'
-    latency_test = {
-        "rule_files": [rules_file],
-        "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1m",
-            "input_series": [
-                # the slow version: every request between the threshold and the next bucket boundary up
-                {"series": bucket.format(m=model, v=bad, le=_le(_bucket_below(p99_seconds, inclusive=True))),
-                 "values": "0+0x30"},
-                {"series": bucket.format(m=model, v=bad, le=_le(slow_le)), "values": "0+10x30"},
-                {"series": bucket.format(m=model, v=bad, le="+Inf"), "values": "0+10x30"},
-                # the fast version: every request under a tenth of the threshold
-                {"series": bucket.format(m=model, v=good, le=_le(fast_le)), "values": "0+10x30"},
-                {"series": bucket.format(m=model, v=good, le=_le(slow_le)), "values": "0+10x30"},
-                {"series": bucket.format(m=model, v=good, le="+Inf"), "values": "0+10x30"},
-            ],
-            "alert_rule_test": [
-                {"eval_time": "8m", "alertname": LATENCY_ALERT, "exp_alerts": []},  # pending: under its "for"
-                {"eval_time": "25m", "alertname": LATENCY_ALERT,
-                 "exp_alerts": [_expected(groups, LATENCY_ALERT, {"model_name": model, "model_version": bad})]},
-            ],
-        }],
-    }
+    latency_test = _test_file(rules_file, [
+        # the slow version: every request between the threshold and the next bucket boundary up
+        {"series": bucket.format(m=model, v=bad, le=_le(_bucket_below(p99_seconds, inclusive=True))),
+         "values": "0+0x30"},
+        {"series": bucket.format(m=model, v=bad, le=_le(slow_le)), "values": "0+10x30"},
+        {"series": bucket.format(m=model, v=bad, le="+Inf"), "values": "0+10x30"},
+        # the fast version: every request under a tenth of the threshold
+        {"series": bucket.format(m=model, v=good, le=_le(fast_le)), "values": "0+10x30"},
+        {"series": bucket.format(m=model, v=good, le=_le(slow_le)), "values": "0+10x30"},
+        {"series": bucket.format(m=model, v=good, le="+Inf"), "values": "0+10x30"},
+    ], [
+        {"eval_time": "8m", "alertname": LATENCY_ALERT, "exp_alerts": []},  # pending: under its "for"
+        {"eval_time": "25m", "alertname": LATENCY_ALERT,
+         "exp_alerts": [_expected(groups, LATENCY_ALERT, {"model_name": model, "model_version": bad})]},
+    ])
     return {ERROR_ALERT: error_test, LATENCY_ALERT: latency_test}
 
 

@@ -45,7 +45,32 @@ from manage.client import REPO, free_ports, instance_env
 from manage.proxy import nginx_binary
 
 IMAGE_ROOT = "/opt/toolkit"
+RESTARTS = 2  # restarts of a container that exits while starting, before the rehearsal gives up
 ADDRESS = re.compile(r"\b(?:0\.0\.0\.0|127\.0\.0\.1|localhost):(\d+)\b")  # what a pod listens on
+
+
+TAKEN: set[int] = set()  # every port handed to a replica or the Service in this process: free_ports alone may repeat
+
+
+def claim(ports: set[int]) -> bool:
+    """Take ``ports`` if none was handed out before."""
+    if ports & TAKEN:
+        return False
+    TAKEN.update(ports)
+    return True
+
+
+def ports_of(env: dict[str, str]) -> set[int]:
+    """The ports ``instance_env`` gives: its addresses' and its bare port numbers."""
+    return {int(m.group(1)) for value in env.values() if (m := re.search(r"(?:^|:)(\d+)$", value))}
+
+
+def unique_ports(count: int) -> list[int]:
+    """``count`` free loopback ports, none handed out before in this process."""
+    while True:
+        ports = free_ports(count)
+        if len(set(ports)) == count and claim(set(ports)):
+            return ports
 
 
 @dataclass
@@ -133,13 +158,16 @@ class Replica:
         # has a loopback of its own), gets a free one here
         inside = sorted(set(container.ports.values()) | {int(p) for v in container.env.values()
                                                          for p in ADDRESS.findall(v)})
-        self.port = dict(zip(inside, free_ports(len(inside)), strict=True))
+        self.port = dict(zip(inside, unique_ports(len(inside)), strict=True))
         env = instance_env(home)  # and TorchServe's internal loopback ports, which config.properties names
+        while not claim(ports_of(env)):
+            env = instance_env(home)
         for key, value in container.env.items():
             env[key] = self.mapped(value, image)
         self.env = {**os.environ, **env, "TINI_SUBREAPER": "1"}  # tini is not PID 1 here
         self.command = [self.mapped(arg, image) for arg in container.command]
         self.process: subprocess.Popen | None = None
+        self.restarts = 0  # the kubelet's restarts of the container before it became ready
 
     def mapped(self, value: str, image: Path) -> str:
         # the pod's paths, each mapped once (one pass: a mapped path may itself lie under /tmp)
@@ -169,8 +197,12 @@ class Replica:
         time.sleep(probe.delay)
         while not self.probe(which):
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode} before its {which} probe "
-                                   f"passed: see {self.home / 'container.log'}")
+                # the kubelet restarts a container that exits (restartPolicy: Always), a few times here
+                self.restarts += 1
+                if self.restarts > RESTARTS:
+                    raise RuntimeError(f"{self.name} exited with {self.process.returncode} before its {which} "
+                                       f"probe passed, {RESTARTS + 1} times: see {self.home / 'container.log'}")
+                self.start()
             if time.monotonic() - started > limit:
                 raise RuntimeError(f"{self.name}: {which} probe still failing after {limit:g} s")
             time.sleep(probe.period)
@@ -201,7 +233,7 @@ class Service:
     def __init__(self, home: Path):
         self.home = home
         (home / "logs").mkdir(parents=True, exist_ok=True)
-        [self.port] = free_ports(1)
+        [self.port] = unique_ports(1)
         self.endpoints: list[int] = []
         self.master: subprocess.Popen | None = None
         self.lock = threading.Lock()
@@ -322,7 +354,9 @@ class Rehearsal:
             replica.wait_probe("startup")
             replica.wait_probe("readiness")
         self.service.set([self.http_port(r) for r in self.replicas])
-        self.note(f"{self.count} replicas ready and in the Service after {time.monotonic() - started:.1f} s")
+        restarts = sum(r.restarts for r in self.replicas)
+        self.note(f"{self.count} replicas ready and in the Service after {time.monotonic() - started:.1f} s"
+                  + (f" ({restarts} container restarts while starting)" if restarts else ""))
 
     def replace(self, old: Replica) -> Replica:
         """One step of the rolling update, in the order the Deployment's strategy gives: with ``maxSurge`` 1 the
@@ -370,6 +404,7 @@ class Rehearsal:
         step["started"] = new.name
         step["startup_s"] = round(new.wait_probe("startup"), 1)
         step["ready_s"] = round(new.wait_probe("readiness"), 1)
+        step["restarts"] = new.restarts
         serving = [r for r in self.replicas if r.process is not None and r.process.poll() is None]
         self.service.set([self.http_port(r) for r in serving] + [self.http_port(new)])
         self.note(f"{new.name}: started; startup probe passed after {step['startup_s']} s, readiness after "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -283,6 +284,18 @@ def test_promtool_unit_tests_catch_an_alert_that_no_longer_fires(rendered, tmp_p
     (folder / "digits" / "prometheusrule.yaml").write_text(yaml.safe_dump(rule))
     problems, _ = checks.promtool_problems(folder, plans)
     assert any("check rules failed" in p for p in problems)
+
+
+def test_the_adapters_rate_counts_predictions_not_probes(rendered, tmp_path):
+    rules = rendered / "prometheus-adapter" / "rules.yaml"
+    assert checks.adapter_problems(rules) == []
+    config = read(rules)
+    # without its api filter the HPA would scale on the probes too: 8 requests a second instead of 3
+    config["rules"][0]["metricsQuery"] = re.sub(r',api=~"[^"]*"', "", config["rules"][0]["metricsQuery"])
+    tampered = tmp_path / "rules.yaml"
+    tampered.write_text(yaml.safe_dump(config))
+    [problem] = checks.adapter_problems(tampered)
+    assert "expected" in problem or "exp" in problem, problem
 
 
 def test_kustomize_renders_and_notices_a_missing_file(rendered, tmp_path):
