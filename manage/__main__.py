@@ -16,7 +16,7 @@ from pathlib import Path
 from archives import SPECS_DIR, load_specs
 from archives.store import Manifest
 from manage import proxy
-from manage.client import ServeError, TorchServe, minimum_workers, ready_workers, server_alive
+from manage.client import ServeError, TorchServe, minimum_workers, read_properties, ready_workers, server_alive
 
 
 def served_entries(manifest: Manifest) -> list[dict]:
@@ -37,14 +37,19 @@ def served_entries(manifest: Manifest) -> list[dict]:
 def archives_to_serve(args) -> None:
     """What serve.sh loads: the served versions (``served_entries``), each archive checked against its sha256 and
     served from its unpacked copy in the model store (``Manifest.unpacked``), or from the archive itself where the
-    store is read-only and holds no copy (TorchServe then extracts it)."""
+    store is read-only and holds no copy, or where the configuration has a ``model_snapshot`` (KServe's storage
+    layout: TorchServe loads the snapshot's archives and ignores ``--models``); TorchServe then extracts them."""
     manifest = Manifest()
     defaults = {spec.name: spec.default_version for spec in load_specs().values()}
+    snapshot = "model_snapshot" in read_properties()  # KServe's layout: TorchServe loads its snapshot itself
     names = []
     # each model's default version first: TorchServe makes the first version it loads a model's default, so the
     # front door answers with the right one before apply-defaults has run
     for entry in sorted(served_entries(manifest), key=lambda e: (e["model"], e["version"] != defaults.get(e["model"]))):
         try:
+            if snapshot:
+                names.append(manifest.verify(entry["model"], entry["version"])[0].name)
+                continue
             names.append(manifest.unpacked(entry["model"], entry["version"]).name)
         except ValueError as error:
             raise ServeError(str(error)) from None

@@ -7,9 +7,14 @@ preStop, SIGTERM, the grace period) and the endpoints controller.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+import requests
 
 from deploy.rehearsal import rehearse
+from manage.client import REPO, instance_env
+from tests.conftest import instance
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +58,29 @@ def test_probes_follow_a_crash_and_the_container_exits_for_its_restart(rehearsed
     assert crash["unready_s"] < 5  # the health checker polls every 0.5 s
     assert crash["exit_status"] not in (0, None)  # serve.sh run exits when TorchServe dies: the kubelet restarts it
     assert crash["ready_again_s"] > crash["exited_s"]
+
+
+def test_the_kserve_storage_layout_boots_from_its_model_snapshot(tmp_path):
+    """What KServe mounts at /mnt/models (config/config.properties with its model_snapshot, model-store/), started as
+    the ServingRuntime starts it: TorchServe loads the snapshot, the spec's default version answers, and a client key
+    from the Secret's file passes the front door."""
+    from deploy.render import render_all
+
+    storage = render_all(tmp_path / "rendered", models=["digits"], use_running=False) / "kserve" / "digits" / "storage"
+    mount = tmp_path / "mnt-models"
+    shutil.copytree(storage, mount)
+    config = mount / "config" / "config.properties"
+    config.write_text(config.read_text().replace("/mnt/models", str(mount)))
+    keys = tmp_path / "keys"
+    keys.write_text("kserve-client-key-0123456789\n")
+    env = {**instance_env(tmp_path / "serve"), "MODEL_STORE": str(mount / "model-store"),
+           "TS_CONFIG_FILE": str(config), "SERVE_MODELS": "digits", "CLIENT_KEYS_FILE": str(keys)}
+    with instance(env):
+        answer = requests.put(f"{env['PROXY_ADDRESS']}/predictions/digits", data=(REPO / "samples" / "digit.png")
+                              .read_bytes(), headers={"Authorization": "Bearer kserve-client-key-0123456789"},
+                              timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Model-Version"] == "2.0"  # the snapshot's defaultVersion, the spec's default
+    # TorchServe extracted the archives itself: nothing was written into KServe's mount
+    assert sorted(p.name for p in (mount / "model-store").iterdir()) == ["digits_1.0.mar", "digits_2.0.mar",
+                                                                         "manifest.json"]
