@@ -428,7 +428,14 @@ class Instance:
         return int((serve_home() / "tmp" / ".model_server.pid").read_text().strip())
 
     def health(self) -> int | None:
-        path = serve_home() / "health.pid"
+        return self._pid("health.pid")
+
+    def gateway(self) -> int | None:
+        return self._pid("v2.pid")
+
+    @staticmethod
+    def _pid(name: str) -> int | None:
+        path = serve_home() / name
         return int(path.read_text().strip()) if path.exists() else None
 
     def nginx(self) -> list[int]:
@@ -698,6 +705,8 @@ def memory(instance: Instance, manifest: Manifest) -> dict[str, Any]:
     if instance.health():
         processes.append({"name": "health checker (python -m manage health)", "kind": "health",
                           "pid": instance.health()})
+    if instance.gateway():
+        processes.append({"name": "v2 gateway (python -m manage v2)", "kind": "gateway", "pid": instance.gateway()})
     for process in processes:
         process["pss_mb"], process["rss_mb"] = memory_mb(process["pid"])
         process.update(mapped_libraries(process["pid"]))
@@ -1175,7 +1184,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         {"target": "ONNX Runtime worker PSS after warm-up, the largest"
                    + (f" ({largest['name']})" if largest else ""),
          "value": largest and largest["pss_mb"], "unit": "MB", "goal": ONNX_WORKER_TARGET_MB},
-        {"target": "the whole demo's PSS (frontend + every worker + nginx + health checker)",
+        {"target": "the whole demo's PSS (frontend + every worker + nginx + health checker + v2 gateway)",
          "value": mem["total_pss_mb"], "unit": "MB", "goal": TOTAL_TARGET_MB},
         {"target": "serve.sh start returns (front door ready)", "value": start["serve_sh_seconds"], "unit": "s",
          "goal": None},
@@ -1422,7 +1431,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     processes = results["memory"]["processes"]
     figure, axis = plt.subplots(figsize=(10, 0.3 * len(processes) + 1.8))
-    kind_colors = {"frontend": "C0", "worker": "C1", "nginx": "C2", "health": "C3"}
+    kind_colors = {"frontend": "C0", "worker": "C1", "nginx": "C2", "health": "C3", "gateway": "C5"}
     for index, process in enumerate(processes):
         color = kind_colors[process["kind"]]
         if process["kind"] == "worker" and process.get("runtime") == "onnxruntime":
@@ -1435,8 +1444,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     handles = [Patch(color="C0", label="frontend (Java)"), Patch(color="C1", label="worker, TorchScript"),
                Patch(color="C4", label="worker, ONNX Runtime"), Patch(color="C2", label="nginx"),
-               Patch(color="C3", label="health checker"), Patch(facecolor="white", edgecolor="black", hatch="//",
-                                                               label="torch loaded")]
+               Patch(color="C3", label="health checker"), Patch(color="C5", label="v2 gateway"),
+               Patch(facecolor="white", edgecolor="black", hatch="//", label="torch loaded")]
     axis.set_yticks(range(len(processes)), labels=[p["name"] for p in processes], fontsize=7)
     axis.invert_yaxis()
     axis.set_xlabel("PSS, MB")

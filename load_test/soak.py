@@ -329,8 +329,8 @@ def worker_id(pid: int) -> str | None:
 
 
 def watched(home: Path) -> dict[str, int]:
-    """name → pid of each process watched: the Java frontend and its workers, the health checker (serve.sh's
-    ``manage health``), nginx's master and workers."""
+    """name → pid of each process watched: the Java frontend and its workers, the health checker and the v2 gateway
+    (serve.sh's ``manage health`` and ``manage v2``), nginx's master and workers."""
     found = {}
     java = read_pid(home / "tmp" / ".model_server.pid")
     if java:
@@ -339,6 +339,8 @@ def watched(home: Path) -> dict[str, int]:
         found.update((f"worker {wid}", pid) for wid, pid in workers)
     if health := read_pid(home / "health.pid"):
         found["health checker"] = health
+    if gateway := read_pid(home / "v2.pid"):
+        found["v2 gateway"] = gateway
     if master := read_pid(home / "proxy" / "nginx.pid"):
         found["nginx master"] = master
         for number, pid in enumerate(children(master), 1):

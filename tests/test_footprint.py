@@ -41,7 +41,7 @@ def test_a_quick_footprint_run_reports_every_target_version_and_worker(tmp_path)
     workers = [w for v in start["versions"].values() for w in v["workers"]]
     processes = {p["pid"]: p for p in results["memory"]["processes"]}
     assert len(workers) == start["workers"] and all(processes[w["pid"]]["pss_mb"] > 1 for w in workers)
-    assert {p["kind"] for p in processes.values()} == {"frontend", "worker", "nginx", "health"}
+    assert {p["kind"] for p in processes.values()} == {"frontend", "worker", "nginx", "health", "gateway"}
     assert all(p["runtime"] in ("torchscript", "onnxruntime") for p in processes.values() if p["kind"] == "worker")
     assert results["memory"]["total_pss_mb"] == pytest.approx(sum(p["pss_mb"] for p in processes.values()))
 
