@@ -191,6 +191,37 @@ def test_digits_of_each_version_as_by_predictions(served, v2, mode):
         assert_top_k(outputs, [predictions(served, "digits", p, version).json() for p in payloads])
 
 
+def test_the_front_doors_metrics_count_v2_requests_under_their_own_api(served, v2):
+    """A v2 infer is counted as api="v2" (its model named), and each of its elements as the prediction it became:
+    the HPA's rate, taken from predictions, counts the work once."""
+    metrics = f"{served.env['PROXY_METRICS_ADDRESS']}/metrics/front_door"
+
+    def count(api: str) -> float:
+        lines = [line for line in requests.get(metrics, timeout=10).text.splitlines()
+                 if line.startswith("frontdoor_requests_total{") and f'api="{api}",model="digits"' in line
+                 and 'status="200"' in line]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    def settled() -> tuple[float, float]:  # once the checker has read every line the earlier tests left
+        last = None
+        while (now := (count("v2"), count("predictions"))) != last:
+            last = now
+            time.sleep(1.5)
+        return now
+
+    before_v2, before_predictions = settled()
+    images, _ = digits.held_out()
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
+                        "data": [base64.b64encode(encode(image, "PNG")).decode() for image in images[:3]]}]}
+    answer = requests.post(f"{v2.front}/v2/models/digits/infer", json=body, headers=v2.auth, timeout=30)
+    assert answer.status_code == 200, answer.text
+    deadline = time.monotonic() + 10  # the health checker reads the access log as it grows
+    while (count("v2"), count("predictions")) != (before_v2 + 1, before_predictions + 3):
+        assert time.monotonic() < deadline, (count("v2") - before_v2, count("predictions") - before_predictions)
+        time.sleep(0.3)
+    assert settled() == (before_v2 + 1, before_predictions + 3)  # and no more
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_sentences_are_embedded_as_by_predictions(served, v2, mode):
     texts = [SENTENCES[name] for name in ("cat", "kitten", "long")] + ['{"text": "a text that looks like JSON"}']
