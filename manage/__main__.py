@@ -34,6 +34,17 @@ def served_entries(manifest: Manifest) -> list[dict]:
     return [e for e in entries if e["model"] in chosen]
 
 
+def _archive_name(manifest: Manifest, model: str, version: str, unpack: bool) -> str:
+    """The name TorchServe loads a verified version by: its unpacked folder, or its archive when not ``unpack`` or
+    when the store is read-only and holds no unpacked copy."""
+    if unpack:
+        try:
+            return manifest.unpacked(model, version).name
+        except PermissionError:
+            pass
+    return manifest.verify(model, version)[0].name
+
+
 def archives_to_serve(args) -> None:
     """What serve.sh loads: the served versions (``served_entries``), each archive checked against its sha256 and
     served from its unpacked copy in the model store (``Manifest.unpacked``), or from the archive itself where the
@@ -47,14 +58,9 @@ def archives_to_serve(args) -> None:
     # front door answers with the right one before apply-defaults has run
     for entry in sorted(served_entries(manifest), key=lambda e: (e["model"], e["version"] != defaults.get(e["model"]))):
         try:
-            if snapshot:
-                names.append(manifest.verify(entry["model"], entry["version"])[0].name)
-                continue
-            names.append(manifest.unpacked(entry["model"], entry["version"]).name)
+            names.append(_archive_name(manifest, entry["model"], entry["version"], unpack=not snapshot))
         except ValueError as error:
             raise ServeError(str(error)) from None
-        except PermissionError:
-            names.append(manifest.verify(entry["model"], entry["version"])[0].name)
     print(" ".join(names))
 
 
