@@ -31,6 +31,16 @@ def default_store() -> Path:
     return Path(os.environ.get("MODEL_STORE", REPO / "model_store"))
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """An archive placed elsewhere: a hard link where it can (archives are large and never change once built), else
+    a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def store_of(folder: Path, versions: list[tuple[str, str]], source: "Manifest | None" = None) -> Path:
     """A model store holding only ``versions`` (model, version) of ``source`` (default: the built store), as hard
     links (copies across file systems), with their manifest entries: for an instance of its own."""
@@ -39,10 +49,7 @@ def store_of(folder: Path, versions: list[tuple[str, str]], source: "Manifest | 
     manifest = Manifest(folder)
     for model, version in versions:
         entry = source.get(model, version)
-        try:
-            os.link(source.store / entry["archive"], folder / entry["archive"])
-        except OSError:
-            shutil.copy2(source.store / entry["archive"], folder / entry["archive"])
+        link_or_copy(source.store / entry["archive"], folder / entry["archive"])
         manifest.record(entry)
     manifest.save()
     return folder

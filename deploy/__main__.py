@@ -20,7 +20,7 @@ import deploy
 deploy.OWN_PROCESS = True
 
 from deploy import checks, contract, render  # noqa: E402  (after OWN_PROCESS: render may import kserve here)
-from deploy.plan import MAX_REPLICAS, MIN_REPLICAS, TARGET_RPS, DeployError, ModelPlan  # noqa: E402
+from deploy.plan import MAX_REPLICAS, MIN_REPLICAS, TARGET_RPS, DeployError  # noqa: E402
 
 
 def render_command(args) -> int:
@@ -47,10 +47,11 @@ def render_command(args) -> int:
 
 
 def kserve_command(args) -> int:
-    """The KServe part of a render started by another process (``render.render_kserve_elsewhere``)."""
-    data = json.loads(Path(args.plans).read_text())
-    plans = [ModelPlan.from_json(p) for p in data["plans"]]
-    render.render_kserve(plans, Path(args.out), render.Options(**data["options"]))
+    """The KServe part of a render started by another process (``render.render_kserve_elsewhere``), from the plans
+    and options that render recorded in the folder."""
+    out = Path(args.out)
+    plans, options = render.load_plans(out)
+    render.render_kserve(plans, out, options)
     return 0
 
 
@@ -131,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-rps", type=int, default=TARGET_RPS, help="requests per second per pod to scale at")
     parser.add_argument("--min-replicas", type=int, default=MIN_REPLICAS)
     parser.add_argument("--max-replicas", type=int, default=MAX_REPLICAS)
-    parser.add_argument("--plans", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         return {"render": render_command, "check": check_command, "kserve": kserve_command}[args.command](args)

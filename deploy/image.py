@@ -18,11 +18,10 @@ Dockerfile, so only the listed files enter the context)::
 from __future__ import annotations
 
 import glob
-import os
 import shutil
 from pathlib import Path
 
-from archives.store import REPO, Manifest
+from archives.store import REPO, Manifest, link_or_copy
 from deploy import contract
 from deploy.plan import project_version, torchserve_version
 
@@ -133,15 +132,6 @@ def _entries(root: Path, entry: str) -> list[Path]:
     return [path]
 
 
-def _place(source: Path, target: Path) -> None:
-    """An archive: a hard link where it can (they are large and never change once built), else a copy."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def stage_image(dest: Path, root: Path = REPO, unpack: bool = True, venv: bool = True) -> Path:
     """``dest`` laid out as the image's /opt/toolkit: exactly the files the Dockerfile copies, the archives unpacked as
     its build step does (``unpack``), and (``venv``) ``.venv`` as a link to this checkout's virtual environment,
@@ -155,7 +145,7 @@ def stage_image(dest: Path, root: Path = REPO, unpack: bool = True, venv: bool =
             if source.is_dir():
                 shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
             elif entry in MODEL_FILES:
-                _place(source, target)
+                link_or_copy(source, target)
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target)

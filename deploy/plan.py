@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import tomllib
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any
 
@@ -97,7 +97,6 @@ class ModelPlan:
     target_rps: int = TARGET_RPS
     min_replicas: int = MIN_REPLICAS
     max_replicas: int = MAX_REPLICAS
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -41,6 +41,7 @@ from typing import Any
 
 import requests
 
+from deploy import contract
 from manage.client import REPO, free_ports, instance_env
 from manage.proxy import nginx_binary
 
@@ -73,24 +74,20 @@ def unique_ports(count: int) -> list[int]:
             return ports
 
 
-@dataclass
-class Probe:
-    """One of the container's httpGet probes, as the kubelet runs it."""
+@dataclass(frozen=True)
+class Probe(contract.Probe):
+    """One of the container's httpGet probes, read back from the rendered manifest (Kubernetes' defaults where it
+    leaves a field out), as the kubelet runs it."""
 
-    path: str
-    port: int  # the container's port; a replica maps it
-    period: float
-    failures: int  # failureThreshold
-    timeout: float
-    delay: float = 0.0
+    port: int = 0  # the container's port; a replica maps it
 
     @classmethod
     def of(cls, spec: dict[str, Any], ports: dict[str, int]) -> Probe:
         get = spec["httpGet"]
         port = get["port"]
-        return cls(get["path"], ports[port] if isinstance(port, str) else int(port), float(spec.get("periodSeconds", 10)),
-                   int(spec.get("failureThreshold", 3)), float(spec.get("timeoutSeconds", 1)),
-                   float(spec.get("initialDelaySeconds", 0)))
+        return cls(get["path"], period=int(spec.get("periodSeconds", 10)),
+                   failures=int(spec.get("failureThreshold", 3)), timeout=int(spec.get("timeoutSeconds", 1)),
+                   delay=int(spec.get("initialDelaySeconds", 0)), port=ports[port] if isinstance(port, str) else int(port))
 
     def check(self, port: int) -> bool:
         """The kubelet's verdict: an answer from 200 to 399 within the timeout."""

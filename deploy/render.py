@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,15 +89,10 @@ def render_kserve(plans: list[ModelPlan], out: Path, options: Options) -> list[P
     return written
 
 
-def render_kserve_elsewhere(plans: list[ModelPlan], out: Path, options: Options) -> None:
-    """``render_kserve`` in a process of its own, with these plans and options."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump({"plans": [p.to_json() for p in plans], "options": options.to_json()}, handle)
-    try:
-        result = subprocess.run([sys.executable, "-m", "deploy", "kserve", "--plans", handle.name, "--out", str(out)],
-                                cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
+def render_kserve_elsewhere(out: Path) -> None:
+    """``render_kserve`` in a process of its own, with the plans and options recorded in ``out`` (``plans.json``)."""
+    result = subprocess.run([sys.executable, "-m", "deploy", "kserve", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     if result.returncode != 0:
         raise DeployError(f"rendering KServe failed: {result.stderr.strip()[-2000:]}")
 
@@ -115,7 +109,7 @@ def render_plans(plans: list[ModelPlan], out: Path, options: Options) -> Path:
     if deploy.OWN_PROCESS:
         render_kserve(plans, out, options)
     else:
-        render_kserve_elsewhere(plans, out, options)
+        render_kserve_elsewhere(out)
     return out
 
 
