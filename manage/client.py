@@ -244,6 +244,10 @@ class TorchServe:
     def default_version(self, model: str) -> str:
         return self.management("GET", f"/models/{model}")[0]["modelVersion"]
 
+    def defaults(self, registered: dict[tuple[str, str], Any]) -> dict[str, str]:
+        """Each registered model's default version (one call per model)."""
+        return {model: self.default_version(model) for model in {m for m, _ in registered}}
+
     def set_default(self, model: str, version: str) -> None:
         self.management("PUT", f"/models/{model}/{version}/set-default")
 

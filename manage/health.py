@@ -191,7 +191,7 @@ class Checker:
         try:
             registered = self.ts.registered()
             if self.polls % self.defaults_every == 0 or set(self.defaults) != {m for m, _ in registered}:
-                self.defaults = {model: self.ts.default_version(model) for model in {m for m, _ in registered}}
+                self.defaults = self.ts.defaults(registered)
         except ServeError as error:
             with self.lock:
                 self.error = str(error)

@@ -328,7 +328,7 @@ class Catalog:
             if self.seen is None or time.monotonic() - self.seen[0] > self.ttl:
                 try:
                     registered = self.ts.registered()
-                    defaults = {model: self.ts.default_version(model) for model, _ in registered}
+                    defaults = self.ts.defaults(registered)
                 except ServeError as error:
                     raise V2Error(503, str(error)) from None
                 self.seen = (time.monotonic(), registered, defaults)
