@@ -42,7 +42,8 @@ from typing import Any
 import requests
 
 from deploy import contract
-from manage.client import REPO, free_ports, instance_env
+from load_test import inputs
+from manage.client import free_ports, instance_env
 from manage.proxy import nginx_binary
 
 IMAGE_ROOT = "/opt/toolkit"
@@ -469,6 +470,7 @@ def rehearse(model: str = "digits", replicas: int | None = None, home: Path | No
              load_seconds: float = 3.0, log=print) -> dict[str, Any]:
     """Render (with ``split`` as the model's A/B split, which the pods apply from their ConfigMap), stage, start the
     replicas, roll them all under load, crash one; the figures."""
+    from archives import load_specs
     from deploy.contract import CLIENT_KEYS_FILE, CLIENT_KEYS_SECRET
     from deploy.image import stage_image
     from deploy.render import render_all
@@ -480,11 +482,11 @@ def rehearse(model: str = "digits", replicas: int | None = None, home: Path | No
     secrets = {CLIENT_KEYS_SECRET: {Path(CLIENT_KEYS_FILE).name: key + "\n"}}
     rehearsal = Rehearsal(*manifests_of(rendered / "kubernetes", model), secrets, image, home / "pods", replicas,
                           log=log)
-    body = (REPO / "samples" / ("digit.png" if model == "digits" else "chelsea.jpg")).read_bytes()
+    body, content_type = inputs.requests_for(model, load_specs()[model].handler)[0]
     try:
         rehearsal.up()
         load = Load(f"http://127.0.0.1:{rehearsal.service.port}/predictions/{model}", body,
-                    {"Authorization": f"Bearer {key}"})
+                    {"Authorization": f"Bearer {key}", "Content-Type": content_type})
         threads = load.run()
         time.sleep(load_seconds)
         before = load.total

@@ -646,24 +646,6 @@ def phases(timeline: dict[str, Any]) -> list[dict[str, Any]]:
 # --- 2. warm-up and memory -----------------------------------------------------------------------------------------
 
 
-def payloads(model: str, handler: str) -> list[tuple[bytes, str]]:
-    """Real requests for a version: (body, content type)."""
-    from export.samples import SENTENCES, photo_files
-
-    if handler in ("sentence_embedding", "text_classifier"):
-        texts = list(SENTENCES.values())
-        return [(json.dumps({"texts": texts[:3]}).encode(), "application/json"),
-                (json.dumps({"text": texts[0]}).encode(), "application/json"),
-                (texts[4].encode(), "text/plain")]
-    if handler == "super_resolution":
-        from export.super_resolution import held_out
-
-        return [(payload, "application/octet-stream") for _, payload in held_out(2).values()]
-    if model == "digits":
-        return [(body, "application/octet-stream") for body in inputs.digits()[:8]]
-    return [(body, "application/octet-stream") for body in photo_files().values()]
-
-
 def warm_up(instance: Instance, manifest: Manifest) -> dict[str, Any]:
     """REQUESTS_PER_WORKER real requests per worker to every version, through the front door, as many at a time as the
     version has workers: how many answered 200, and the first other answer of each version."""
@@ -671,7 +653,7 @@ def warm_up(instance: Instance, manifest: Manifest) -> dict[str, Any]:
     handlers = {(e["model"], e["version"]): e.get("handler", "") for e in manifest.entries()}
     counts: dict[str, dict[str, Any]] = {}
     for (model, version), info in sorted(instance.ts.registered().items()):
-        bodies = payloads(model, handlers.get((model, version), ""))
+        bodies = inputs.requests_for(model, handlers.get((model, version), ""))
         workers = max(1, len(info.get("workers", [])))
         url = f"{front_address()}/predictions/{model}/{version}"
 

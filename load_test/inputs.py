@@ -1,4 +1,5 @@
-"""What the load tests and the benchmark send: real photos at three sizes, and held-out digits.
+"""What the load tests, the benchmark and the rehearsal send: real photos at three sizes, held-out digits, and real
+requests for any model.
 
 The photos ship inside scikit-image and scikit-learn (``export/samples.py``); each is sent at half, native and
 two-and-a-half times its size (213 to 1600 pixels on a side, 20 kB to 400 kB), so decoding weighs as it does with
@@ -7,6 +8,7 @@ real uploads. Every server in a comparison gets the same bytes in the same order
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,24 @@ def digits() -> list[bytes]:
 
     images, _ = digits_data.held_out()
     return [encode(image, "PNG") for image in images]
+
+
+def requests_for(model: str, handler: str) -> list[tuple[bytes, str]]:
+    """Real requests for a model whose archive names ``handler``: (body, content type)."""
+    from export.samples import SENTENCES, photo_files
+
+    if handler in ("sentence_embedding", "text_classifier"):
+        texts = list(SENTENCES.values())
+        return [(json.dumps({"texts": texts[:3]}).encode(), "application/json"),
+                (json.dumps({"text": texts[0]}).encode(), "application/json"),
+                (texts[4].encode(), "text/plain")]
+    if handler == "super_resolution":
+        from export.super_resolution import held_out
+
+        return [(payload, "application/octet-stream") for _, payload in held_out(2).values()]
+    if model == "digits":
+        return [(body, "application/octet-stream") for body in digits()[:8]]
+    return [(body, "application/octet-stream") for body in photo_files().values()]
 
 
 def write(payloads: dict[str, bytes], folder: Path) -> list[Path]:

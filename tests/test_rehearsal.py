@@ -13,7 +13,8 @@ import pytest
 import requests
 
 from deploy.rehearsal import rehearse
-from manage.client import REPO, instance_env
+from load_test.inputs import digits
+from manage.client import instance_env
 from tests.conftest import instance
 
 pytestmark = pytest.mark.integration
