@@ -77,9 +77,8 @@ def test_the_kserve_storage_layout_boots_from_its_model_snapshot(tmp_path):
     env = {**instance_env(tmp_path / "serve"), "MODEL_STORE": str(mount / "model-store"),
            "TS_CONFIG_FILE": str(config), "SERVE_MODELS": "digits", "CLIENT_KEYS_FILE": str(keys)}
     with instance(env):
-        answer = requests.put(f"{env['PROXY_ADDRESS']}/predictions/digits", data=(REPO / "samples" / "digit.png")
-                              .read_bytes(), headers={"Authorization": "Bearer kserve-client-key-0123456789"},
-                              timeout=30)
+        answer = requests.put(f"{env['PROXY_ADDRESS']}/predictions/digits", data=digits()[0],
+                              headers={"Authorization": "Bearer kserve-client-key-0123456789"}, timeout=30)
         assert answer.status_code == 200, answer.text
         assert answer.headers["X-Model-Version"] == "2.0"  # the snapshot's defaultVersion, the spec's default
     # TorchServe extracted the archives itself: nothing was written into KServe's mount
