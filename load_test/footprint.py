@@ -64,6 +64,7 @@ from manage.client import (
     minimum_workers,
     ready_workers,
     serve_home,
+    serve_pids,
 )
 
 RESULTS = REPO / "load_test" / "results"
@@ -428,15 +429,7 @@ class Instance:
         return int((serve_home() / "tmp" / ".model_server.pid").read_text().strip())
 
     def health(self) -> int | None:
-        return self._pid("health.pid")
-
-    def gateway(self) -> int | None:
-        return self._pid("v2.pid")
-
-    @staticmethod
-    def _pid(name: str) -> int | None:
-        path = serve_home() / name
-        return int(path.read_text().strip()) if path.exists() else None
+        return serve_pids().get("health checker")
 
     def nginx(self) -> list[int]:
         from manage.proxy import Proxy
@@ -684,11 +677,11 @@ def memory(instance: Instance, manifest: Manifest) -> dict[str, Any]:
     for index, pid in enumerate(nginx):
         processes.append({"name": "nginx master" if index == 0 else f"nginx worker {index}", "kind": "nginx",
                           "pid": pid})
-    if instance.health():
-        processes.append({"name": "health checker (python -m manage health)", "kind": "health",
-                          "pid": instance.health()})
-    if instance.gateway():
-        processes.append({"name": "v2 gateway (python -m manage v2)", "kind": "gateway", "pid": instance.gateway()})
+    helpers = serve_pids()
+    if pid := helpers.get("health checker"):
+        processes.append({"name": "health checker (python -m manage health)", "kind": "health", "pid": pid})
+    if pid := helpers.get("v2 gateway"):
+        processes.append({"name": "v2 gateway (python -m manage v2)", "kind": "gateway", "pid": pid})
     for process in processes:
         process["pss_mb"], process["rss_mb"] = memory_mb(process["pid"])
         process.update(mapped_libraries(process["pid"]))

@@ -282,14 +282,11 @@ def single_store(folder: Path, source: Manifest, model: str, version: str) -> Pa
 
 
 def ours_roots() -> list[int]:
-    """The processes serve.sh started for the current SERVE_HOME: TorchServe's frontend (its workers are its
-    children), the health checker and the front door's nginx master (its workers are its children)."""
-    from load_test.soak import read_pid
-    from manage.client import serve_home
+    """The processes serve.sh started for the current SERVE_HOME (``manage.client.PID_FILES``); TorchServe's workers
+    and nginx's are their children."""
+    from manage.client import serve_pids
 
-    home = serve_home()
-    return [pid for pid in (read_pid(home / "tmp" / ".model_server.pid"), read_pid(home / "health.pid"),
-                            read_pid(home / "proxy" / "nginx.pid")) if pid]
+    return list(serve_pids().values())
 
 
 @contextmanager
@@ -297,7 +294,7 @@ def stock_torchserve(archive: Path, home: Path, probe: bytes, expected: str) -> 
     """TorchServe's stock handler as a new user starts it: ``torchserve --start`` with this one archive and
     TorchServe's defaults (a worker per core, batch size 1, no token), on free loopback ports. Yielded once it answered
     ``probe`` correctly, its start-up timed from the command."""
-    from load_test.soak import read_pid
+    from manage.client import read_pid
 
     inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     (home / "tmp").mkdir(parents=True, exist_ok=True)

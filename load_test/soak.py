@@ -63,7 +63,7 @@ from typing import Any, Iterator, NamedTuple
 
 import requests
 
-from manage.client import REPO, ServeError, TorchServe, address, front_address, serve_home
+from manage.client import REPO, ServeError, TorchServe, address, front_address, serve_home, serve_pids
 from manage.proxy import children
 
 RESULTS = REPO / "load_test" / "results"
@@ -307,16 +307,6 @@ def steady(sender: Sender, mix: Iterator[Payload], rate: float, seconds: float, 
 # --- sampling --------------------------------------------------------------------------------------------------------
 
 
-def read_pid(path: Path) -> int | None:
-    """The pid in a pid file, if that process runs."""
-    try:
-        pid = int(path.read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
-
-
 def worker_id(pid: int) -> str | None:
     """TorchServe's id of a worker process: the port in its ``--sock-name .../.ts.sock.9000``."""
     try:
@@ -332,16 +322,13 @@ def watched(home: Path) -> dict[str, int]:
     """name → pid of each process watched: the Java frontend and its workers, the health checker and the v2 gateway
     (serve.sh's ``manage health`` and ``manage v2``), nginx's master and workers."""
     found = {}
-    java = read_pid(home / "tmp" / ".model_server.pid")
-    if java:
+    pids = serve_pids(home)
+    if java := pids.get("frontend"):
         found[FRONTEND] = java
         workers = sorted((wid, pid) for pid in children(java) if (wid := worker_id(pid)))
         found.update((f"worker {wid}", pid) for wid, pid in workers)
-    if health := read_pid(home / "health.pid"):
-        found["health checker"] = health
-    if gateway := read_pid(home / "v2.pid"):
-        found["v2 gateway"] = gateway
-    if master := read_pid(home / "proxy" / "nginx.pid"):
+    found.update((name, pids[name]) for name in ("health checker", "v2 gateway") if name in pids)
+    if master := pids.get("nginx master"):
         found["nginx master"] = master
         for number, pid in enumerate(children(master), 1):
             found[f"nginx worker {number}"] = pid

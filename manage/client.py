@@ -112,16 +112,32 @@ def serve_home() -> Path:
     return Path(os.environ.get("SERVE_HOME", REPO / ".serve"))
 
 
+# The processes serve.sh starts for a SERVE_HOME, by their pid files: TorchServe's frontend (its workers are its
+# children), the helpers of its start_helper (the health checker, the v2 gateway) and the front door's nginx master
+# (its workers are its children).
+PID_FILES = {"frontend": "tmp/.model_server.pid", "health checker": "health.pid", "v2 gateway": "v2.pid",
+             "nginx master": "proxy/nginx.pid"}
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid in a pid file, if that process runs."""
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def serve_pids(home: Path | None = None) -> dict[str, int]:
+    """name (as in PID_FILES) → pid, for each of serve.sh's processes that runs."""
+    home = home or serve_home()
+    return {name: pid for name, file in PID_FILES.items() if (pid := read_pid(home / file))}
+
+
 def server_alive() -> bool:
     """Whether the TorchServe of this SERVE_HOME runs (its pid file names a live process)."""
-    pid_file = serve_home() / "tmp" / ".model_server.pid"
-    if not pid_file.exists():
-        return False
-    try:
-        os.kill(int(pid_file.read_text().strip()), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    return True
+    return read_pid(serve_home() / PID_FILES["frontend"]) is not None
 
 
 def free_ports(count: int) -> list[int]:
