@@ -40,7 +40,7 @@ def _archive_name(manifest: Manifest, model: str, version: str, unpack: bool) ->
     if unpack:
         try:
             return manifest.unpacked(model, version).name
-        except PermissionError:
+        except PermissionError:  # a read-only store (KServe's mount) with no unpacked copy: TorchServe unpacks it
             pass
     return manifest.verify(model, version)[0].name
 
