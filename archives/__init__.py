@@ -28,8 +28,11 @@ from typing import Any
 import yaml
 
 SPECS_DIR = Path(__file__).resolve().parent
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
-VERSION = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# The one rule for model and version names, checked where a name enters (import, build, register, the front door's
+# routes and registration): a name is a path segment, a file name, a URL segment and part of nginx's configuration,
+# so it holds nothing any of them would read specially.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+VERSION = re.compile(r"^[0-9]{1,9}(?:\.[0-9]{1,9}){0,3}$")
 MODEL_KEYS = {"name", "description", "handler", "default_version", "versions", "labels", "extra_files", "export",
               "model_config", "runtime"}
 VERSION_KEYS = {"source", "description", "export", "model_config", "runtime", "eval", "min_accuracy", "transform"}
@@ -49,6 +52,22 @@ def resolve_file(reference: str | Path) -> Path:
 
 class SpecError(ValueError):
     """A spec file that cannot be used, with the file and the problem in the message."""
+
+
+def check_model_name(name: object) -> str:
+    """``name`` if it is a model name by the one rule, else SpecError saying what a name may hold."""
+    if not isinstance(name, str) or not MODEL_NAME.match(name):
+        raise SpecError(f"model name {str(name)[:80]!r} must be 1 to 64 letters, digits, '_' or '-', starting with a "
+                        "letter or digit")
+    return name
+
+
+def check_version(version: object) -> str:
+    """``version`` if it is a version by the one rule, else SpecError (a quoted string in YAML: "1.0", not 1.0)."""
+    if not isinstance(version, str) or not VERSION.match(version):
+        raise SpecError(f"version {str(version)[:80]!r} must be one to four numbers joined by dots, like \"1.0\" "
+                        "(quoted in YAML)")
+    return version
 
 
 @dataclass(frozen=True)
@@ -103,15 +122,18 @@ def load_spec(path: Path) -> ModelSpec:
     for key in ("name", "handler", "default_version", "versions"):
         if key not in raw:
             raise SpecError(f"{path}: missing '{key}'")
-    name = raw["name"]
-    if not isinstance(name, str) or not MODEL_NAME.match(name):
-        raise SpecError(f"{path}: model name {name!r} must be letters, digits, '_' or '-'")
+    try:
+        name = check_model_name(raw["name"])
+    except SpecError as error:
+        raise SpecError(f"{path}: {error}") from None
     if not (SPECS_DIR.parent / "handlers" / f"{raw['handler']}.py").is_file():
         raise SpecError(f"{path}: handler {raw['handler']!r} is not a module in handlers/")
     versions = {}
     for version, entry in (raw["versions"] or {}).items():
-        if not isinstance(version, str) or not VERSION.match(version):
-            raise SpecError(f"{path}: version {version!r} must be a quoted string of numbers and dots, like \"1.0\"")
+        try:
+            check_version(version)
+        except SpecError as error:
+            raise SpecError(f"{path}: {error}") from None
         entry = entry or {}
         unknown = set(entry) - VERSION_KEYS
         if unknown:
