@@ -23,6 +23,9 @@ Bounds of this base (settings below), refused with a 4xx before the answer reach
   ``Reply``'s own, or JSON written with ``indent=2`` as TorchServe would write it); one over the bound is answered 413 ``answer_too_large`` instead (TorchServe's
   ``max_response_size``, 26214400 bytes in config.properties, would kill the worker). The layers bound their inputs
   so that no answer comes near it with their default settings;
+* a batch's work: a layer whose inputs vary in size bounds a batch's total (``budget()``, counted by ``cost(item)``;
+  text: word pieces), so that a full batch of the largest requests still ends well within ``responseTimeout``, over
+  which TorchServe kills the worker; a request past it is answered 503 ``busy`` and the front door sends it once more;
 * multipart bodies from the front door: nginx forwards a body whose Content-Type is ``multipart/form-data`` or
   ``application/x-www-form-urlencoded`` as ``application/octet-stream``, with the client's Content-Type in the request
   header ``X-Original-Content-Type`` (TorchServe's frontend answers 500 to a malformed multipart body). When that
@@ -384,9 +387,29 @@ class ModelHandler:
                     batch.explain.add(idx)
                 with self.refusals(batch, idx, "decoding"):
                     batch.items[idx] = self.decode(self.payload(self.unwrap(row, idx)))
+            self.admit(batch)
             if batch.predicted:
                 batch.inputs = self.collate([batch.items[idx] for idx in batch.predicted])
         return batch
+
+    def admit(self, batch: Batch) -> None:
+        """Keep the batch's work within the layer's ``budget()``: its requests in order, each counted by ``cost``;
+        one past the budget is answered 503 ``busy`` (the front door sends it once more, TorchServe puts it in a
+        later batch). The first always runs: a single request's own bounds keep it within budget."""
+        limit = self.budget()
+        if limit is None:
+            return
+        budget, unit = limit
+        spent = 0
+        for idx in sorted(batch.items):
+            cost = self.cost(batch.items[idx], idx in batch.explain)
+            if spent and spent + cost > budget:
+                del batch.items[idx]
+                batch.errors[idx] = InputError("busy", f"this batch already holds {spent:,} of its {budget:,} "
+                                                       f"{unit}; this request's {cost:,} would go past it: send "
+                                                       "it again shortly", status=503)
+            else:
+                spent += cost
 
     @contextmanager
     def refusals(self, batch: Batch, idx: int, step: str):
@@ -524,6 +547,16 @@ class ModelHandler:
     def top_class(self, answer: Any) -> str | None:
         """The class a prediction's answer names first, counted per version (class drift); None: it names none."""
         return None
+
+    def budget(self) -> tuple[int, str] | None:
+        """The most work one batch may hold, in ``cost``'s unit, and the unit's name (for the 503's message), so that
+        a full batch ends well within responseTimeout; None: the layer's inputs are of fixed size, batchSize bounds
+        the batch."""
+        return None
+
+    def cost(self, item: Any, explained: bool) -> int:
+        """The work one decoded request asks of a batch, in ``budget``'s unit."""
+        return 1
 
     def admit_explanation(self, item: Any) -> None:
         """Refuse (InputError) an explanation that would cost more than the layer's bounds, before computing it."""

@@ -12,8 +12,10 @@ Bounds, each checked before the work it bounds: a body over ``max_body_bytes`` (
 decoded or parsed; JSON that TorchServe parsed itself, sent as ``application/json``, is bounded by the next two), more
 than ``max_texts`` texts (413 ``too_many_texts``, before any text is looked at), a text over ``max_chars`` characters
 (413 ``text_too_long``, before tokenizing: longer texts are still truncated to ``max_tokens``, this bounds the
-tokenizer's work), JSON nested deeper than ``MAX_JSON_DEPTH`` (400 ``json_too_deep``, from a scan of the brackets
-outside strings before parsing: a body of 100,000 ``[`` never reaches the parser), and an explanation of more than
+tokenizer's work), a request's texts together over ``max_request_chars`` (413 ``too_much_text``, before tokenizing),
+JSON nested deeper than ``MAX_JSON_DEPTH`` (400 ``json_too_deep``, from one linear scan of the brackets outside
+strings before parsing: a body of 100,000 ``[`` never reaches the parser), a batch over ``max_batch_tokens`` word
+pieces (503 ``busy`` for the requests past it, see ``ModelHandler.admit``), and an explanation of more than
 ``max_explained_texts`` texts (413 ``too_many_texts_to_explain``: each text costs ``explain_steps`` forwards and
 backwards, over a second at 256 word pieces on one CPU thread for MiniLM).
 
@@ -48,9 +50,12 @@ from handlers.base import InputError, ModelHandler, Reply, request_value, some_k
 logger = logging.getLogger(__name__)
 
 TRUNCATED_HEADER = "X-Input-Truncated"
+# what one explained word piece costs against max_batch_tokens, per explain_step: a forward and a backward (which
+# costs about two forwards)
+EXPLAIN_STEP_COST = 3
 PAD_TOKENS = ("[PAD]", "<pad>")  # the explanations' baseline: the first the vocabulary has, else id 0 (as collate pads)
 MAX_JSON_DEPTH = 16  # {"texts": [...]} is 2 deep; deeper is refused before parsing (Python's parser recurses)
-JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string literal, escapes included
+QUOTE, BACKSLASH = ord('"'), ord("\\")
 SURROGATE = re.compile("[\ud800-\udfff]")  # what JSON's \ud800 escapes give and UTF-8 cannot hold
 
 
@@ -68,12 +73,24 @@ class TextItem:
 
 
 def json_depth(text: str) -> int:
-    """How deep the brackets of a JSON text nest, string literals left out: a linear scan in C and numpy, without
-    the recursion of a parser."""
-    skeleton = JSON_STRING.sub("", text).encode("utf-8", "surrogatepass")
-    codes = np.frombuffer(skeleton, dtype=np.uint8)
-    steps = np.isin(codes, (ord("["), ord("{"))).astype(np.int32) - np.isin(codes, (ord("]"), ord("}")))
-    return int(np.cumsum(steps).max(initial=0))
+    """How deep the brackets of a JSON text nest, string literals left out: one linear pass in numpy, without the
+    recursion of a parser or the backtracking of a regular expression (a string of 65,000 escaped quotes took a
+    regular expression minutes). A quote is a string's edge unless an odd run of backslashes comes before it."""
+    codes = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    if not codes.size:
+        return 0
+    positions = np.arange(codes.size, dtype=np.int32)
+    # for each position, the last one at or before it that is not a backslash (-1: none)
+    last_other = np.maximum.accumulate(np.where(codes == BACKSLASH, np.int32(-1), positions))
+    backslashes_before = np.empty_like(positions)
+    backslashes_before[0] = 0
+    backslashes_before[1:] = positions[:-1] - last_other[:-1]
+    edges = (codes == QUOTE) & (backslashes_before % 2 == 0)
+    outside = np.bitwise_xor.accumulate(edges.view(np.uint8)) == 0  # an opening quote and what follows are inside
+    # [ and { are 0x5B and 0x7B, ] and } 0x5D and 0x7D: one bit apart
+    bracket = ((codes | 0x20) == 0x7B) | ((codes | 0x20) == 0x7D)
+    steps = np.where(bracket & outside, (codes & 2).astype(np.int8) - 1, np.int8(0))
+    return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
 
 
 def body_text(value: Any, max_bytes: int) -> Any:
@@ -142,6 +159,13 @@ class TextHandler(ModelHandler):
         "max_chars": 20_000,  # characters in one text, before tokenizing (413 text_too_long)
         "max_body_bytes": 4 * 1024 * 1024,  # the whole body, before decoding (413 body_too_large)
         "max_explained_texts": 8,  # texts in one /explanations request (413 too_many_texts_to_explain)
+        # all of one request's characters, before tokenizing (413 too_much_text): tokenizing runs at about 0.4 M
+        # characters a second at worst (one word piece per character, CJK), and only max_tokens of each text count
+        "max_request_chars": 100_000,
+        # word pieces one batch may hold (an explained one counts 3 x explain_steps): the model's time grows with
+        # them, and a batch must end well within responseTimeout, over which TorchServe kills the worker. Requests
+        # past it are answered 503 busy (the front door sends them once more); the batch's first always runs.
+        "max_batch_tokens": 16_384,
     }
     DYNAMIC_AXES = ((0, 1), (0, 1))  # ids and mask: batch and word pieces
 
@@ -158,7 +182,11 @@ class TextHandler(ModelHandler):
     def decode(self, payload: Any) -> TextItem:
         texts, single = texts_of(body_text(payload, int(self.settings["max_body_bytes"])),
                                  int(self.settings["max_texts"]))
-        max_chars = int(self.settings["max_chars"])
+        max_chars, total = int(self.settings["max_chars"]), sum(map(len, texts))
+        if total > int(self.settings["max_request_chars"]):
+            raise InputError("too_much_text", f"the {len(texts)} texts hold {total:,} characters; the limit is "
+                                              f"{int(self.settings['max_request_chars']):,} for one request "
+                                              "(max_request_chars): send fewer or shorter texts", status=413)
         for number, text in enumerate(texts):
             where = "" if single else f" (texts[{number}])"
             if len(text) > max_chars:
@@ -178,6 +206,13 @@ class TextHandler(ModelHandler):
                                                           f"limit is {limit} (max_explained_texts): each costs "
                                                           f"{self.settings['explain_steps']} forwards and backwards",
                              status=413)
+
+    def cost(self, item: TextItem, explained: bool) -> int:
+        tokens = sum(len(encoding.ids) for encoding in item.encodings)
+        return tokens * (EXPLAIN_STEP_COST * int(self.settings["explain_steps"]) if explained else 1)
+
+    def budget(self) -> tuple[int, str]:
+        return int(self.settings["max_batch_tokens"]), "word pieces (max_batch_tokens)"
 
     def collate(self, items: list[TextItem]) -> tuple[np.ndarray, np.ndarray]:
         encodings = [encoding for item in items for encoding in item.encodings]

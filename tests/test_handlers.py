@@ -490,6 +490,59 @@ def test_deep_json_is_refused_before_parsing(embedder, monkeypatch):
     assert handlers.text.json_depth('{"text": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\" {{{{{{{{{{{{{{{{{{{{{{{"}') == 1
 
 
+def test_the_json_depth_scan_is_linear_and_exact():
+    """Escaped quotes and backslashes decide where strings end: the scan agrees with a parser's depth on tricky
+    texts, and a body of escaped quotes (once minutes of a regular expression's backtracking) takes milliseconds."""
+    import random
+    import time
+
+    from handlers.text import json_depth
+
+    def parsed_depth(value) -> int:
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        return 0 if children is None else 1 + max(map(parsed_depth, children), default=0)
+
+    pieces = ["x", '"', "\\", "[", "]{", 'a\\"b', "é", "{}}]", '\\\\"', "\ud800", 1, None]
+    rng = random.Random(7)
+
+    def value(level: int):
+        roll = rng.random()
+        if level > 5 or roll < 0.3:
+            return rng.choice(pieces)
+        if roll < 0.65:
+            return [value(level + 1) for _ in range(rng.randint(0, 3))]
+        return {str(rng.choice(pieces)): value(level + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(500):
+        tree = value(0)
+        text = json.dumps(tree, ensure_ascii=rng.random() < 0.5)
+        assert json_depth(text) == parsed_depth(tree), text
+    times = {}
+    for count in (16_000, 256_000):
+        started = time.perf_counter()
+        assert json_depth('{"' + '\\"' * count) == 1
+        times[count] = time.perf_counter() - started
+    assert times[256_000] < 0.5, times  # 16 x the body: linear, not 256 x
+
+
+def test_a_requests_text_and_a_batchs_word_pieces_are_bounded(embedder):
+    handler, context = embedder
+    many = {"body": {"texts": ["word " * 3000] * 7}}  # 105,000 characters in 7 texts of 15,000
+    long_texts = {"body": {"texts": [" ".join(["cat"] * 300)] * 64}}  # 64 x 256 word pieces: the whole budget
+    small = {"body": {"text": "a cat"}}
+    answers = run_batch(handler, context, [many, long_texts, small, long_texts])
+    statuses = [context.get_response_status(i)[0] for i in range(4)]
+    assert statuses == [413, 200, 503, 503]
+    assert answers[0]["error"] == "too_much_text" and "105,000 characters" in answers[0]["message"]
+    assert answers[2]["error"] == "busy" and "16,384 word pieces (max_batch_tokens)" in answers[2]["message"]
+    assert len(answers[1]["embeddings"]) == 64 and all(answers[1]["truncated"])
+    # the same small request alone, and an explanation counted at its cost (3 x explain_steps per word piece)
+    assert run_batch(handler, context, [small])[0]["tokens"] == 4
+    explain = {"body": {"texts": [" ".join(["cat"] * 300)] * 4}}
+    run_batch(handler, context, [explain, small], explain={0, 1})
+    assert [context.get_response_status(i)[0] for i in range(2)] == [200, 200]  # 4 x 256 x 6 + 4 x 6 <= 16,384
+
+
 def test_text_bounds_come_before_the_work_they_bound(embedder, monkeypatch):
     handler, context = embedder
     monkeypatch.setattr(handler.tokenizer, "encode_batch", lambda *a, **k: pytest.fail("tokenized"), raising=False)
