@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,7 +43,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import requests
+import yaml
 
+from archives import MODEL_NAME, VERSION, check_model_name
+from archives.store import default_store
 from manage.client import (
     REPO,
     ServeError,
@@ -63,8 +67,15 @@ from manage.client import (
 TEMPLATE = REPO / "proxy" / "nginx.conf"
 HISTORY = 20  # earlier states kept per model for rollback
 CLIENT_TIMEOUT = 10  # seconds a client may stall while sending its request or reading its answer
-READ_TIMEOUT = 300  # seconds TorchServe may take to answer (each model's responseTimeout is shorter)
+READ_TIMEOUT = 300  # seconds TorchServe may take to answer where no archive says (each model's location says less)
+TORCHSERVE_RESPONSE_TIMEOUT = 120  # TorchServe's default responseTimeout, for an archive whose config sets none
+MAR_MANIFEST, MODEL_CONFIG = "MAR-INF/MANIFEST.json", "model-config.yaml"  # in an archive
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The register parameters the front door passes (TorchServe's others, handler and runtime, would change what code
+# serves an archive); each value plain characters, at most 64.
+REGISTER_PARAMETERS = ("url", "model_name", "initial_workers", "synchronous", "batch_size", "max_batch_delay",
+                       "response_timeout", "startup_timeout")
+PLAIN_VALUE = "[A-Za-z0-9_.-]{1,64}"
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
@@ -173,8 +184,8 @@ def _user_line() -> str:
     return f"user {nobody.pw_name} {grp.getgrgid(nobody.pw_gid).gr_name};"
 
 
-def _model_blocks(model: str, split: dict[str, float]) -> tuple[str, str]:
-    """The ``split_clients``/``map`` block (http level) and the ``location`` (server level) of one routed model."""
+def _split_block(model: str, split: dict[str, float]) -> str:
+    """The ``split_clients``/``map`` block (http level) that picks a routed model's version per request."""
     var = re.sub(r"\W", "_", model)
     total = sum(split.values())
     versions = list(split)
@@ -183,7 +194,7 @@ def _model_blocks(model: str, split: dict[str, float]) -> tuple[str, str]:
         lines.append(f'        {100 * split[version] / total:.2f}% "{version}";')
     lines.append(f'        * "{versions[-1]}";')
     buckets = "\n".join(lines)
-    http = (
+    return (
         f"    # {model}: {describe_split(split)}\n"
         f'    split_clients "${{http_x_client_id}}:{model}" $ab_keyed_{var} {{\n{buckets}\n    }}\n'
         f'    split_clients "${{request_id}}" $ab_random_{var} {{\n{buckets}\n    }}\n'
@@ -192,25 +203,67 @@ def _model_blocks(model: str, split: dict[str, float]) -> tuple[str, str]:
         f"        default $ab_keyed_{var};\n"
         f"    }}\n"
     )
+
+
+def _model_locations(model: str, routed: bool, response_timeout: int | None) -> str:
+    """The ``location`` blocks (server level) of one model: its default URL, sent to the split's version when the
+    model is routed, and its explicit versions. Each waits for TorchServe 1 s less than the model's shortest
+    responseTimeout: a request that takes longer is answered 504 here and never sent again (when TorchServe's own
+    timeout expires first, it kills the worker and answers 500 "Worker died.", which the retry hop would send to
+    the next worker)."""
+    check_model_name(model)
+    seconds = READ_TIMEOUT if response_timeout is None else max(1, response_timeout - 1)
+    limit = (f"{seconds} s (the model's responseTimeout, {response_timeout} s, less 1 s)" if response_timeout
+             else f"{seconds} s")
+    common = (f'            set $allowed "POST, PUT";\n'
+              f"            if ($request_method !~ ^(?:POST|PUT)$) {{ return 405; }}\n"
+              f"            if ($inference_key_ok = 0) {{ return 401; }}\n"
+              f'            set $answer_limit "{limit}";\n'
+              f"            proxy_read_timeout {seconds}s;\n")
     pattern = re.escape(model).replace("\\-", "-")
-    location = (
-        f"        location ~ ^/(?<api>predictions|explanations)/{pattern}/?$ {{\n"
-        f'            set $allowed "POST, PUT";\n'
-        f"            if ($request_method !~ ^(?:POST|PUT)$) {{ return 405; }}\n"
-        f"            if ($inference_key_ok = 0) {{ return 401; }}\n"
-        f"            proxy_pass http://retry_hop/$api/{model}/$ab_{var}$is_args$args;\n"
-        f"        }}\n"
-    )
-    return http, location
+    blocks = []
+    if routed:
+        var = re.sub(r"\W", "_", model)
+        blocks.append(f"        location ~ ^/(?<api>predictions|explanations)/{pattern}/?$ {{\n{common}"
+                      f"            proxy_pass http://retry_hop/$api/{model}/$ab_{var}$is_args$args;\n        }}\n")
+    blocks.append(f"        location ~ ^/(?:predictions|explanations)/{pattern}(?:/|$) {{\n{common}"
+                  f"            proxy_pass http://retry_hop;\n        }}\n")
+    return "".join(blocks)
+
+
+def archive_pattern() -> str:
+    """What a registration's url may be, as a regular expression: an archive's name in the model store by the one
+    rule for names, ``<model>_<version>.mar``, or its unpacked folder's, ``<model>_<version>``."""
+    def bare(rule: re.Pattern) -> str:
+        return rule.pattern.removeprefix("^").removesuffix("$")
+
+    return f"{bare(MODEL_NAME)}_{bare(VERSION)}(?:\\.mar)?"
+
+
+def response_timeouts(store: Path) -> dict[str, int]:
+    """Each model's shortest ``responseTimeout`` over the archives in the model store (their model-config.yaml;
+    TorchServe's default, 120 s, where one sets none)."""
+    timeouts: dict[str, int] = {}
+    for path in sorted(store.glob("*.mar")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                name = json.loads(archive.read(MAR_MANIFEST))["model"]["modelName"]
+                config = yaml.safe_load(archive.read(MODEL_CONFIG)) if MODEL_CONFIG in archive.namelist() else {}
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile, yaml.YAMLError) as error:
+            raise ServeError(f"{path} is not an archive the front door can read: {error}") from None
+        seconds = int((config or {}).get("responseTimeout", TORCHSERVE_RESPONSE_TIMEOUT))
+        timeouts[name] = min(seconds, timeouts.get(name, seconds))
+    return timeouts
 
 
 # Errors nginx answers itself: status → (reason, message), as the handlers' errors: {"code", "error", "message"}.
 ERRORS = {
     401: ("unauthorized", "missing or wrong key: send Authorization: Bearer <key> (./serve.sh token inference; "
                           "token management for the management API)"),
-    403: ("forbidden", "models are registered by the name of an archive in the model store "
-                       "(url=<model>_<version>.mar, or its unpacked folder url=<model>_<version>; no body); URLs, "
-                       "paths, other folders and workflows are refused"),
+    403: ("forbidden", "models are registered by POST /models with the name of an archive in the model store "
+                       "(url=<model>_<version>.mar, or its unpacked folder url=<model>_<version>), plain "
+                       "parameters (no percent-encoding; only " + ", ".join(REGISTER_PARAMETERS) + ") and no body; "
+                       "URLs, paths, other folders and workflows are refused"),
     404: ("not_found", "no such endpoint on this port; the front door serves /predictions/<model>[/<version>], "
                        "/explanations/..., /ping, /health/live and /health/ready, /v2/... (inference), /models... and "
                        "/ab/routes (management, loopback), /metrics (metrics)"),
@@ -218,7 +271,8 @@ ERRORS = {
     408: ("request_timeout", "the request was not received in time"),
     413: ("body_too_large", "the request body is over the limit of {limit}"),
     502: ("unavailable", "TorchServe is not answering; retry shortly"),
-    504: ("timeout", "TorchServe did not answer in time"),
+    504: ("timeout", "no answer within $answer_limit: the request is not sent again (it may be what holds the "
+                     "worker); send less, or ask the operator for a longer responseTimeout"),
 }
 UNAVAILABLE = 503  # what a client sees for nginx's own 502 (no backend): retry later
 
@@ -334,7 +388,8 @@ def max_body() -> int:
 
 
 def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, logs: Path) -> str:
-    blocks = [_model_blocks(model, route["split"]) for model, route in sorted(routes.models.items())]
+    timeouts = response_timeouts(default_store())
+    models = sorted(set(timeouts) | set(routes.models))
     limit_bytes = max_body()
     limit = f"{limit_bytes / 2**20:g} MiB ({limit_bytes} bytes)"
     pages, locations = _error_blocks((401, 404, 405, 408, 413, 502, 504), limit)
@@ -346,7 +401,6 @@ def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, lo
         "logs": str(logs),
         "max_body": str(limit_bytes),
         "client_timeout": f"{CLIENT_TIMEOUT}s",
-        "read_timeout": f"{READ_TIMEOUT}s",
         "inference": _host_port(address("inference")),
         "management": _host_port(address("management")),
         "metrics": _host_port(address("metrics")),
@@ -362,10 +416,14 @@ def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, lo
         "torchserve_key": (keys.get("inference") or {}).get("key", ""),
         "management_keys": _key_lines(valid_keys(keys, "management")),
         "api_keys": _key_lines(valid_keys(keys, "API")),
+        "archive_name": archive_pattern(),
+        "register_query": "{0}(?:&{0})*".format(f"(?:{'|'.join(REGISTER_PARAMETERS)})={PLAIN_VALUE}"),
         "error_pages": pages,
         "error_locations": locations,
-        "routes": "".join(http for http, _ in blocks),
-        "locations": "".join(location for _, location in blocks),
+        "routes": "".join(_split_block(model, route["split"]) for model, route in sorted(routes.models.items())),
+        "locations": "".join(_model_locations(model, model in routes.models, timeouts.get(model))
+                             for model in models),
+        "read_timeout": f"{READ_TIMEOUT}s",
         "routes_json": json.dumps(routes.served(), separators=(",", ":")),
         "management_error_pages": management_pages,
         "management_error_locations": management_locations,
