@@ -120,6 +120,25 @@ def repeated_scans(progressive_jpeg: bytes, times: int) -> bytes:
     return progressive_jpeg[:end] + progressive_jpeg[last:end] * times + progressive_jpeg[end:]
 
 
+def padded_png(png: bytes, chunks: int) -> bytes:
+    """A valid PNG with ``chunks`` empty ancillary chunks of an unknown kind between its header and its data: each
+    one is a read (and a CRC) for Pillow."""
+    header_end = 8 + 25  # the signature and the IHDR chunk
+    return png[:header_end] + chunk(b"abCd", b"") * chunks + png[header_end:]
+
+
+def filled_jpeg(jpeg: bytes, fill: int) -> bytes:
+    """A JPEG with ``fill`` 0xFF fill bytes before its first marker after SOI (allowed by the standard; Pillow reads
+    them one at a time)."""
+    return jpeg[:2] + b"\xff" * fill + jpeg[2:]
+
+
+def commented_gif(gif: bytes, blocks: int) -> bytes:
+    """A GIF with one comment extension of ``blocks`` one-byte sub-blocks before its image."""
+    image = gif.index(b",")  # the image descriptor
+    return gif[:image] + b"!\xfe" + b"\x01x" * blocks + b"\x00" + gif[image:]
+
+
 def ico_with_png(declared: int, png: bytes) -> bytes:
     """An ICO whose directory says declared x declared, holding a PNG of another size."""
     entry = struct.pack("<BBBBHHII", declared, declared, 0, 0, 1, 32, len(png), 22)
@@ -166,6 +185,11 @@ def image_cases(rng: np.random.RandomState) -> list[Case]:
         # not an image
         case("text as image", b"hello, this is not an image", 400, "not_an_image"),
         case("html as image", b"<!doctype html><html><body>hi</body></html>", 400, "not_an_image"),
+        # valid files made of very many small pieces: each a read of Python code in Pillow
+        case("png with 100000 empty chunks", padded_png(png, 100_000), 400, "too_many_segments"),
+        case("jpeg with 100000 fill bytes", filled_jpeg(jpeg, 100_000), 400, "too_many_segments"),
+        case("gif with 100000 comment blocks", commented_gif(gif, 100_000), 400, "too_many_segments"),
+        case("png with 100 empty chunks", padded_png(png, 100), 200, None),
         case("postscript (eps) that loops for ever", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n"
                                                      b"{ } loop\nshowpage\n", 400, "not_an_image"),
         case("random bytes", rng.randint(0, 256, 2000, dtype=np.uint8).tobytes(), 400, "not_an_image"),
@@ -292,6 +316,10 @@ def text_cases(rng: np.random.RandomState) -> list[Case]:
         case("json body of 5 MB as text", json.dumps({"text": "y" * 5_000_000}).encode(), 413, "body_too_large"),
         case("100000 texts", json.dumps({"texts": ["a"] * 100_000}).encode(), 413, "too_many_texts", JSON),
         case("65 texts", json.dumps({"texts": ["a cat"] * 65}).encode(), 413, "too_many_texts", JSON),
+        case("64 texts of 2000 characters", json.dumps({"texts": ["word " * 400] * 64}).encode(), 413,
+             "too_much_text", JSON),
+        case("json of 32000 escaped quotes", b'{"' + b'\\"' * 32_000, 400, "bad_json", TEXT),
+        case("json of 32000 escaped quotes as json", b'{"' + b'\\"' * 32_000, 400, "bad_json", JSON),
         # deeply nested JSON
         case("json 100000 deep", deep_list, 400, "json_too_deep", JSON),
         case("json 100000 deep as text", deep_list, 400, "json_too_deep", TEXT),

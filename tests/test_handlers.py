@@ -337,7 +337,8 @@ def test_the_corpus_is_deterministic_quick_and_covers_every_category(cases):
     reasons = {c.reason for c in cases}
     assert {"not_an_image", "empty_body", "truncated_image", "corrupt_image", "image_too_large", "extreme_aspect_ratio",
             "not_base64", "unexpected_json", "not_utf8", "empty_text", "text_too_long", "body_too_large",
-            "too_many_texts", "json_too_deep", "no_text", "bad_json", "bad_multipart", "no_file", "too_many_scans"} \
+            "too_many_texts", "json_too_deep", "no_text", "bad_json", "bad_multipart", "no_file", "too_many_scans",
+            "too_many_segments", "too_much_text"} \
         <= reasons
     types = {c.content_type.split(";")[0] for c in cases}
     assert {"multipart/form-data", "application/x-www-form-urlencoded", "application/json", "text/plain",
