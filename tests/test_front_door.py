@@ -23,7 +23,7 @@ import requests
 from archives.store import store_of
 from manage.client import TorchServe, address, instance_env, read_properties
 from manage.proxy import CLIENT_TIMEOUT
-from tests.conftest import REPO, instance, ready_pids
+from tests.conftest import REPO, instance, make_ca, ready_pids
 
 pytestmark = pytest.mark.integration
 
@@ -284,21 +284,6 @@ def test_kill_9_of_a_worker_under_load_loses_no_request(served, photos):
 
 
 # --- a second, smaller instance: TLS, a full queue, a worker that keeps dying ----------------------------------
-
-
-def make_ca(folder: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a certificate it signed for 127.0.0.1 and localhost, made with openssl."""
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-            "-subj", "/CN=throwaway test CA")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=127.0.0.1")
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
-    return folder / "ca.pem", folder / "server.pem", folder / "server.key"
 
 
 @pytest.fixture(scope="module")
