@@ -21,7 +21,26 @@ This process (``python -m manage v2``, started and stopped by serve.sh beside th
 * gRPC, the KServe v2 ``GRPCInferenceService`` (tritonclient's generated stubs), on ``V2_GRPC_ADDRESS`` (default
   127.0.0.1:8083): ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata and ModelInfer, inputs from
   ``raw_input_contents`` or ``contents``, outputs in ``raw_output_contents``; the key in the metadata
-  ``authorization: Bearer <key>``.
+  ``authorization: Bearer <key>``. With ``TLS_CERT`` and ``TLS_KEY`` (the front door's) it speaks TLS only.
+
+gRPC has no nginx in front of it, so the gateway keeps the door itself, as nginx does for REST:
+
+* the key first. An interceptor reads the call's metadata before its message: every method but health and metadata
+  (which need no key, as ``/v2/health/*`` and ``GET /v2/models/...``) needs one of the keys the front door takes
+  (``Keys``), and without it the call is answered UNAUTHENTICATED by a handler that never reads the message, so
+  nothing of it is parsed or unpacked;
+* sizes. A request message is at most the front door's body limit (``max_body``, TorchServe's ``max_request_size``)
+  plus ``GRPC_MESSAGE_OVERHEAD`` for names and shapes (``grpc.max_receive_message_length``; grpcio answers
+  RESOURCE_EXHAUSTED above it). grpcio parses the message of a call that passed the key check before our code sees
+  it: that cost is bounded by this size. Then, before any tensor is copied out of the message: at most
+  ``MAX_TENSORS`` inputs and outputs, the tensors' bytes at most ``max_body`` (RESOURCE_EXHAUSTED), the shape's
+  element count at most the model kind's ``max_elements``, and the number of ``bytes_contents`` or of elements in
+  ``raw_input_contents`` equal to it (INVALID_ARGUMENT); each refusal names its limit;
+* calls. ``grpc_limits``: ``GRPC_THREADS_PER_CPU`` threads per CPU the process may use (``cpu_limit``, the
+  container's CPU limit), and as many calls again waiting for a thread; beyond those, grpcio answers
+  RESOURCE_EXHAUSTED at once. A call's message is read and parsed in its thread, so the messages in memory are
+  bounded by the calls and the message limit (on 2 CPUs: 8 threads, 16 calls, 25 MiB each). The key check runs on
+  grpcio's one polling thread: it stats the key files, and reads them only when they changed.
 
 Tensors, by the model's handler (the model store's manifest says which; a model without an entry is served as
 ``generic``). Every input is BYTES of shape [N] or [N, 1], one element per /predictions call:
@@ -39,28 +58,32 @@ In JSON, BYTES elements that are not text (photos, PNGs) are base64 strings; in 
 are the bytes themselves. ``outputs`` in a request picks among a model's outputs.
 
 A bad request is answered 4xx / INVALID_ARGUMENT naming the problem (malformed JSON, a missing or unknown input, a
-wrong datatype, a shape that does not match the data, a bad binary header length, too many elements), an unknown
-model or version 404 / NOT_FOUND, a missing key 401 / UNAUTHENTICATED; a 4xx of /predictions (a non-image) comes back
-with its status and message. The answer's ``model_version`` is the version that computed it (``X-Model-Version``;
-several, comma-separated, when an A/B split sent the elements of one request to different versions).
+wrong datatype, a shape that does not match the data, a bad binary header length, too many elements), tensors over
+the size limit RESOURCE_EXHAUSTED (gRPC), an unknown model or version 404 / NOT_FOUND, a missing key 401 /
+UNAUTHENTICATED; a 4xx of /predictions (a non-image) comes back with its status and message. The answer's
+``model_version`` is the version that computed it (``X-Model-Version``; several, comma-separated, when an A/B split
+sent the elements of one request to different versions).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import logging
 import math
+import os
 import re
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -84,11 +107,21 @@ from manage.client import (
     v2_address,
     v2_grpc_address,
 )
-from manage.proxy import NAME, READ_TIMEOUT, max_body
+from manage.proxy import NAME, READ_TIMEOUT, Listen, client_keys, cpu_limit, max_body, valid_keys
 
-logger = logging.getLogger("v2")
+logger = logging.getLogger(__name__)
 
 CALLS = 64  # /predictions calls in flight at once, over every v2 request
+MAX_TENSORS = 8  # inputs, and outputs asked for, in one gRPC request (every model here takes one input)
+MAX_DIMS = 8  # dimensions of an input's shape in a gRPC request (every model here takes [N] or [N, 1])
+GRPC_THREADS_PER_CPU = 4  # gRPC calls run at once per CPU: a call mostly waits for its /predictions answers
+GRPC_MESSAGE_OVERHEAD = 64 * 2**10  # bytes of a request message besides its tensors: names, shapes, parameters
+GRPC_MAX_SEND = 128 * 2**20  # an answer: up to 4 upscalings of up to 20 MiB each, and their framing
+GRPC_SERVICE = "inference.GRPCInferenceService"
+GRPC_OPEN = frozenset({"ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata"})  # no key
+GRPC_DETAILS = 1000  # characters of a refusal's message sent back (it may quote a name the client sent)
+UNAUTHENTICATED = ("missing or wrong key: send the metadata authorization: Bearer <key> (./serve.sh token "
+                   "inference), the key of /predictions")
 CATALOG_TTL = 2.0  # seconds a view of the registered versions is reused
 NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32,
          "FP64": np.float64}
@@ -106,7 +139,8 @@ class V2Error(Exception):
 def grpc_code(status: int) -> grpc.StatusCode:
     """The gRPC status of an HTTP one."""
     codes = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
-             404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+             404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+             429: grpc.StatusCode.RESOURCE_EXHAUSTED,
              502: grpc.StatusCode.UNAVAILABLE, 503: grpc.StatusCode.UNAVAILABLE,
              504: grpc.StatusCode.DEADLINE_EXCEEDED}
     if status in codes:
@@ -206,11 +240,11 @@ PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_libtorch
 # --- tensors on the wire ------------------------------------------------------------------------------------------
 
 
-def unpack_bytes(raw: bytes, name: str) -> list[bytes]:
+def unpack_bytes(raw: bytes, name: str, most: int | None = None) -> list[bytes]:
     """BYTES elements as the binary extension and raw_input_contents carry them: each a 4-byte little-endian length,
-    then that many bytes."""
+    then that many bytes. ``most``: stop at ``most + 1`` elements, the rest unread (the caller refuses that many)."""
     elements, offset = [], 0
-    while offset < len(raw):
+    while offset < len(raw) and (most is None or len(elements) <= most):
         if offset + 4 > len(raw):
             raise V2Error(400, f"input {name!r}: binary BYTES data ends inside an element's 4-byte length")
         (size,) = struct.unpack_from("<I", raw, offset)
@@ -230,20 +264,27 @@ def pack_bytes(elements: list[bytes]) -> bytes:
 @dataclass
 class Input:
     """An input tensor as a request carries it: ``raw`` (binary extension, raw_input_contents), ``data`` (JSON,
-    flattened) or ``contents`` (gRPC's bytes_contents)."""
+    flattened) or ``contents`` (gRPC's bytes_contents, still in the message)."""
 
     name: str
     datatype: str
     shape: list[int]
     raw: bytes | None = None
     data: list[Any] | None = None
-    contents: list[bytes] | None = None
+    contents: Sequence[bytes] | None = None
 
-    def elements(self, spec: Spec) -> list[bytes]:
+    def elements(self, spec: Spec, count: int) -> list[bytes]:
+        """The ``count`` elements the shape says; how many the data holds is checked before any is copied out."""
         if self.raw is not None:
-            return unpack_bytes(self.raw, self.name)
+            found = unpack_bytes(self.raw, self.name, most=count)
+            self.check_count(count, len(found), more=len(found) > count)
+            return found
         if self.contents is not None:
-            return self.contents
+            self.check_count(count, len(self.contents))
+            elements = list(self.contents)
+            check_size(sum(map(len, elements)), f"input {self.name!r}")
+            return elements
+        self.check_count(count, len(self.data))
         if not all(isinstance(item, str) for item in self.data):
             raise V2Error(400, f"input {self.name!r} is BYTES: its JSON data must be strings")
         if not spec.binary:
@@ -253,6 +294,19 @@ class Input:
         except (binascii.Error, ValueError):
             raise V2Error(400, f"input {self.name!r}: in JSON each element is base64 (the bytes of the file); "
                                "or send it binary (binary_data_size)") from None
+
+    def check_count(self, count: int, found: int, more: bool = False) -> None:
+        if found != count:
+            raise V2Error(400, f"input {self.name!r}: shape {self.shape} says {count} elements, the data has "
+                               f"{'more than ' if more else ''}{found - more}")
+
+
+def check_size(total: int, what: str) -> None:
+    """Tensors of a request at most the front door's body limit, as a REST request's whole body."""
+    limit = max_body()
+    if total > limit:
+        raise V2Error(413, f"{what}: {total} bytes of tensor data, over the limit of {limit} bytes "
+                           f"({limit / 2**20:g} MiB, the front door's body limit)")
 
 
 @dataclass
@@ -415,7 +469,7 @@ class Gateway:
     def infer(self, request: Request, authorization: str | None) -> Answer:
         for name in filter(None, (request.model, request.version)):
             if not NAME.match(name):
-                raise V2Error(404, f"no model or version is named {name!r}")
+                raise V2Error(404, f"no model or version is named {name[:100]!r}")
         kind = self.infer_kind(request.model, request.version)
         elements = self.elements(request, kind)
         wanted = self.wanted(request, kind)
@@ -459,11 +513,7 @@ class Gateway:
         if count > kind.max_elements:
             raise V2Error(400, f"too many elements: {count}; {request.model} takes at most {kind.max_elements} "
                                "per request")
-        elements = tensor.elements(kind.input)
-        if len(elements) != count:
-            raise V2Error(400, f"input {tensor.name!r}: shape {shape} says {count} elements, the data has "
-                               f"{len(elements)}")
-        return elements
+        return tensor.elements(kind.input, count)
 
     @staticmethod
     def wanted(request: Request, kind: Kind) -> list[Spec]:
@@ -664,11 +714,22 @@ def serve_rest(gateway: Gateway, address: str) -> ThreadingHTTPServer:
 
 
 def grpc_request(message: pb.ModelInferRequest) -> Request:
-    raw = list(message.raw_input_contents)
-    if raw and len(raw) != len(message.inputs):
-        raise V2Error(400, f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs")
+    """A parsed ModelInferRequest → Request. Counts first, from the message's lengths: its tensors, then the bytes of
+    raw_input_contents; bytes_contents stay in the message until the element count is checked (``Input.elements``)."""
+    if len(message.inputs) > MAX_TENSORS or len(message.outputs) > MAX_TENSORS:
+        raise V2Error(400, f"{len(message.inputs)} inputs and {len(message.outputs)} outputs: a request names at "
+                           f"most {MAX_TENSORS} of each (every model here takes one input)")
+    if message.raw_input_contents and len(message.raw_input_contents) != len(message.inputs):
+        raise V2Error(400, f"raw_input_contents has {len(message.raw_input_contents)} entries for "
+                           f"{len(message.inputs)} inputs")
+    for tensor in message.inputs:
+        if len(tensor.shape) > MAX_DIMS:
+            raise V2Error(400, f"input {tensor.name[:100]!r} has {len(tensor.shape)} dimensions; a shape has at most "
+                               f"{MAX_DIMS} (every model here takes [N] or [N, 1])")
+    raw = list(message.raw_input_contents)  # at most MAX_TENSORS entries
+    check_size(sum(map(len, raw)), "raw_input_contents")
     inputs = [Input(tensor.name, tensor.datatype, list(tensor.shape), raw=raw[index] if raw else None,
-                    contents=None if raw else list(tensor.contents.bytes_contents))
+                    contents=None if raw else tensor.contents.bytes_contents)
               for index, tensor in enumerate(message.inputs)]
     return Request(message.model_name, message.model_version or None, inputs,
                    [output.name for output in message.outputs] or None, id=message.id)
@@ -697,7 +758,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             return compute()
         except V2Error as error:
-            context.abort(grpc_code(error.status), error.message)
+            context.abort(grpc_code(error.status), error.message[:GRPC_DETAILS])
         except Exception:  # a surprise is logged and answered; the gateway keeps serving
             logger.exception("gRPC call failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error in the v2 gateway (see v2.log)")
@@ -729,17 +790,126 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return self.guarded(context, lambda: grpc_answer(self.gateway.infer(grpc_request(request), authorization)))
 
 
-def serve_grpc(gateway: Gateway, address: str) -> grpc.Server:
-    """A gRPC server with a thread pool; messages as large as the front door takes, answers up to 4 upscalings."""
-    server = grpc.server(ThreadPoolExecutor(16, thread_name_prefix="grpc"),
-                         options=[("grpc.max_receive_message_length", max_body()),
-                                  ("grpc.max_send_message_length", 128 * 2**20),
-                                  ("grpc.so_reuseport", 0)])  # a port in use is an error, not a shared port
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(gateway), server)
+class Keys:
+    """The inference keys the front door takes (``manage.proxy.render``): TorchServe's own until it expires, and
+    ``CLIENT_KEYS_FILE``'s. Each file is read again when it changes, the expiry judged at every call; a file that
+    cannot be read gives no key (the call is refused, the reason logged)."""
+
+    def __init__(self) -> None:
+        self.ts = TorchServe(timeout=5)
+        self.lock = threading.Lock()
+        self.seen: tuple[tuple, dict[str, Any], list[str]] | None = None  # (the files' stamps, key file, client keys)
+
+    def files(self) -> list[Path]:
+        client = os.environ.get("CLIENT_KEYS_FILE")
+        return [self.ts.key_file, *([Path(client)] if client else [])]
+
+    @staticmethod
+    def stamp(path: Path) -> tuple[int, int, int] | None:
+        try:
+            status = path.stat()
+        except OSError:
+            return None
+        return status.st_mtime_ns, status.st_size, status.st_ino
+
+    def current(self) -> list[str]:
+        stamps = tuple(self.stamp(path) for path in self.files())
+        with self.lock:
+            if self.seen is None or self.seen[0] != stamps:
+                self.seen = (stamps, self.read(self.ts.keys, {}), self.read(client_keys, []))
+            keys = valid_keys(self.seen[1], "inference") + self.seen[2]
+        return keys
+
+    @staticmethod
+    def read(source: Callable[[], Any], empty: Any) -> Any:
+        try:
+            return source()
+        except ServeError as error:
+            logger.error("gRPC keys: %s; refusing the keys it would give", error)
+            return empty
+
+    def accepts(self, authorization: str | None) -> bool:
+        """Whether ``authorization`` is ``Bearer <key>`` with a key the front door takes (compared in constant
+        time)."""
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            return False
+        given = key.encode()
+        return any([hmac.compare_digest(given, known.encode()) for known in self.current()])
+
+
+def refuse_unauthenticated(requests_: Any, context: grpc.ServicerContext) -> None:
+    """The answer to a call without the key: its message is never read (no deserializer, no iteration)."""
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+
+
+REFUSED = grpc.stream_unary_rpc_method_handler(refuse_unauthenticated)
+
+
+class KeyCheck(grpc.ServerInterceptor):
+    """The key, from the call's metadata, before anything of its message: grpcio runs interceptors when a call's
+    headers arrive, before it reads the message. Health and metadata (``GRPC_OPEN``) need no key, as REST's
+    ``/v2/health/*`` and ``GET /v2/models/...`` at the front door; every other method, ours or not, needs it."""
+
+    def __init__(self, keys: Keys):
+        self.keys = keys
+
+    def intercept_service(self, continuation, handler_call_details):
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if service == GRPC_SERVICE and method in GRPC_OPEN:
+            return continuation(handler_call_details)
+        authorization = next((value for key, value in handler_call_details.invocation_metadata or ()
+                              if key == "authorization"), None)
+        if isinstance(authorization, str) and self.keys.accepts(authorization):
+            return continuation(handler_call_details)
+        return REFUSED
+
+
+def grpc_limits() -> tuple[int, int]:
+    """(threads, calls): ``GRPC_THREADS_PER_CPU`` threads per CPU this process may use, and as many calls again
+    waiting for a thread; grpcio refuses any call beyond ``calls`` (RESOURCE_EXHAUSTED)."""
+    threads = GRPC_THREADS_PER_CPU * cpu_limit()
+    return threads, 2 * threads
+
+
+def max_message() -> int:
+    """The largest request message: the front door's body limit of tensors, and their names and shapes."""
+    return max_body() + GRPC_MESSAGE_OVERHEAD
+
+
+def grpc_credentials() -> grpc.ServerCredentials | None:
+    """TLS with the front door's certificate and key (``TLS_CERT``, ``TLS_KEY``, checked as the front door checks
+    them); None without them."""
+    listen = Listen.from_env()
+    if listen.cert is None:
+        return None
     try:
-        server.add_insecure_port(address)
+        return grpc.ssl_server_credentials([(listen.key.read_bytes(), listen.cert.read_bytes())])
+    except OSError as error:
+        raise ServeError(f"cannot read TLS_CERT or TLS_KEY: {error}") from None
+
+
+def serve_grpc(gateway: Gateway, address: str, keys: Keys | None = None) -> grpc.Server:
+    """A gRPC server: the key checked before a message is read (``KeyCheck``), messages up to ``max_message``,
+    calls up to ``grpc_limits``, answers up to ``GRPC_MAX_SEND``, TLS when the front door has it."""
+    threads, calls = grpc_limits()
+    server = grpc.server(ThreadPoolExecutor(threads, thread_name_prefix="grpc"),
+                         interceptors=[KeyCheck(keys or Keys())],
+                         options=[("grpc.max_receive_message_length", max_message()),
+                                  ("grpc.max_send_message_length", GRPC_MAX_SEND),
+                                  ("grpc.so_reuseport", 0)],  # a port in use is an error, not a shared port
+                         maximum_concurrent_rpcs=calls)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(gateway), server)
+    credentials = grpc_credentials()
+    try:
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
     except RuntimeError:  # grpcio's "Failed to bind"
         raise ServeError(f"cannot listen for gRPC on {address}: in use, or not an address of this machine") from None
+    logger.info("gRPC: %s, %d threads, at most %d calls at once, messages up to %d bytes",
+                "TLS" if credentials else "plaintext (no TLS_CERT)", threads, calls, max_message())
     return server
 
 

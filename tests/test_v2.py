@@ -1,6 +1,8 @@
 """The Open Inference Protocol (KServe v2) on the front door, through tritonclient (HTTP and gRPC), a client nobody
-here wrote: every model answers as /predictions does; health, metadata and bad requests as the protocol says. And
-TorchServe's own gRPC inference API, through grpcio and its .proto files compiled from TorchServe's jar at test time.
+here wrote: every model answers as /predictions does; health, metadata and bad requests as the protocol says; the
+gRPC door checks the key before it reads a message, refuses counts and sizes over its limits, caps its calls and
+speaks TLS with the front door's certificate. And TorchServe's own gRPC inference API, through grpcio and its .proto
+files compiled from TorchServe's jar at test time.
 
 tritonclient.grpc and kserve cannot share a process (both define the protobuf ``inference.*`` messages): nothing
 this module or manage/ imports brings in kserve.
@@ -14,6 +16,7 @@ import json
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,10 +31,13 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from archives.store import store_of
 from export import digits, super_resolution
 from export.samples import SENTENCES, encode
-from manage.client import read_properties
-from tests.conftest import manage, ok
+from manage.client import TorchServe, instance_env, read_properties, serve_pids
+from manage.proxy import max_body
+from manage.v2 import GRPC_SERVICE, MAX_DIMS, MAX_TENSORS, grpc_limits, max_message
+from tests.conftest import instance, make_ca, manage, ok
 
 pytestmark = pytest.mark.integration
 
@@ -390,6 +396,123 @@ def test_no_key_is_refused_on_both_protocols(v2, photos):
     assert requests.delete(f"{v2.front}/v2/models/digits", timeout=10).status_code == 405
 
 
+def model_infer(channel: grpc.Channel):
+    """ModelInfer taking the message already serialized: what is timed is the call, not the client's encoding."""
+    return channel.unary_unary(f"/{GRPC_SERVICE}/ModelInfer", request_serializer=None,
+                               response_deserializer=pb.ModelInferResponse.FromString)
+
+
+def contents_message(model: str, count: int, shape: list[int], element: bytes = b"x") -> bytes:
+    message = pb.ModelInferRequest(model_name=model)
+    message.inputs.add(name="image", datatype="BYTES", shape=shape).contents.bytes_contents.extend([element] * count)
+    return message.SerializeToString()
+
+
+def memory(pid: int, field: str) -> int:
+    """A process's VmRSS (resident memory now) or VmHWM (its peak since ``reset_peak``), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith(f"{field}:"))
+
+
+def reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
+
+
+def test_an_infer_without_the_key_is_refused_before_its_message_is_read(served, v2):
+    """As many one-byte bytes_contents as the message limit lets through (8.7 million, 25 MiB), shape [N] and no
+    key: UNAUTHENTICATED, not the INVALID_ARGUMENT of a count the gateway would have unpacked to find, at once, and
+    the gateway's memory does not grow with it."""
+    count = max_body() // 3  # each element: a tag, a length and the byte
+    message = contents_message("digits", count, [count])
+    assert max_body() < len(message) <= max_message()
+    gateway = serve_pids(Path(served.env["SERVE_HOME"]))["v2 gateway"]
+    call = model_infer(grpc.insecure_channel(v2.grpc))
+    for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", f"Basic {v2.key}"),)):
+        reset_peak(gateway)
+        baseline = memory(gateway, "VmRSS")
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            call(message, metadata=metadata, timeout=60)
+        seconds = time.monotonic() - started
+        grown = memory(gateway, "VmHWM") - baseline
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED, (metadata, error.value.details())
+        assert "key" in error.value.details()
+        assert seconds < 1.0, (metadata, seconds)
+        assert grown < 64 * 2**20, (metadata, grown)  # unpacked, 8.7 million bytes objects: some 500 MB
+    with pytest.raises(grpc.RpcError) as error:  # with the key, the count is refused before any is copied out
+        call(message, metadata=(("authorization", f"Bearer {v2.key}"),), timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 64" in error.value.details()
+
+
+def test_grpc_methods_need_the_key_where_rest_does(v2):
+    """Health and metadata need no key (as /v2/health/* and GET /v2/models/...); every other method does, even one
+    the gateway does not implement: without the key UNAUTHENTICATED, with it UNIMPLEMENTED."""
+    assert v2.grpc_client.is_server_live() and v2.grpc_client.is_model_ready("digits")
+    assert v2.grpc_client.get_model_metadata("digits").name == "digits"
+    assert v2.grpc_client.get_server_metadata().name == "torchserve"
+    for call in (v2.grpc_client.get_model_repository_index, lambda **kw: v2.grpc_client.get_inference_statistics(
+            "digits", **kw), lambda **kw: v2.grpc_client.get_model_config("digits", **kw)):
+        with pytest.raises(InferenceServerException) as error:
+            call()
+        assert "UNAUTHENTICATED" in error.value.status(), error.value
+        with pytest.raises(InferenceServerException) as error:
+            call(headers={"authorization": f"Bearer {v2.key}"})
+        assert "UNIMPLEMENTED" in error.value.status(), error.value
+
+
+def test_counts_and_sizes_over_the_limits_are_refused_naming_the_limit(v2):
+    key = {"authorization": f"Bearer {v2.key}"}
+
+    def refused(elements: list[bytes], shape: list[int]) -> InferenceServerException:
+        tensor = grpcclient.InferInput("image", shape, "BYTES")
+        tensor.set_data_from_numpy(np.array(elements, dtype=np.object_).reshape(shape))
+        with pytest.raises(InferenceServerException) as error:
+            v2.grpc_client.infer("digits", [tensor], headers=key, client_timeout=60)
+        return error.value
+
+    over_count = refused([b"x"] * 65, [65])
+    assert "INVALID_ARGUMENT" in over_count.status() and "at most 64" in over_count.message(), over_count
+    over_size = refused([b"\0" * max_body()], [1])  # 4 bytes of length besides: one over
+    assert "RESOURCE_EXHAUSTED" in over_size.status() and f"limit of {max_body()} bytes" in over_size.message()
+
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(v2.grpc))
+    metadata = tuple(key.items())
+
+    def request(inputs: int = 1, shape: tuple[int, ...] = (1,), raw: list[bytes] | None = None,
+                contents: list[bytes] | None = None) -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest(model_name="digits")
+        for _ in range(inputs):
+            message.inputs.add(name="image", datatype="BYTES", shape=list(shape)).contents.bytes_contents.extend(
+                contents or [])
+        message.raw_input_contents.extend(raw or [])
+        return message
+
+    framed = (1).to_bytes(4, "little") + b"x"
+    cases = {
+        "a million bytes_contents, shape [1]": (request(contents=[b"x"] * 1_000_000), "has 1000000"),
+        "a thousand raw elements, shape [2]": (request(shape=(2,), raw=[framed * 1000]), "has more than 2"),
+        "too many inputs": (request(inputs=MAX_TENSORS + 1), f"at most {MAX_TENSORS}"),
+        "too many dimensions": (request(shape=(1,) * (MAX_DIMS + 1)), f"at most {MAX_DIMS}"),
+    }
+    for name, (message, words) in cases.items():
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(message, metadata=metadata, timeout=60)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.value.details())
+        assert words in error.value.details(), (name, error.value.details())
+    with pytest.raises(grpc.RpcError) as error:  # over the message limit: grpcio's own refusal, naming it
+        model_infer(grpc.insecure_channel(v2.grpc))(b"\0" * (max_message() + 1), metadata=metadata, timeout=60)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and str(max_message()) in error.value.details()
+    images, _ = digits.held_out()
+    answer = v2.grpc_client.infer("digits", [digit_input([encode(images[0], "PNG")])], headers=key)
+    assert answer.as_numpy("labels").shape == (1, 5)  # and the gateway goes on
+
+
+def digit_input(payloads: list[bytes]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("image", [len(payloads)], "BYTES")
+    tensor.set_data_from_numpy(np.array(payloads, dtype=np.object_))
+    return tensor
+
+
 # --- TorchServe's own gRPC inference API ------------------------------------------------------------------------
 
 
@@ -433,3 +556,94 @@ def test_torchserve_own_grpc_inference_api(served, photos, tmp_path, monkeypatch
         expected = predictions(served, "efficientnet_lite0", photos["chelsea"], version).json()
         assert list(answer) == list(expected)
         np.testing.assert_allclose(list(answer.values()), list(expected.values()), atol=TOLERANCE, rtol=0)
+
+
+# --- a second, smaller instance: gRPC over TLS, its calls capped ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    """digits 2.0 alone on its own TorchServe, with TLS_CERT and TLS_KEY from a throwaway CA: the front door speaks
+    HTTPS and the gateway's gRPC TLS. Last in this module: its environment stays set until the module ends."""
+    home = tmp_path_factory.mktemp("v2-tls")
+    store = store_of(home / "store", [("digits", "2.0")])
+    ca, cert, key = make_ca(home)
+    env = {**instance_env(home / "serve"), "MODEL_STORE": str(store), "TLS_CERT": str(cert), "TLS_KEY": str(key),
+           "REQUESTS_CA_BUNDLE": str(ca)}
+    env["PROXY_ADDRESS"] = env["PROXY_ADDRESS"].replace("http://", "https://")
+    with instance(env):
+        client = grpcclient.InferenceServerClient(env["V2_GRPC_ADDRESS"], ssl=True, root_certificates=str(ca))
+        deadline, last = time.monotonic() + 30, None
+        while True:
+            try:
+                if client.is_server_live():
+                    break
+            except InferenceServerException as error:  # not listening yet
+                last = error
+            assert time.monotonic() < deadline, f"the v2 gateway did not answer gRPC over TLS within 30 s: {last}"
+            time.sleep(0.2)
+        yield {"env": env, "ca": ca, "client": client, "key": TorchServe().token("inference")}
+
+
+def test_grpc_speaks_tls_with_the_front_doors_certificate_and_refuses_plaintext(tls):
+    images, _ = digits.held_out()
+    payloads = [encode(image, "PNG") for image in images[:2]]
+    answer = tls["client"].infer("digits", [digit_input(payloads)],
+                                 headers={"authorization": f"Bearer {tls['key']}"})
+    for index, payload in enumerate(payloads):
+        expected = requests.post(f"{tls['env']['PROXY_ADDRESS']}/predictions/digits", data=payload, timeout=30,
+                                 headers={"Authorization": f"Bearer {tls['key']}"}, verify=str(tls["ca"])).json()
+        assert [label.decode() for label in answer.as_numpy("labels")[index]] == list(expected)
+    address = tls["env"]["V2_GRPC_ADDRESS"]
+    for client in (grpcclient.InferenceServerClient(address),  # plaintext
+                   grpcclient.InferenceServerClient(address, ssl=True)):  # TLS, but not trusting the throwaway CA
+        with pytest.raises(InferenceServerException) as error:
+            client.is_server_live(client_timeout=10)
+        assert "UNAVAILABLE" in error.value.status(), error.value
+
+
+def test_calls_beyond_the_cap_are_refused_at_once(tls):
+    """``calls`` + 4 ModelInfer calls whose message never comes: ``calls`` of them hold every thread and every
+    waiting place, the other 4 are RESOURCE_EXHAUSTED at once, and so is the next call; once the held ones are gone,
+    calls are answered again."""
+    threads, calls = grpc_limits()
+    log = (Path(tls["env"]["LOG_DIR"]) / "v2.log").read_text()
+    assert f"gRPC: TLS, {threads} threads, at most {calls} calls at once" in log
+    channel = grpc.secure_channel(tls["env"]["V2_GRPC_ADDRESS"],
+                                  grpc.ssl_channel_credentials(tls["ca"].read_bytes()))
+    held = channel.stream_unary(f"/{GRPC_SERVICE}/ModelInfer", request_serializer=None,
+                                response_deserializer=pb.ModelInferResponse.FromString)
+    release = threading.Event()
+
+    def never() -> Iterator[bytes]:
+        release.wait(60)
+        yield from ()
+
+    metadata = (("authorization", f"Bearer {tls['key']}"),)
+    extra = 4
+    futures = [held.future(never(), metadata=metadata, timeout=60) for _ in range(calls + extra)]
+    try:
+        deadline = time.monotonic() + 10
+        while sum(future.done() for future in futures) < extra:
+            assert time.monotonic() < deadline, f"{sum(f.done() for f in futures)} of {calls + extra} calls refused"
+            time.sleep(0.05)
+        time.sleep(0.5)  # and no more than those
+        refused = [future for future in futures if future.done()]
+        assert len(refused) == extra, len(refused)
+        assert all(future.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for future in refused)
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as error:
+            tls["client"].is_server_live(client_timeout=10)
+        assert "RESOURCE_EXHAUSTED" in error.value.status() and time.monotonic() - started < 1.0
+    finally:
+        for future in futures:
+            future.cancel()
+        release.set()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            assert tls["client"].is_server_live(client_timeout=10)
+            break
+        except InferenceServerException as error:
+            assert time.monotonic() < deadline, f"calls still refused 20 s after the held ones went: {error}"
+            time.sleep(0.2)
