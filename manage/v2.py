@@ -32,15 +32,16 @@ gRPC has no nginx in front of it, so the gateway keeps the door itself, as nginx
 * sizes. A request message is at most the front door's body limit (``max_body``, TorchServe's ``max_request_size``)
   plus ``GRPC_MESSAGE_OVERHEAD`` for names and shapes (``grpc.max_receive_message_length``; grpcio answers
   RESOURCE_EXHAUSTED above it). grpcio parses the message of a call that passed the key check before our code sees
-  it: that cost is bounded by this size. Then, before any tensor is copied out of the message: at most
-  ``MAX_TENSORS`` inputs and outputs, the tensors' bytes at most ``max_body`` (RESOURCE_EXHAUSTED), the shape's
+  it: that cost is bounded by this size (the worst, 25 MiB of one-byte ``bytes_contents``, parses to about 0.5 GB in
+  about a second). Then, before any tensor is copied out of the message: at most ``MAX_TENSORS`` inputs and
+  outputs and ``MAX_DIMS`` dimensions, the tensors' bytes at most ``max_body`` (RESOURCE_EXHAUSTED), the shape's
   element count at most the model kind's ``max_elements``, and the number of ``bytes_contents`` or of elements in
   ``raw_input_contents`` equal to it (INVALID_ARGUMENT); each refusal names its limit;
 * calls. ``grpc_limits``: ``GRPC_THREADS_PER_CPU`` threads per CPU the process may use (``cpu_limit``, the
   container's CPU limit), and as many calls again waiting for a thread; beyond those, grpcio answers
-  RESOURCE_EXHAUSTED at once. A call's message is read and parsed in its thread, so the messages in memory are
-  bounded by the calls and the message limit (on 2 CPUs: 8 threads, 16 calls, 25 MiB each). The key check runs on
-  grpcio's one polling thread: it stats the key files, and reads them only when they changed.
+  RESOURCE_EXHAUSTED at once (on 2 CPUs: 8 threads, 16 calls). A call's message is read and parsed in its thread,
+  so at most as many messages as threads are parsed at a time. The key check runs on grpcio's one polling thread:
+  it stats the key files, and reads them only when they have changed.
 
 Tensors, by the model's handler (the model store's manifest says which; a model without an entry is served as
 ``generic``). Every input is BYTES of shape [N] or [N, 1], one element per /predictions call:

@@ -647,3 +647,19 @@ def test_calls_beyond_the_cap_are_refused_at_once(tls):
         except InferenceServerException as error:
             assert time.monotonic() < deadline, f"calls still refused 20 s after the held ones went: {error}"
             time.sleep(0.2)
+
+
+def test_grpc_takes_a_renewed_key_and_refuses_the_old_one(tls):
+    """TorchServe rewrites its key file when a key is renewed: the gateway reads it again at the next call."""
+    images, _ = digits.held_out()
+    tensor = digit_input([encode(images[0], "PNG")])
+    old = tls["key"]
+    client = TorchServe()  # this instance's, while its environment is set
+    client.renew("inference")
+    new = client.keys()["inference"]["key"]
+    assert new != old
+    answer = tls["client"].infer("digits", [tensor], headers={"authorization": f"Bearer {new}"})
+    assert answer.as_numpy("labels").shape == (1, 5)
+    with pytest.raises(InferenceServerException) as error:
+        tls["client"].infer("digits", [tensor], headers={"authorization": f"Bearer {old}"})
+    assert "UNAUTHENTICATED" in error.value.status(), error.value
