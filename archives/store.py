@@ -9,22 +9,34 @@ an archive, TorchServe extracts it on its frontend's main thread, one archive af
 and before any worker starts (5-8 s for minilm's 180 MB on 2 busy cores); given a folder in the model store, it
 links it. The folder holds ``.sha256``, the archive it was unpacked from; a folder that does not match its archive is
 unpacked again. The archive stays the versioned artifact; the folder is a cache of it.
+
+Builds and imports run at the same time, in processes of their own, into one store: an archive is written under a
+unique hidden name in the store and renamed into place together with its manifest entry, under an exclusive lock
+(``locked``, fcntl.flock on ``.manifest.lock``) in which the manifest is read again and only that entry changes.
+Every file here is replaced whole (``replace_file``: a unique temporary file beside it, then os.replace), so a reader
+never needs the lock: it sees the file before or after a change, never half of one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
 UNPACKED_STAMP = ".sha256"  # in an unpacked archive: the sha256 of the archive it was unpacked from
+MANIFEST_LOCK = ".manifest.lock"  # in the store: held while the manifest is read, changed and replaced
+TEMPORARY_SUFFIX = ".tmp"  # a file being written under a unique hidden name, before it is renamed into place
 
 
 def default_store() -> Path:
@@ -41,6 +53,44 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` for the block, shared by every process that locks it: a lock file (created if
+    missing) or a folder. fcntl.flock, released when its descriptor closes, so also when the process dies."""
+    descriptor = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new empty file with a unique hidden name in ``path``'s folder (``.<name>.<random>.tmp``): written there and
+    renamed onto ``path``, it never crosses a file system, so the rename is atomic. Its mode is what the umask gives
+    a new file (tempfile's are private to their owner; an archive or a manifest is not)."""
+    while True:
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return candidate
+        except FileExistsError:
+            continue  # another writer's name: draw again
+
+
+def replace_file(path: Path, text: str, check: Callable[[Path], object] | None = None) -> None:
+    """``path`` replaced whole by ``text`` (written beside it, then os.replace): a reader sees the old file or the new
+    one. ``check``, given the written file, may raise to refuse it; then ``path`` is left as it was."""
+    temporary = temporary_beside(path)
+    try:
+        temporary.write_text(text)
+        if check is not None:
+            check(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def store_of(folder: Path, versions: list[tuple[str, str]], source: "Manifest | None" = None) -> Path:
     """A model store holding only ``versions`` (model, version) of ``source`` (default: the built store), as hard
     links (copies across file systems), with their manifest entries: for an instance of its own."""
@@ -51,7 +101,6 @@ def store_of(folder: Path, versions: list[tuple[str, str]], source: "Manifest | 
         entry = source.get(model, version)
         link_or_copy(source.store / entry["archive"], folder / entry["archive"])
         manifest.record(entry)
-    manifest.save()
     return folder
 
 
@@ -64,12 +113,17 @@ def sha256_file(path: Path) -> str:
 
 
 class Manifest:
+    """The store's manifest as read when made (``models``: model → version → entry). Changes go through ``record``
+    and ``save``, which read the file again under the store's lock and change only their own entries: two processes
+    that record at once keep both."""
+
     def __init__(self, store: Path | None = None):
         self.store = Path(store or default_store())
         self.path = self.store / MANIFEST
-        self.models: dict[str, dict[str, dict[str, Any]]] = (
-            json.loads(self.path.read_text())["models"] if self.path.exists() else {}
-        )
+        self.models: dict[str, dict[str, dict[str, Any]]] = self._read()
+
+    def _read(self) -> dict[str, dict[str, dict[str, Any]]]:
+        return json.loads(self.path.read_text())["models"] if self.path.exists() else {}
 
     def get(self, model: str, version: str) -> dict[str, Any] | None:
         return self.models.get(model, {}).get(version)
@@ -77,16 +131,32 @@ class Manifest:
     def entries(self) -> list[dict[str, Any]]:
         return [entry for versions in self.models.values() for entry in versions.values()]
 
-    def record(self, entry: dict[str, Any]) -> None:
-        self.models.setdefault(entry["model"], {})[entry["version"]] = entry
-        self.save()
+    def record(self, entry: dict[str, Any], archive: Path | None = None) -> None:
+        """One version's entry written into the manifest on disk; the others there are kept as they are now.
+        ``archive``: the version's archive, written under a temporary name in the store, renamed to
+        ``entry["archive"]`` under the same lock, so the archive in place and its entry always match."""
+        with self._changing() as models:
+            if archive is not None:
+                os.replace(archive, self.store / entry["archive"])
+            models.setdefault(entry["model"], {})[entry["version"]] = entry
 
     def save(self) -> None:
+        """Every entry this manifest holds written over the manifest on disk; the entries only there are kept."""
+        with self._changing() as models:
+            for model, versions in self.models.items():
+                models.setdefault(model, {}).update(versions)
+
+    @contextmanager
+    def _changing(self) -> Iterator[dict[str, dict[str, dict[str, Any]]]]:
+        """The manifest on disk, read under the store's lock, to change in the block; written back whole at its end
+        (and held here from then on)."""
         self.store.mkdir(parents=True, exist_ok=True)
-        ordered = {m: dict(sorted(v.items())) for m, v in sorted(self.models.items())}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"models": ordered}, indent=2) + "\n")
-        tmp.replace(self.path)
+        with locked(self.store / MANIFEST_LOCK):
+            models = self._read()
+            yield models
+            ordered = {m: dict(sorted(v.items())) for m, v in sorted(models.items())}
+            replace_file(self.path, json.dumps({"models": ordered}, indent=2) + "\n")
+            self.models = models
 
     def measured(self, model: str, version: str) -> list[dict[str, Any]]:
         """A built version's accuracy records: on its own evaluation set, and on the default version's set it was
