@@ -9,7 +9,8 @@ archive in model_store/manifest.json. An ONNX archive of a model that explains i
 explanations need gradients, which ONNX Runtime does not compute.
 
 A built version is immutable: rebuilding unchanged input is a no-op; a version whose input (spec, handler code,
-weights) changed is refused unless --force. Usage:
+weights) changed is refused unless --force. Builds may run at the same time into one store: each archive is written
+under a unique name in the store and renamed into place with its manifest entry (archives/store.py). Usage:
 
     python build_mar.py                          # every version of every model
     python build_mar.py --model digits --version 2.0
@@ -37,8 +38,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from archives import SPECS_DIR, SpecError, VersionSpec, load_specs, resolve_file
-from archives.store import REPO, Manifest, default_store, sha256_file
+from archives import SPECS_DIR, SpecError, VersionSpec, check_model_name, check_version, load_specs, resolve_file
+from archives.store import REPO, Manifest, default_store, sha256_file, temporary_beside
 from export import configure_logging
 from export.architecture import ArchitectureError
 from export.checkpoint import CheckpointError
@@ -307,7 +308,8 @@ def stage_extra_files(spec: VersionSpec, into: Path) -> None:
         shutil.copy2(path, into / name)
 
 
-def archive(spec: VersionSpec, serialized: Path, extra: Path, config: Path, out: Path) -> Path:
+def archive(spec: VersionSpec, serialized: Path, extra: Path, config: Path, out: Path, target: Path) -> Path:
+    """torch-model-archiver's archive (made in ``out``), written to ``target`` with every entry stored."""
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
@@ -321,21 +323,19 @@ def archive(spec: VersionSpec, serialized: Path, extra: Path, config: Path, out:
         export_path=str(out),
         force=True,
     ))
-    return stored(out / f"{spec.model}.mar")
+    return stored(out / f"{spec.model}.mar", target)
 
 
-def stored(path: Path) -> Path:
-    """The archive rewritten with every entry stored, not deflated. TorchServe extracts each archive on its
-    frontend's main thread, one after another, before its APIs answer: inflating minilm's 166 MB took 2-3 s of that,
-    and weights compress by under 10 %."""
-    packed = path.with_suffix(".stored")
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_STORED) as target:
+def stored(path: Path, target: Path) -> Path:
+    """The archive rewritten into ``target`` with every entry stored, not deflated. TorchServe extracts each archive
+    on its frontend's main thread, one after another, before its APIs answer: inflating minilm's 166 MB took 2-3 s
+    of that, and weights compress by under 10 %."""
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as packed:
         for item in source.infolist():
             entry = zipfile.ZipInfo(item.filename, item.date_time)
             entry.external_attr = item.external_attr
-            target.writestr(entry, source.read(item), compress_type=zipfile.ZIP_STORED)
-    packed.replace(path)
-    return path
+            packed.writestr(entry, source.read(item), compress_type=zipfile.ZIP_STORED)
+    return target
 
 
 def refused(spec: VersionSpec, error: Exception) -> BuildError:
@@ -455,16 +455,19 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
         config = work / "model-config.yaml"
         config.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
         (work / "out").mkdir()
-        produced = archive(spec, serialized, extra, config, work / "out")
-
-        logger.info("%s: [6/6] load the archive as a TorchServe worker and answer %d samples", name, len(samples))
-        info["worker_check"] = check_served(spec, produced, handler, served, samples)
         manifest.store.mkdir(parents=True, exist_ok=True)
-        shutil.move(produced, target)
-
-    entry = {**info, "archive": target.name, "sha256": sha256_file(target), "size_bytes": target.stat().st_size,
-             "torch_model_archiver": metadata.version("torch-model-archiver")}
-    manifest.record(entry)
+        staged = temporary_beside(target)  # in the store: renamed into place, never copied across file systems
+        try:
+            archive(spec, serialized, extra, config, work / "out", staged)
+            logger.info("%s: [6/6] load the archive as a TorchServe worker and answer %d samples", name,
+                        len(samples))
+            info["worker_check"] = check_served(spec, staged, handler, served, samples)
+            entry = {**info, "archive": target.name, "sha256": sha256_file(staged),
+                     "size_bytes": staged.stat().st_size,
+                     "torch_model_archiver": metadata.version("torch-model-archiver")}
+            manifest.record(entry, archive=staged)
+        finally:
+            staged.unlink(missing_ok=True)
     logger.info("%s: built %s (%.1f MB) in %.1f s", name, target.name, entry["size_bytes"] / 1e6,
                 time.monotonic() - started)
     return entry
@@ -496,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
 
     try:
+        if args.model is not None:
+            check_model_name(args.model)
+        if args.version is not None:
+            check_version(args.version)
         specs = load_specs(args.specs)
         entries = build(specs, select(specs, args.model, args.version), Manifest(args.store or default_store()),
                         args.force)
