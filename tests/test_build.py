@@ -130,7 +130,7 @@ def test_spec_errors_name_the_file_and_the_problem(tmp_path):
     from archives import SpecError
 
     for broken, message in (({**SPEC, "default_version": "2.0"}, "default_version '2.0' is not one of"),
-                            ({**SPEC, "versions": {1.0: SPEC["versions"]["1.0"]}}, "must be a quoted string"),
+                            ({**SPEC, "versions": {1.0: SPEC["versions"]["1.0"]}}, "quoted in YAML"),
                             ({**SPEC, "handler": "nosuch"}, "not a module in handlers/"),
                             ({**SPEC, "extra": 1}, "unknown keys \\['extra'\\]")):
         with pytest.raises(SpecError, match=message):
