@@ -56,7 +56,7 @@ class SpecError(ValueError):
 
 def check_model_name(name: object) -> str:
     """``name`` if it is a model name by the one rule, else SpecError saying what a name may hold."""
-    if not isinstance(name, str) or not MODEL_NAME.match(name):
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise SpecError(f"model name {str(name)[:80]!r} must be 1 to 64 letters, digits, '_' or '-', starting with a "
                         "letter or digit")
     return name
@@ -64,7 +64,7 @@ def check_model_name(name: object) -> str:
 
 def check_version(version: object) -> str:
     """``version`` if it is a version by the one rule, else SpecError (a quoted string in YAML: "1.0", not 1.0)."""
-    if not isinstance(version, str) or not VERSION.match(version):
+    if not isinstance(version, str) or not VERSION.fullmatch(version):
         raise SpecError(f"version {str(version)[:80]!r} must be one to four numbers joined by dots, like \"1.0\" "
                         "(quoted in YAML)")
     return version
