@@ -1,6 +1,6 @@
 # The pipeline's entry points. From a fresh clone: `make demo`, then `make test`.
 #   make import NAME=.. FROM=.. [ARCH=..] [EVAL=..] [LABELS=..] [TRANSFORM=..] [CODE=..] [VERSION=..]
-#               [RUNTIME=onnxruntime|torchscript] [MIN_ACCURACY=0..1] [ALLOW_PICKLE=1]
+#               [RUNTIME=onnxruntime|torchscript] [MIN_ACCURACY=0..1] [ALLOW_PICKLE=1] [SPECS=archives]
 #                                               bring your own model: spec, build, checks, register (README)
 #   make archive [MODEL=digits [VERSION=2.0]] [FORCE=1]   build archives into model_store/
 #   make serve | stop | status                  TorchServe with every built archive, behind its front door (nginx):
@@ -41,6 +41,15 @@ NAME ?=
 FROM ?=
 MANAGE := $(PY) -m manage
 
+# What a user sets on the command line reaches the recipes as the environment variable ARG_<name>, exactly as typed
+# ($(value): make expands no $ in it), and every recipe quotes it: "$$ARG_NAME". Nothing typed is spliced into a
+# command line, so a quote, a space, a $ or a backtick in a name or a file name is never read by the shell.
+USER_VARIABLES := NAME FROM ARCH EVAL LABELS TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY ALLOW_PICKLE SPECS MODEL SPLIT \
+                  IMAGE MIN MAX FORCE SCENARIO USERS RATE DURATION SECONDS MINUTES SOAK_RATE
+$(foreach v,$(USER_VARIABLES),$(eval export ARG_$(v) := $$(value $(v))))
+# "$${ARG_X:+--x "$$ARG_X"}": the option and its value when X is set, nothing when it is not
+option = $${ARG_$(1):+--$(2) "$$ARG_$(1)"}
+
 .PHONY: help install import archive serve stop status samples predict test demo clean \
         models describe register unregister scale set-default ab promote rollback routes routes-reset \
         monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes deploy deploy-check rehearse
@@ -54,15 +63,15 @@ install:
 	@./install.sh
 
 # make import: every optional variable becomes the command line's option of the same name, when given.
-IMPORT_OPTIONS := $(foreach v,ARCH EVAL LABELS TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY,\
-                    $(if $($(v)),--$(subst _,-,$(shell echo $(v) | tr A-Z a-z)) '$($(v))')) \
-                  $(if $(ALLOW_PICKLE),--allow-pickle)
+IMPORT_OPTIONS := $(foreach v,ARCH EVAL LABELS TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY SPECS,\
+                    $(call option,$(v),$(subst _,-,$(shell echo $(v) | tr A-Z a-z)))) \
+                  $${ARG_ALLOW_PICKLE:+--allow-pickle}
 import: install
-	@test -n "$(NAME)" -a -n "$(FROM)" || { echo "usage: make import NAME=<model> FROM=<path> [ARCH=..] [EVAL=..] ..." >&2; exit 2; }
-	$(MANAGE) import '$(NAME)' '$(FROM)' $(IMPORT_OPTIONS)
+	@test -n "$$ARG_NAME" -a -n "$$ARG_FROM" || { echo "usage: make import NAME=<model> FROM=<path> [ARCH=..] [EVAL=..] ..." >&2; exit 2; }
+	$(MANAGE) import "$$ARG_NAME" "$$ARG_FROM" $(IMPORT_OPTIONS)
 
 archive: install
-	$(PY) build_mar.py $(if $(MODEL),--model $(MODEL)) $(if $(VERSION),--version $(VERSION)) $(if $(FORCE),--force)
+	$(PY) build_mar.py $(call option,MODEL,model) $(call option,VERSION,version) $${ARG_FORCE:+--force}
 
 serve: archive
 	./serve.sh start
@@ -83,28 +92,28 @@ models:
 	@$(MANAGE) list
 
 describe:
-	@$(MANAGE) describe $(MODEL) $(VERSION)
+	@$(MANAGE) describe "$$ARG_MODEL" $${ARG_VERSION:+"$$ARG_VERSION"}
 
 register:
-	@$(MANAGE) register $(MODEL) $(VERSION)
+	@$(MANAGE) register "$$ARG_MODEL" "$$ARG_VERSION"
 
 unregister:
-	@$(MANAGE) unregister $(MODEL) $(VERSION)
+	@$(MANAGE) unregister "$$ARG_MODEL" "$$ARG_VERSION"
 
 scale:
-	@$(MANAGE) scale $(MODEL) $(VERSION) --min $(MIN) --max $(MAX)
+	@$(MANAGE) scale "$$ARG_MODEL" "$$ARG_VERSION" --min "$$ARG_MIN" --max "$$ARG_MAX"
 
 set-default:
-	@$(MANAGE) set-default $(MODEL) $(VERSION)
+	@$(MANAGE) set-default "$$ARG_MODEL" "$$ARG_VERSION"
 
 ab:
-	@$(MANAGE) ab $(MODEL) $(SPLIT)
+	@$(MANAGE) ab "$$ARG_MODEL" "$$ARG_SPLIT"
 
 promote:
-	@$(MANAGE) promote $(MODEL) $(VERSION) $(if $(FORCE),--force)
+	@$(MANAGE) promote "$$ARG_MODEL" "$$ARG_VERSION" $${ARG_FORCE:+--force}
 
 rollback:
-	@$(MANAGE) rollback $(MODEL)
+	@$(MANAGE) rollback "$$ARG_MODEL"
 
 routes:
 	@$(MANAGE) routes
@@ -122,36 +131,36 @@ monitor-stop:
 # Locust against the running TorchServe (ABUser: through the A/B proxy); CSV and HTML in load_test/results/.
 load-test: samples
 	@mkdir -p load_test/results
-	$(PY) -m locust -f load_test/locustfile.py --headless --users $(USERS) --spawn-rate $(RATE) \
-	    --run-time $(DURATION) --csv load_test/results/$(SCENARIO) --html load_test/results/$(SCENARIO).html \
-	    --only-summary $(SCENARIO)
+	$(PY) -m locust -f load_test/locustfile.py --headless --users "$$ARG_USERS" --spawn-rate "$$ARG_RATE" \
+	    --run-time "$$ARG_DURATION" --csv "load_test/results/$$ARG_SCENARIO" \
+	    --html "load_test/results/$$ARG_SCENARIO.html" --only-summary "$$ARG_SCENARIO"
 
 # Against the running server (started first if it is not).
 soak: serve
-	$(PY) -m load_test.soak --minutes $(or $(MINUTES),30) $(if $(SOAK_RATE),--rate $(SOAK_RATE))
+	$(PY) -m load_test.soak --minutes "$${ARG_MINUTES:-30}" $(call option,SOAK_RATE,rate)
 
 # Starts its own servers on free ports; run it on a quiet machine (about 10 minutes with SECONDS=10).
 bench: archive
-	$(PY) -m load_test.bench --seconds $(SECONDS)
+	$(PY) -m load_test.bench --seconds "$$ARG_SECONDS"
 
 footprint: archive
 	$(PY) -m load_test.footprint
 
 bench-before: archive
-	$(PY) -m load_test.before --seconds $(SECONDS)
+	$(PY) -m load_test.before --seconds "$$ARG_SECONDS"
 
 bench-runtimes: install
 	$(PY) -m load_test.runtimes
 
 # The split comes from the running front door when it routes the model, else from SPLIT (with MODEL).
 deploy: archive
-	$(PY) -m deploy $(if $(MODEL),--model $(MODEL)) $(if $(SPLIT),--split '$(SPLIT)') $(if $(IMAGE),--image '$(IMAGE)')
+	$(PY) -m deploy $(call option,MODEL,model) $(call option,SPLIT,split) $(call option,IMAGE,image)
 
 deploy-check: deploy
 	$(PY) -m deploy check
 
 rehearse: archive
-	$(PY) -m deploy.rehearsal --model $(or $(MODEL),digits) $(if $(SPLIT),--split '$(SPLIT)')
+	$(PY) -m deploy.rehearsal --model "$${ARG_MODEL:-digits}" $(call option,SPLIT,split)
 
 test: archive
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -45,7 +45,7 @@ from urllib.parse import urlparse
 import requests
 import yaml
 
-from archives import MODEL_NAME, VERSION, check_model_name
+from archives import MODEL_NAME, VERSION, SpecError, check_model_name, check_version
 from archives.store import default_store
 from manage.client import (
     REPO,
@@ -86,6 +86,10 @@ def parse_split(terms: list[str]) -> dict[str, float]:
         version, sep, weight = term.partition("=")
         if not sep or not version:
             raise ServeError(f"split term {term!r} is not VERSION=WEIGHT (e.g. 1.0=90 2.0=10)")
+        try:
+            check_version(version)
+        except SpecError as error:
+            raise ServeError(f"split term {term!r}: {error}") from None
         try:
             value = float(weight)
         except ValueError:
@@ -312,7 +316,10 @@ def valid_keys(keys: dict[str, Any], kind: str, now: dt.datetime | None = None) 
 
 
 def _key_lines(keys: list[str]) -> str:
-    return "\n".join(f'        "Bearer {key}" 1;' for key in keys)
+    """One ``map`` line per key, a case-sensitive regular expression: nginx compares a map's plain strings without
+    regard to case, which would take "Bearer ABCD..." for "Bearer AbCd..." (a bit less of a key per letter). The
+    scheme's name is case-insensitive (RFC 7235), the key is not."""
+    return "\n".join(f'        "~^(?i:bearer) {re.escape(key)}$" 1;' for key in keys)
 
 
 CLIENT_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")

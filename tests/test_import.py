@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from archives.store import Manifest
 from export.example_project import EVAL_PER_CLASS, Project, train, write_project
 from export.samples import SENTENCES
 from manage.client import TorchServe, instance_env
-from tests.conftest import manage, ok, one_line_error, refusal_line, serve_sh
+from tests.conftest import REPO, manage, ok, one_line_error, refusal_line, serve_sh
 
 pytestmark = pytest.mark.integration
 
@@ -135,6 +137,13 @@ def run_import(env: dict[str, str], specs: Path, *args: str):
     return manage("import", *args, "--specs", str(specs), **env)
 
 
+def make_import(env: dict[str, str], specs: Path, variables: dict[str, str]):
+    """``make import`` with these variables, each one argument of make's (no shell reads them on the way)."""
+    return subprocess.run(["make", "--no-print-directory", "import", f"SPECS={specs}",
+                           *(f"{key}={value}" for key, value in variables.items())],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, **env}, timeout=900)
+
+
 @pytest.fixture(scope="session")
 def imported(project, text_models, tmp_path_factory) -> Imported:
     """Every kind imported into a store of the test's own; TorchServe started after the first, so the others are
@@ -144,6 +153,8 @@ def imported(project, text_models, tmp_path_factory) -> Imported:
     specs.mkdir()
     env = {**instance_env(home), "MODEL_STORE": str(home / "store")}
     root = project.root
+    odd_name = root / "tiny net's $HOME `id`.pt"
+    shutil.copy(root / "tinynet_scripted.pt", odd_name)
     imports = {
         "flowers 1.0 (torchvision, raw state_dict)": ["photos", str(root / "resnet18.pth"), "--arch",
                                                       "torchvision:resnet18", "--eval", str(project.eval_dir),
@@ -161,8 +172,10 @@ def imported(project, text_models, tmp_path_factory) -> Imported:
                  str(project.eval_dir)],
         "user class": ["tiny", str(root / "tinynet.pt"), "--arch", "train:TinyNet", "--eval", str(project.eval_dir),
                        "--transform", "train:eval_transform"],
-        "torchscript": ["tiny_scripted", str(root / "tinynet_scripted.pt"), "--labels", str(root / "labels.txt"),
-                        "--transform", "train:eval_transform", "--code", str(root), "--eval", str(project.eval_dir)],
+        # through make, from a file whose name has a space, an apostrophe and a dollar sign
+        "torchscript (make import)": {"NAME": "tiny_scripted", "FROM": str(odd_name),
+                                      "LABELS": str(root / "labels.txt"), "TRANSFORM": "train:eval_transform",
+                                      "CODE": str(root), "EVAL": str(project.eval_dir)},
         "onnx": ["tiny_onnx", str(root / "tinynet.onnx"), "--labels", str(root / "labels.txt"), "--transform",
                  "train:eval_transform", "--eval", str(project.eval_dir)],
         "huggingface embeddings": ["sentences", str(text_models["minilm"])],
@@ -174,7 +187,8 @@ def imported(project, text_models, tmp_path_factory) -> Imported:
     try:
         for name, args in imports.items():
             started = time.monotonic()
-            outputs[name] = ok(run_import(env, specs, *args))
+            outputs[name] = ok(make_import(env, specs, args) if isinstance(args, dict) else
+                               run_import(env, specs, *args))
             seconds[name] = time.monotonic() - started
             if not started_server:
                 result = serve_sh_env(env, "start")
@@ -281,6 +295,18 @@ def test_the_spec_is_readable_and_records_what_the_model_is(imported, project):
     assert sha256_file(project.root / "resnet18.pth")[:16] in entry["weights"]
     assert entry["preprocessing_check"]["top1_agreement"] >= 0.99
     assert entry["worker_check"]["identical"] and entry["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_make_passes_names_and_file_names_to_python_as_typed(imported, project, tmp_path):
+    """make import's variables reach Python as they were typed: a file name with a space, an apostrophe, a $ and
+    backticks is imported from (no shell read it), and a NAME with a command in it is refused, nothing run."""
+    spec = load_spec(imported.specs / "tiny_scripted.yaml")
+    assert spec.versions["1.0"].source["path"] == str(project.root / "tiny net's $HOME `id`.pt")
+    assert "tiny_scripted" in imported.client.models()
+    marker = tmp_path / "ran"
+    refused = make_import(imported.env, imported.specs, {"NAME": f"x`touch {marker}`", "FROM": str(project.root)})
+    assert refused.returncode != 0 and "model name" in refused.stderr and not marker.exists(), refused.stderr
+    assert not any(imported.specs.glob("x*"))
 
 
 def test_a_new_version_is_measured_against_the_default_and_registered_without_becoming_default(imported):
