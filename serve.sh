@@ -72,7 +72,10 @@ HOLD="$SERVE_HOME/not-ready"
 
 # serve.sh's helpers, each `python -m manage <name>` on its own (its output in LOG_DIR/<name>.log, holding none of
 # this shell's files, its pid in SERVE_HOME/<name>.pid): the health checker (health) and the Open Inference Protocol
-# gateway (v2: REST behind the front door's /v2/, gRPC on V2_GRPC_ADDRESS).
+# gateway (v2: REST behind the front door's /v2/, gRPC on V2_GRPC_ADDRESS). The >> keeps what a helper writes before
+# its logging is set up; from then on it writes and rotates that file itself, by size, its stdout and stderr
+# following (manage/logs.py). torchserve.out below, which nobody reopens, is appended to (>>), so the health
+# checker can copy and truncate it in place; every log's size and files kept: manage/logs.py and log4j2.xml.
 start_helper() {
   if ! alive "$SERVE_HOME/$1.pid"; then
     setsid "$PYTHON" -m manage "$1" </dev/null >>"$LOG_DIR/$1.log" 2>&1 &

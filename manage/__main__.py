@@ -242,13 +242,17 @@ def routes_reset(args) -> None:
 
 def health_checker(args) -> None:
     from manage import health
+    from manage.logs import log_to_file
 
+    log_to_file("health")  # LOG_DIR/health.log, rotated at its size
     health.main()
 
 
 def v2_gateway(args) -> None:
     from manage import v2
+    from manage.logs import log_to_file
 
+    log_to_file("v2")  # LOG_DIR/v2.log, rotated at its size; v2.main's basicConfig then does nothing
     v2.main()
 
 

@@ -15,11 +15,18 @@ every ``interval`` seconds and answers the front door from what it saw last:
   (``held``): from ``serve.sh drain`` on (a pod's preStop hook), so load balancers stop sending work, and while a
   start applies its A/B splits, so no request sees the defaults alone.
 
-Both answer JSON: ``{"ready": false, "versions": {"digits/2.0": {"ready": 0, "min": 1, "deaths": 2, ...}}}``.
+Both answer JSON: ``{"ready": false, "versions": {"digits/2.0": {"ready": 0, "min": 1, "deaths": 2, ...}}}``. They
+need no key, but name models and versions only to a caller with one: the front door's ``/health/`` location sends
+``X-Inference-Key-Ok`` (nginx's ``$inference_key_ok``, 1 or 0; a client's own header of that name is replaced), and a
+caller without a key is told whether it is ready and why in general terms only (``{"ready": false, "not_ready":
+["1 version that takes traffic is not ready"]}``). A caller on loopback that did not come through the front door
+(serve.sh's ``wait-front``, the v2 gateway) sends no such header and is told everything.
 
 It also keeps the front door's keys current: when TorchServe's key file changes (a renewal) or a key expires, nginx
-is rendered again and reloaded (``Proxy.sync_keys``); and it counts what the front door answered, from its access log
-(``DoorLog``), for Prometheus: ``GET /metrics`` here, ``/metrics/front_door`` on the front door's metrics port.
+is rendered again and reloaded (``Proxy.sync_keys``); it counts what the front door answered, from its access log
+(``DoorLog``), for Prometheus: ``GET /metrics`` here, ``/metrics/front_door`` on the front door's metrics port; and,
+every ``ROTATE_SECONDS`` in a thread of its own (whether TorchServe answers or not), it rotates the logs nobody else
+bounds (``manage/logs.py``): nginx's two, renamed and reopened (USR1), and ``torchserve.out``, copied and truncated.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import logging
 import os
 import re
+import signal
 import threading
 import time
 from collections import Counter, deque
@@ -39,7 +47,6 @@ from typing import Any
 
 from manage.client import (
     READY,
-    REPO,
     QuietHandler,
     ServeError,
     TorchServe,
@@ -50,8 +57,22 @@ from manage.client import (
     serve_home,
     server_alive,
 )
+from manage.logs import (
+    ACCESS_LOG,
+    CONSOLE_LOG,
+    ERROR_LOG,
+    ROTATE_SECONDS,
+    copy_truncate,
+    log_dir,
+    rotate_renamed,
+    toolkit_caps,
+    truncate_stuck,
+)
 
 logger = logging.getLogger("health")
+# Set by the front door's /health/ location to nginx's $inference_key_ok: "1" when the caller's key passed, "0" when
+# not (proxy/nginx.conf); absent when a caller on loopback asks the checker directly.
+KEY_HEADER = "X-Inference-Key-Ok"
 
 
 @dataclass
@@ -89,46 +110,109 @@ class VersionHealth:
         self.states = [w["status"] for w in workers]
 
 
-# One line of the front door's access log (proxy/nginx.conf's log_format "front").
+# One line of the front door's access log (proxy/nginx.conf's log_format "front"). upstream is "-/-" when nginx
+# answered itself (a 401, 405 or 413, a client that stalled), else the status and time of what it passed it on to.
 LOG_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>/\S*) [^"]*" (?P<status>\d{3}) (?P<seconds>[\d.]+) '
-                      r'version=(?P<version>\S*) upstream=\S* retried=(?P<retried>\S*)')
+                      r'version=(?P<version>\S*) upstream=(?P<upstream>.*?) retried=(?P<retried>\S*)')
 # v2: the Open Inference Protocol (manage/v2.py); each element of a v2 infer is also one of its predictions lines
 APIS = ("predictions", "explanations", "v2", "ping", "health", "ab", "metrics", "models")
+LABELS = ("api", "model", "version", "status", "retried")
+
+
+class Tail:
+    """One file of the access log, read through a descriptor of its own as it grows: complete lines only, and it
+    stays readable after nginx's file is renamed away by a rotation."""
+
+    def __init__(self, path: Path, at_end: bool) -> None:
+        self.file = open(path, "rb")  # held open across reads: close() closes it
+        stat = os.fstat(self.file.fileno())
+        self.inode = stat.st_ino
+        self.offset = stat.st_size if at_end else 0
+
+    def read(self) -> bytes:
+        size = os.fstat(self.file.fileno()).st_size
+        if size < self.offset:  # truncated
+            self.offset = 0
+        self.file.seek(self.offset)
+        text = self.file.read(size - self.offset)
+        complete = text.rfind(b"\n") + 1
+        self.offset += complete
+        return text[:complete]
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class DoorLog:
     """What the front door answered, counted from its access log as it grows: requests and their seconds by
-    endpoint, model, the version that answered, status and whether it was retried. Labels name only registered
-    models and versions (anything else is ``other``), so a client cannot grow the label space."""
+    endpoint, model, the version that answered, status and whether it was retried; and, of those, the requests it
+    passed on (``forwarded``: to TorchServe, the v2 gateway or the health checker, which on /predictions and
+    /explanations it does only after the key check), the ones the autoscaler counts: a stranger's 401 is not load.
+    Labels name only registered models and versions (anything else is ``other``), so a client cannot grow the label
+    space.
 
-    def __init__(self, path) -> None:
+    Rotation: the file being read is held open, so when the health checker renames it away the lines nginx's workers
+    still write into it (until they reopen) are read from it before the new file; a further rotation waits until
+    that file has stopped growing (``settled``), so no file is left unread."""
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            self.offset = path.stat().st_size  # count from now: the log outlives a restart
-        except OSError:
-            self.offset = 0
+        self.current = self._open(at_end=True)  # count from now: the log outlives a restart
+        self.previous: Tail | None = None
+        self.previous_grew = False
         self.requests: Counter = Counter()
         self.seconds: Counter = Counter()
+        self.forwarded: Counter = Counter()
 
-    def read(self, known: set[tuple[str, str]]) -> None:
+    def _open(self, at_end: bool) -> Tail | None:
         try:
-            size = self.path.stat().st_size
-        except OSError:
-            return
-        if size < self.offset:  # rotated or truncated
-            self.offset = 0
-        with open(self.path, "rb") as log:
-            log.seek(self.offset)
-            text = log.read(size - self.offset)
-        complete = text.rfind(b"\n") + 1
-        self.offset += complete
+            return Tail(self.path, at_end)
+        except FileNotFoundError:
+            return None
+
+    @property
+    def settled(self) -> bool:
+        """Whether the file rotated last has stopped growing: nginx writes only into the current one."""
+        return self.previous is None or not self.previous_grew
+
+    def lines(self) -> bytes:
+        """The complete lines written since the last call, oldest first, across a rotation."""
+        text = b""
+        if self.previous is not None:
+            text = self.previous.read()
+            self.previous_grew = bool(text)
+        try:
+            inode = self.path.stat().st_ino
+        except FileNotFoundError:
+            inode = None
+        if self.current is None:
+            self.current = self._open(at_end=False)  # it appeared: every line of it is new
+        elif inode != self.current.inode:  # renamed away: read to its end, then the new file from its start
+            tail = self.current.read()
+            text += tail
+            if self.previous is not None:
+                self.previous.close()
+            self.previous, self.previous_grew = self.current, bool(tail)
+            self.current = self._open(at_end=False)
+        if self.current is not None:
+            text += self.current.read()
+        return text
+
+    def rewind_previous(self) -> None:
+        """The file rotated last was emptied in place (nginx kept writing into it): read it from its start."""
+        if self.previous is not None:
+            self.previous.offset = 0
+
+    def count(self, text: bytes, known: set[tuple[str, str]]) -> None:
         models = {model for model, _ in known}
-        for line in text[:complete].decode("utf-8", "replace").splitlines():
+        for line in text.decode("utf-8", "replace").splitlines():
             match = LOG_LINE.search(line)
             if match:
                 labels = self.labels(match, models, known)
                 self.requests[labels] += 1
                 self.seconds[labels] += float(match["seconds"])
+                if not match["upstream"].startswith("-"):
+                    self.forwarded[labels] += 1
 
     @staticmethod
     def labels(match: re.Match, models: set[str], known: set[tuple[str, str]]) -> tuple[str, ...]:
@@ -142,15 +226,17 @@ class DoorLog:
         return api, model, version, match["status"], "true" if match["retried"] == "true" else "false"
 
     def exposition(self) -> str:
-        names = ("api", "model", "version", "status", "retried")
         lines = []
         for metric, kind, help_text, values in (
                 ("frontdoor_requests_total", "counter", "Requests the front door answered.", self.requests),
                 ("frontdoor_request_seconds_total", "counter", "Seconds the front door took to answer them.",
-                 self.seconds)):
+                 self.seconds),
+                ("frontdoor_forwarded_requests_total", "counter",
+                 "Requests the front door passed on, after the key check where one is needed (not its own 401, "
+                 "405, 413).", self.forwarded)):
             lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
             for labels, value in sorted(values.items()):
-                label_text = ",".join(f'{name}="{label}"' for name, label in zip(names, labels))
+                label_text = ",".join(f'{name}="{label}"' for name, label in zip(LABELS, labels))
                 lines.append(f"{metric}{{{label_text}}} {value:g}")
         return "\n".join(lines) + "\n"
 
@@ -182,7 +268,9 @@ class Checker:
         self.error = "not polled yet"
         self.keys_seen: tuple[float, str] | None = None
         self.lock = threading.Lock()
-        self.door = DoorLog(Path(os.environ.get("LOG_DIR", REPO / "logs")) / "proxy-access.log")
+        self.logs = log_dir()
+        self.caps = toolkit_caps()
+        self.door = DoorLog(self.logs / ACCESS_LOG)
 
     # --- polling ----------------------------------------------------------------------------------------------------
 
@@ -204,7 +292,6 @@ class Checker:
                 self.versions.setdefault(key, VersionHealth()).observe(info, now, self.window)
             self.answered_at, self.error = now, ""
             self.polls += 1
-            self.door.read(set(registered))
 
     def metrics(self) -> str:
         with self.lock:
@@ -241,14 +328,61 @@ class Checker:
                 logger.exception("poll failed")
             stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
+    # --- the logs ---------------------------------------------------------------------------------------------------
+
+    def tend_logs(self) -> None:
+        """Count the access log's new lines (labelled by the versions the last poll saw), then rotate each log that
+        has reached its size: nginx's by renaming them (the access log once the last rotated file has settled) and
+        USR1 to nginx's master (a renamed one nginx kept writing past its bound is emptied), torchserve.out by
+        copying and truncating it."""
+        text = self.door.lines()
+        with self.lock:
+            self.door.count(text, set(self.versions))
+        for name in (ACCESS_LOG, ERROR_LOG):
+            stuck = truncate_stuck(self.logs / name, self.caps[name])
+            if stuck and name == ACCESS_LOG:
+                self.door.rewind_previous()
+            if stuck:
+                logger.warning("%s.1 grew to %d bytes after its rotation: nginx's workers did not reopen %s (as "
+                               "root they run as nobody: can they reach %s?); emptied it in place", name, stuck,
+                               name, self.logs)
+            if name == ACCESS_LOG and not self.door.settled:
+                continue
+            size = rotate_renamed(self.logs / name, self.caps[name], self.reopen_nginx_logs)
+            if size:
+                logger.info("rotated %s at %d bytes", name, size)
+        size = copy_truncate(self.logs / CONSOLE_LOG, self.caps[CONSOLE_LOG])
+        if size:
+            logger.info("rotated %s at %d bytes (copied, then truncated)", CONSOLE_LOG, size)
+
+    def reopen_nginx_logs(self) -> None:
+        master = self.proxy.master()
+        if master is None:
+            return  # not running: it creates its logs when it starts
+        try:
+            os.kill(master, signal.SIGUSR1)
+        except ProcessLookupError:
+            logger.info("nginx (pid %d) stopped before it reopened its logs", master)
+
+    def keep_logs(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.tend_logs()
+            except Exception:  # logged; the next round tries again: a full disk must not stop the probes
+                logger.exception("tending the logs failed")
+            stop.wait(ROTATE_SECONDS)
+
     # --- answers ----------------------------------------------------------------------------------------------------
 
-    def live(self) -> tuple[bool, dict[str, Any]]:
+    def live(self, detailed: bool = True) -> tuple[bool, dict[str, Any]]:
+        """``detailed``: with TorchServe's last error (it can name a model); for a caller with the inference key."""
         with self.lock:
             age = None if self.answered_at is None else time.monotonic() - self.answered_at
             alive = server_alive() and age is not None and age <= self.stale
-            return alive, {"live": alive, "last_answer_s": None if age is None else round(age, 1),
-                           "error": self.error or None}
+            body = {"live": alive, "last_answer_s": None if age is None else round(age, 1)}
+            if detailed:
+                body["error"] = self.error or None
+            return alive, body
 
     def traffic(self) -> set[tuple[str, str]]:
         """The versions that receive traffic: each model's default and every version of its A/B split."""
@@ -257,13 +391,15 @@ class Checker:
             versions |= {(model, version) for version in route["split"]}
         return versions
 
-    def ready(self) -> tuple[bool, dict[str, Any]]:
+    def ready(self, detailed: bool = True) -> tuple[bool, dict[str, Any]]:
+        """``detailed``: naming each version and what it lacks; else only how many versions are not ready."""
         alive, live = self.live()
         traffic = self.traffic()
         with self.lock:
-            report, missing = {}, []
+            report, missing, lacking = {}, [], 0
             for model, version in sorted(traffic):
                 health = self.versions.get((model, version))
+                lacking += health is None or health.ready < health.minimum or len(health.deaths) >= self.flapping
                 if health is None:
                     missing.append(f"{model} {version} is not registered")
                     continue
@@ -276,12 +412,18 @@ class Checker:
                     missing.append(f"{model} {version}: {len(health.deaths)} workers died in the last "
                                    f"{self.window:g} s")
         reason = held()
-        if reason:
-            missing.insert(0, reason)
-        ready = alive and not missing
+        general = [reason] if reason else []  # serve.sh's words: draining, applying the splits
+        ready = alive and not missing and not general
         if not alive:
-            missing.insert(0, f"TorchServe is not answering: {live['error'] or 'no answer yet'}")
-        return ready, {"ready": ready, "versions": report, "not_ready": missing}
+            general.insert(0, "TorchServe is not answering" + (f": {live['error'] or 'no answer yet'}" if detailed
+                                                                else ""))
+        if detailed:
+            return ready, {"ready": ready, "versions": report, "not_ready": general + missing}
+        if lacking:
+            many = lacking > 1
+            general.append(f"{lacking} {'versions that take' if many else 'version that takes'} traffic "
+                           f"{'are' if many else 'is'} not ready (a caller with the inference key is told which)")
+        return ready, {"ready": ready, "not_ready": general}
 
 
 def serve(checker: Checker, address: str) -> ThreadingHTTPServer:
@@ -296,8 +438,9 @@ def serve(checker: Checker, address: str) -> ThreadingHTTPServer:
                 self.wfile.write(payload)
                 return
             answers = {"/live": checker.live, "/ready": checker.ready}
+            key_ok = self.headers.get(KEY_HEADER)
             if self.path in answers:
-                ok, body = answers[self.path]()
+                ok, body = answers[self.path](detailed=key_ok is None or key_ok == "1")
             else:
                 ok, body = False, {"code": 404, "error": "not_found", "message": "/live or /ready"}
             payload = (json.dumps(body) + "\n").encode()
@@ -316,15 +459,14 @@ def serve(checker: Checker, address: str) -> ThreadingHTTPServer:
 
 
 def main() -> None:
-    """Run until SIGTERM: poll in one thread, answer in the others."""
-    import signal
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """Run until SIGTERM: poll in one thread, tend the logs in another, answer in the others. Its own log is set up
+    by ``python -m manage health`` (``manage.logs.log_to_file``)."""
     checker = Checker()
     stop = threading.Event()
     server = serve(checker, health_address())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=checker.keep_logs, args=(stop,), daemon=True, name="logs").start()
     logger.info("answering at %s", health_address())
     checker.run(stop)
     server.shutdown()
