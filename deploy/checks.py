@@ -79,6 +79,40 @@ def quantity(text: str | int | float) -> float:
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
+BYTE_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+BYTE_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def byte_quantity(text: str | int) -> int | None:
+    """A Kubernetes storage quantity in bytes: "576Mi" → 603979776, "1G" → 10**9, "512" → 512; None if it is not
+    one."""
+    match = BYTE_QUANTITY.match(str(text))
+    return int(float(match.group(1)) * BYTE_SUFFIXES.get(match.group(2) or "", 1)) if match else None
+
+
+def tmp_problems(name: str, pod: dict[str, Any], container: dict[str, Any], extracted: int = 0) -> list[str]:
+    """/tmp is an emptyDir holding LOG_DIR and SERVE_HOME, and its sizeLimit covers what the pod may write there
+    (``contract.tmp_budget`` with the container's own environment, ``extracted`` bytes of archives)."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = [m for m in container.get("volumeMounts", []) if m.get("mountPath") == contract.TMP]
+    volume = volumes.get(mounts[0]["name"], {}) if mounts else {}
+    if "emptyDir" not in volume:
+        return [f"{name}: {contract.TMP} must be an emptyDir (the root filesystem is read-only)"]
+    problems = []
+    env = _env(container)
+    for variable in ("LOG_DIR", "SERVE_HOME"):
+        if not env.get(variable, "").startswith(f"{contract.TMP}/"):
+            problems.append(f"{name}: {variable} must lie under {contract.TMP} (the budgeted emptyDir)")
+    budget = sum(contract.tmp_budget(env, extracted).values())
+    limit = (volume["emptyDir"] or {}).get("sizeLimit")
+    limit_bytes = None if limit is None else byte_quantity(limit)
+    if limit_bytes is None or limit_bytes < budget:
+        problems.append(f"{name}: {contract.TMP}'s sizeLimit {limit} is under what the pod may write there, "
+                        f"{budget / 2**20:.0f} MiB (every log at its cap, SERVE_HOME's state"
+                        + (", the extracted archives)" if extracted else ")"))
+    return problems
+
+
 # --- kubernetes-validate -------------------------------------------------------------------------------------------
 
 
@@ -177,10 +211,7 @@ def deployment_problems(dep: dict[str, Any], worker_threads: int | None = None) 
         problems.append(f"{name}: must run as non-root (runAsNonRoot: true)")
     if c.get("securityContext", {}).get("readOnlyRootFilesystem") is not True:
         problems.append(f"{name}: readOnlyRootFilesystem must be true")
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    tmp = [m for m in c.get("volumeMounts", []) if m.get("mountPath") == contract.TMP]
-    if not tmp or "emptyDir" not in volumes.get(tmp[0]["name"], {}):
-        problems.append(f"{name}: {contract.TMP} must be an emptyDir (the root filesystem is read-only)")
+    problems += tmp_problems(name, pod, c)  # the image's archives are unpacked: TorchServe extracts nothing
     strategy = dep["spec"].get("strategy", {})
     rolling = strategy.get("rollingUpdate", {})
     if strategy.get("type", "RollingUpdate") != "RollingUpdate" or \
@@ -274,7 +305,8 @@ def kubernetes_problems(folder: Path) -> dict[str, list[str]]:
 # --- KServe ----------------------------------------------------------------------------------------------------------
 
 
-def runtime_problems(runtime: dict[str, Any]) -> list[str]:
+def runtime_problems(runtime: dict[str, Any], extracted: int = 0) -> list[str]:
+    """``extracted``: the bytes the largest model's archives extract to (KServe's mount holds no unpacked copy)."""
     name = runtime.get("metadata", {}).get("name", "?")
     spec = runtime.get("spec", {})
     problems = []
@@ -304,6 +336,7 @@ def runtime_problems(runtime: dict[str, Any]) -> list[str]:
         for kind in ("readinessProbe", "livenessProbe"):
             if (c.get(kind) or {}).get("httpGet", {}).get("path") not in ("/health/live", "/health/ready"):
                 problems.append(f"{name}: {kind} must call the front door's /health/* (not /ping)")
+        problems += tmp_problems(name, spec, c, extracted)
     formats = spec.get("supportedModelFormats", [])
     if not formats or any(f.get("autoSelect") is not False for f in formats):
         problems.append(f"{name}: supportedModelFormats with autoSelect: false expected")
@@ -383,10 +416,15 @@ def isvc_problems(isvc: dict[str, Any], runtimes: dict[str, dict[str, Any]]) -> 
     return problems
 
 
-def kserve_problems(folder: Path) -> dict[str, list[str]]:
+def kserve_problems(folder: Path, plans: list | None = None) -> dict[str, list[str]]:
+    """``plans``: those the folder was rendered with (default: its ``plans.json``)."""
+    from deploy.render import load_plans
+
     found = objects(folder)
+    plans = plans if plans is not None else load_plans(folder.parent)[0]
+    extracted = max(map(contract.extracted_bytes, plans), default=0)
     runtimes = {o["metadata"]["name"]: o for _, o in found if o["kind"] == "ServingRuntime"}
-    problems = {f"ServingRuntime/{name}": runtime_problems(o) for name, o in runtimes.items()}
+    problems = {f"ServingRuntime/{name}": runtime_problems(o, extracted) for name, o in runtimes.items()}
     if not runtimes:
         problems["ServingRuntime"] = ["no ServingRuntime"]
     for path, obj in found:
@@ -442,17 +480,25 @@ def promtool_problems(folder: Path, plans: list | None = None) -> tuple[list[str
 
 def adapter_problems(rules_file: Path) -> list[str]:
     """prometheus-adapter's rule, as the adapter would run it for one pod: its ``metricsQuery`` with the adapter's
-    template filled in, unit-tested by promtool: a pod answering 3 predictions a second, and 5 probes a second that
-    must not count, reads 3."""
+    template filled in, unit-tested by promtool on what the health checker exports for a pod that answers 3
+    predictions a second with a key, 10 a second of a stranger's 401s and 5 probes a second: it must read 3."""
     [rule] = load(rules_file)[0]["rules"]
     series = re.sub(r"\{.*", "", rule["seriesQuery"])
     query = (rule["metricsQuery"].replace("<<.Series>>", series)
              .replace("<<.LabelMatchers>>", 'namespace="ns",pod="p"').replace("<<.GroupBy>>", "pod"))
-    labels = 'namespace="ns",pod="p"'
+    pod = 'namespace="ns",pod="p",model="digits",retried="false"'
+    answered, forwarded = "frontdoor_requests_total", monitoring.RPS_SOURCE
+    exported = [  # (metric, labels, per minute): every request is answered; those passed on are forwarded too
+        (answered, 'api="predictions",version="2.0",status="200"', 180),
+        (forwarded, 'api="predictions",version="2.0",status="200"', 180),
+        (answered, 'api="predictions",version="",status="401"', 600),  # refused by the door: never forwarded
+        (answered, 'api="health",version="",status="200"', 300),
+        (forwarded, 'api="health",version="",status="200"', 300),
+    ]
     test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
         "interval": "1m",
-        "input_series": [{"series": f'{series}{{{labels},api="predictions"}}', "values": "0+180x10"},
-                         {"series": f'{series}{{{labels},api="health"}}', "values": "0+300x10"}],
+        "input_series": [{"series": f"{metric}{{{pod},{labels}}}", "values": f"0+{per_minute}x10"}
+                         for metric, labels, per_minute in exported],
         "promql_expr_test": [{"expr": query, "eval_time": "10m", "exp_samples": [{"labels": '{pod="p"}',
                                                                                  "value": 3}]}],
     }]}

@@ -5,7 +5,9 @@ it, so the three cannot disagree:
 
 * the image's working directory ``/opt/toolkit`` holds the toolkit's runtime files (``deploy/image.py``) and its
   ``.venv``; the model store ``/opt/toolkit/model_store`` holds the archives and their unpacked folders, prepared at
-  build time, so the root filesystem can be read-only; everything written goes under ``/tmp`` (an emptyDir);
+  build time, so the root filesystem can be read-only; everything written goes under ``/tmp`` (an emptyDir), whose
+  size limit is what may be written there at worst (``tmp_budget``): every log at its cap (``manage/logs.py``,
+  ``log4j2.xml``), SERVE_HOME's state and, where TorchServe loads archives itself, what it extracts;
 * the command is ``tini -- /opt/toolkit/serve.sh run``: tini (PID 1) forwards SIGTERM to serve.sh, which stops the
   front door gracefully, then TorchServe, and exits 0;
 * ports: 8080 inference (``/predictions``, ``/explanations``, ``/health/*``, Open Inference Protocol REST ``/v2``),
@@ -22,9 +24,12 @@ it, so the three cannot disagree:
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from deploy.plan import ModelPlan
+from manage import logs
 
 WORKDIR = "/opt/toolkit"
 SERVE = f"{WORKDIR}/serve.sh"
@@ -49,8 +54,17 @@ CLIENT_KEYS_FILE = f"{CLIENT_KEYS_DIR}/keys"
 DRAIN_SECONDS = 10  # preStop: long enough for the endpoints controller and kube-proxy to drop the pod
 STOP_BUDGET_SECONDS = 30  # serve.sh: the front door's graceful stop, then TorchServe's
 GRACE_SECONDS = DRAIN_SECONDS + STOP_BUDGET_SECONDS + 5
-TMP = "/tmp"
-TMP_SIZE = "1Gi"  # logs, TorchServe's and nginx's temp files, sockets
+TMP = "/tmp"  # LOG_DIR and SERVE_HOME (base_env), an emptyDir sized by tmp_budget
+# SERVE_HOME's own files, measured at a few hundred KiB (tests/test_logs.py holds it to this): pid files, the key
+# file, the rendered nginx configuration and routing table, the workers' sockets, the links TorchServe makes to the
+# unpacked folders it serves (SERVE_HOME/tmp, Java's temp folder).
+STATE_BYTES = 16 * logs.MIB
+# nginx's temp folders stay empty: a request body is held in memory up to the body limit (client_body_buffer_size
+# = client_max_body_size) and answers are not buffered (proxy_buffering off); tests/test_logs.py holds
+# proxy/nginx.conf to that.
+NGINX_TEMP_BYTES = 0
+TMP_HEADROOM = 0.10  # over the sum: what no item counts (a Python traceback, the JVM's hsperfdata)
+TMP_STEP_MI = 64
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,29 @@ def env(plan: ModelPlan, model_store: str, config_file: str, ab_splits_file: str
     """The container's environment, in order."""
     served, *sized = model_env(plan, ab_splits_file)
     return [served, *base_env(model_store, config_file), *sized]
+
+
+def extracted_bytes(plan: ModelPlan) -> int:
+    """What TorchServe extracts into its temp folder (SERVE_HOME/tmp) when it loads a model's archives itself: under
+    KServe's read-only mount, which holds no unpacked copy (the image's model store does)."""
+    return sum(v.unpacked_bytes for v in plan.versions)
+
+
+def tmp_budget(env: Mapping[str, str], extracted: int = 0) -> dict[str, int]:
+    """What a pod with the environment ``env`` may hold in /tmp at worst, bytes by item: every log in LOG_DIR at its
+    cap (rotated files included), SERVE_HOME's state, nginx's temp files, and ``extracted`` archives."""
+    items = {f"log {name} ({cap.how})": cap.disk_bytes for name, cap in logs.all_caps(env).items()}
+    items["SERVE_HOME state"] = STATE_BYTES
+    items["nginx temp files"] = NGINX_TEMP_BYTES
+    if extracted:
+        items["archives TorchServe extracts"] = extracted
+    return items
+
+
+def tmp_size(budget: Mapping[str, int]) -> str:
+    """The emptyDir's sizeLimit for a budget: its sum, TMP_HEADROOM more, rounded up to TMP_STEP_MI."""
+    mi = sum(budget.values()) * (1 + TMP_HEADROOM) / logs.MIB
+    return f"{math.ceil(mi / TMP_STEP_MI) * TMP_STEP_MI}Mi"
 
 
 def resources(plan: ModelPlan) -> dict[str, dict[str, str]]:

@@ -71,7 +71,12 @@ def _resources(amounts: dict[str, str]) -> k8s.V1ResourceRequirements:
     return k8s.V1ResourceRequirements(requests=dict(amounts), limits=dict(amounts))
 
 
-def serving_runtime(image: str, namespace: str) -> sdk.V1alpha1ServingRuntime:
+def serving_runtime(image: str, namespace: str, plans: list[ModelPlan]) -> sdk.V1alpha1ServingRuntime:
+    """The runtime every model's InferenceService runs on: its /tmp holds what the largest model's archives extract
+    to (KServe's mount is read-only and holds no unpacked copy)."""
+    env = contract.base_env(contract.KSERVE_MODEL_STORE, contract.KSERVE_CONFIG)
+    tmp_size = contract.tmp_size(contract.tmp_budget(dict(env), max(map(contract.extracted_bytes, plans),
+                                                                    default=0)))
     liveness = contract.PROBES["livenessProbe"]
     # without a startup probe (Knative), liveness waits out the frontend's start
     liveness = contract.Probe(liveness.path, liveness.period, liveness.failures, liveness.timeout, delay=30)
@@ -79,7 +84,7 @@ def serving_runtime(image: str, namespace: str) -> sdk.V1alpha1ServingRuntime:
         name="kserve-container",
         image=image,
         command=list(contract.COMMAND),
-        env=_env(contract.base_env(contract.KSERVE_MODEL_STORE, contract.KSERVE_CONFIG)),
+        env=_env(env),
         ports=[k8s.V1ContainerPort(container_port=contract.PORTS["http"], name="http1", protocol="TCP")],
         resources=_resources(RUNTIME_RESOURCES),
         readiness_probe=_probe(contract.PROBES["readinessProbe"]),
@@ -99,7 +104,7 @@ def serving_runtime(image: str, namespace: str) -> sdk.V1alpha1ServingRuntime:
             supported_model_formats=[sdk.V1alpha1SupportedModelFormat(name=MODEL_FORMAT, auto_select=False)],
             protocol_versions=list(PROTOCOLS),
             containers=[container],
-            volumes=[k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=contract.TMP_SIZE)),
+            volumes=[k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=tmp_size)),
                      k8s.V1Volume(name="client-keys", secret=k8s.V1SecretVolumeSource(
                          secret_name=contract.CLIENT_KEYS_SECRET, default_mode=0o440))],
         ),

@@ -77,6 +77,9 @@ def container(plan: ModelPlan, image: str) -> dict[str, Any]:
 
 
 def deployment(plan: ModelPlan, image: str) -> dict[str, Any]:
+    served = container(plan, image)
+    # the image holds the archives unpacked: TorchServe extracts nothing into /tmp
+    tmp_size = contract.tmp_size(contract.tmp_budget({e["name"]: e["value"] for e in served["env"]}))
     return resource("apps/v1", "Deployment", plan, {
         "selector": {"matchLabels": selector(plan)},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
@@ -91,9 +94,9 @@ def deployment(plan: ModelPlan, image: str) -> dict[str, Any]:
                 "securityContext": {"runAsNonRoot": True, "runAsUser": contract.UID,
                                     "runAsGroup": contract.UID, "fsGroup": contract.UID,
                                     "seccompProfile": {"type": "RuntimeDefault"}},
-                "containers": [container(plan, image)],
+                "containers": [served],
                 "volumes": [
-                    {"name": "tmp", "emptyDir": {"sizeLimit": contract.TMP_SIZE}},
+                    {"name": "tmp", "emptyDir": {"sizeLimit": tmp_size}},
                     {"name": "ab-splits", "configMap": {"name": f"{plan.name}-ab-splits"}},
                     {"name": "client-keys", "secret": {"secretName": contract.CLIENT_KEYS_SECRET,
                                                        "defaultMode": 0o440}},

@@ -11,8 +11,10 @@ handler histograms declared in ``monitoring/metrics.yaml``):
   (``frontdoor_request_seconds_total``), an average, which cannot give a percentile.
 
 The autoscaler's metric is a rate, not a counter: prometheus-adapter serves ``frontdoor_requests_per_second`` per
-pod from the rate of ``frontdoor_requests_total``, counting predictions and explanations only (the probes'
-``/health/*`` requests are counted too, and would otherwise look like load).
+pod from the rate of ``frontdoor_forwarded_requests_total``, the requests the front door passed on to TorchServe,
+which on /predictions and /explanations it does only after the key check: a stranger's 401s (and the 405s and 413s
+the door answers itself) are not load, and would otherwise let anyone scale the Deployment up. Predictions and
+explanations only: the probes' ``/health/*`` requests are counted too, and would otherwise look like load.
 
 Each alert has a promtool unit test (``unit_tests``): a version whose synthetic series should fire it does, after
 the alert's ``for``; a version that should not stays silent.
@@ -30,6 +32,7 @@ P99_SECONDS = 1.0
 RATE_WINDOW = "5m"
 SERVED_APIS = "predictions|explanations"
 RPS_METRIC = "frontdoor_requests_per_second"
+RPS_SOURCE = "frontdoor_forwarded_requests_total"  # manage/health.py: passed on, after the key check
 ERROR_ALERT = "ModelVersionErrorRatioHigh"
 LATENCY_ALERT = "ModelVersionLatencyP99High"
 
@@ -85,11 +88,11 @@ def rule_groups(plan: ModelPlan, error_ratio: float = ERROR_RATIO, p99_seconds: 
 
 def adapter_rules() -> dict[str, Any]:
     """prometheus-adapter's configuration (its ``rules:``, e.g. the Helm chart's ``rules.custom``): the HPA's
-    per-pod request rate."""
+    per-pod rate of requests that passed the key check."""
     return {"rules": [{
-        "seriesQuery": f'frontdoor_requests_total{{namespace!="",pod!="",api=~"{SERVED_APIS}"}}',
+        "seriesQuery": f'{RPS_SOURCE}{{namespace!="",pod!="",api=~"{SERVED_APIS}"}}',
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
-        "name": {"matches": "^frontdoor_requests_total$", "as": RPS_METRIC},
+        "name": {"matches": f"^{RPS_SOURCE}$", "as": RPS_METRIC},
         "metricsQuery": f'sum(rate(<<.Series>>{{<<.LabelMatchers>>,api=~"{SERVED_APIS}"}}[2m])) by (<<.GroupBy>>)',
     }]}
 

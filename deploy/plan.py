@@ -76,6 +76,7 @@ class VersionPlan:
     runtime: str
     size_bytes: int
     config: dict[str, Any]  # the archive's model-config.yaml
+    unpacked_bytes: int = 0  # its files' sizes: what TorchServe extracts when it loads the archive itself
 
     @property
     def workers(self) -> int:
@@ -140,14 +141,17 @@ class ModelPlan:
         return cls(**{**data, "versions": [VersionPlan(**v) for v in data["versions"]]})
 
 
-def archive_config(manifest: Manifest, model: str, version: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(manifest entry, model-config.yaml) of a built version, its archive checked against its sha256 first."""
+def archive_config(manifest: Manifest, model: str,
+                   version: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(manifest entry, model-config.yaml, the sum of its files' sizes) of a built version, its archive checked
+    against its sha256 first."""
     try:
         archive, entry = manifest.verify(model, version)
     except ValueError as error:
         raise DeployError(str(error)) from None
     with zipfile.ZipFile(archive) as mar:
-        return entry, yaml.safe_load(mar.read("model-config.yaml")) or {}
+        unpacked = sum(info.file_size for info in mar.infolist())
+        return entry, yaml.safe_load(mar.read("model-config.yaml")) or {}, unpacked
 
 
 def estimate_memory_mi(versions: list[VersionPlan]) -> int:
@@ -202,9 +206,9 @@ def plan_models(models: list[str] | None = None, split: str | None = None, memor
     for model in chosen:
         versions = []
         for version in sorted(manifest.models[model], key=lambda v: [int(p) for p in v.split(".")]):
-            entry, config = archive_config(manifest, model, version)
+            entry, config, unpacked = archive_config(manifest, model, version)
             versions.append(VersionPlan(version, entry["archive"], entry.get("runtime", "torchscript"),
-                                        int(entry["size_bytes"]), config))
+                                        int(entry["size_bytes"]), config, unpacked))
         names = [v.version for v in versions]
         default = specs[model].default_version if model in specs else names[-1]
         if default not in names:

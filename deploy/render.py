@@ -78,7 +78,7 @@ def render_kserve(plans: list[ModelPlan], out: Path, options: Options) -> list[P
 
     folder = out / "kserve"
     storage = options.storage_uri or kserve.DEFAULT_STORAGE
-    written = [dump(kserve.serialize(kserve.serving_runtime(options.image, options.namespace)),
+    written = [dump(kserve.serialize(kserve.serving_runtime(options.image, options.namespace, plans)),
                     folder / "servingruntime.yaml")]
     for plan in plans:
         for mode in (kserve.STANDARD, kserve.KNATIVE):

@@ -15,14 +15,16 @@ import os
 import re
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
 from archives.store import Manifest
-from deploy import KUBERNETES_VERSIONS, checks, contract, image
+from deploy import KUBERNETES_VERSIONS, checks, contract, image, monitoring
 from deploy.plan import plan_models
+from manage.logs import all_caps
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -189,6 +191,62 @@ def test_deployment_contract_rejects_tampering(rendered):
         assert any(expected in problem for problem in problems), (expected, problems)
 
 
+def _env_value(container: dict, name: str, value: str) -> None:
+    container["env"] = [e for e in container["env"] if e["name"] != name] + [{"name": name, "value": value}]
+
+
+def test_the_tmp_budget_rejects_a_small_emptydir_and_follows_the_pods_environment(rendered):
+    dep = _deployment(rendered)
+    tmp = dep["spec"]["template"]["spec"]["volumes"][0]
+    pod = dep["spec"]["template"]["spec"]
+    assert tmp["name"] == "tmp" and checks.tmp_problems("digits", pod, _container(dep)) == []
+    small = copy.deepcopy(dep)
+    small["spec"]["template"]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"] = "256Mi"
+    assert any("sizeLimit 256Mi is under what the pod may write" in p for p in checks.deployment_problems(small))
+    # larger logs in the pod's environment (manage/logs.py reads the same variables) need a larger /tmp
+    larger = copy.deepcopy(dep)
+    _env_value(_container(larger), "LOG_MAX_BYTES", str(2**30))
+    assert any("is under what the pod may write" in p for p in checks.deployment_problems(larger))
+    elsewhere = copy.deepcopy(dep)
+    _env_value(_container(elsewhere), "LOG_DIR", "/var/log/toolkit")
+    assert any("LOG_DIR must lie under /tmp" in p for p in checks.deployment_problems(elsewhere))
+    runtime = read(rendered / "kserve" / "servingruntime.yaml")
+    assert checks.runtime_problems(runtime, extracted=0) == []
+    assert any("the extracted archives" in p for p in checks.runtime_problems(runtime, extracted=2**40))
+
+
+def test_the_tmp_budget_counts_every_log_at_its_cap_and_fits_the_emptydir(rendered):
+    """Each log's cap from its own configuration (log4j2.xml's sizes read here with a regular expression), the sum
+    under the rendered emptyDir's sizeLimit; KServe's runtime also holds the largest model's archives extracted (their
+    unpacked folders' sizes on disk)."""
+    log4j = (REPO / "log4j2.xml").read_text()
+    size = re.search(r'<Property name="rolled_size">(\d+) MB</Property>', log4j)
+    files = re.search(r'<Property name="rolled_files">(\d+)</Property>', log4j)
+    assert size and files and log4j.count("${rolled_size}") == log4j.count("<RollingFile ") == 4
+    for plan in plan_models(use_running=False):
+        dep = read(rendered / "kubernetes" / plan.model / "deployment.yaml")
+        env = {e["name"]: e["value"] for e in _container(dep)["env"]}
+        budget = contract.tmp_budget(env)
+        caps = all_caps(env)
+        for name in ("access_log.log", "model_log.log", "ts_log.log", "ts_metrics.log"):
+            assert caps[name].disk_bytes >= int(size.group(1)) * 2**20 * (1 + int(files.group(1)))
+        for name in ("proxy-access.log", "proxy-error.log", "torchserve.out", "health.log", "v2.log"):
+            assert caps[name].disk_bytes >= caps[name].max_bytes * (1 + caps[name].backups) > 0
+        assert sum(budget.values()) == sum(c.disk_bytes for c in caps.values()) + contract.STATE_BYTES
+        limit = checks.byte_quantity(dep["spec"]["template"]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"])
+        assert sum(budget.values()) < limit <= 1.2 * sum(budget.values()) + contract.TMP_STEP_MI * 2**20, \
+            (budget, limit)
+    runtime = read(rendered / "kserve" / "servingruntime.yaml")
+    runtime_env = {e["name"]: e["value"] for e in runtime["spec"]["containers"][0]["env"]}
+    unpacked: Counter = Counter()  # model → its versions' unpacked folders, bytes on disk
+    for entry in Manifest().entries():
+        folder = Manifest().store / entry["archive"].removesuffix(".mar")
+        unpacked[entry["model"]] += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    limit = checks.byte_quantity(next(v for v in runtime["spec"]["volumes"] if v["name"] == "tmp")["emptyDir"]
+                                 ["sizeLimit"])
+    assert sum(contract.tmp_budget(runtime_env).values()) + max(unpacked.values()) < limit
+
+
 def test_autoscaling_and_network_policy_rules(rendered):
     hpa = read(rendered / "kubernetes" / "digits" / "hpa.yaml")
     pdb = read(rendered / "kubernetes" / "digits" / "pdb.yaml")
@@ -296,6 +354,13 @@ def test_the_adapters_rate_counts_predictions_not_probes(rendered, tmp_path):
     tampered.write_text(yaml.safe_dump(config))
     [problem] = checks.adapter_problems(tampered)
     assert "expected" in problem or "exp" in problem, problem
+    # on every request the door answered, strangers' 401s included, it would read 13 a second: anyone could scale it
+    config = read(rules)
+    config["rules"][0] = json.loads(json.dumps(config["rules"][0]).replace(monitoring.RPS_SOURCE,
+                                                                          "frontdoor_requests_total"))
+    tampered.write_text(yaml.safe_dump(config))
+    [problem] = checks.adapter_problems(tampered)
+    assert 'got: {pod="p"} 1.3E+01' in problem, problem
 
 
 def test_kustomize_renders_and_notices_a_missing_file(rendered, tmp_path):
