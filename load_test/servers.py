@@ -194,16 +194,24 @@ def bench_store(folder: Path, source: Manifest) -> Path:
 
 def variant(archive: Path, folder: Path, name: str, workers: int, threads: int, batch: int, delay: int) -> Path:
     """A copy of ``archive`` whose model-config.yaml has other worker, thread and batching settings."""
-    target = folder / f"{name}.mar"
-    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(target, "w") as copy:
+    return reconfigured(archive, folder / f"{name}.mar", minWorkers=workers, maxWorkers=workers, batchSize=batch,
+                        maxBatchDelay=delay, handler={"threads": threads})
+
+
+def reconfigured(archive: Path, target: Path, **settings) -> Path:
+    """A copy of ``archive`` at ``target`` whose model-config.yaml has ``settings`` over its own (``handler``'s
+    merged key by key). Written beside ``target``, then renamed over it: a hard link to the source stays intact."""
+    partial = target.with_name(f".{target.name}.partial")
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(partial, "w") as copy:
         for item in source.infolist():
             data = source.read(item)
             if item.filename == "model-config.yaml":
                 config = yaml.safe_load(data)
-                config.update(minWorkers=workers, maxWorkers=workers, batchSize=batch, maxBatchDelay=delay)
-                config["handler"]["threads"] = threads
+                handler = {**(config.get("handler") or {}), **settings.get("handler", {})}
+                config.update({**settings, "handler": handler})
                 data = yaml.safe_dump(config, sort_keys=False).encode()
             copy.writestr(item, data)
+    partial.replace(target)
     return target
 
 

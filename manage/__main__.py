@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from archives import SPECS_DIR, load_specs
+from archives import SPECS_DIR, SpecError, check_model_name, check_version, load_specs
 from archives.store import Manifest
 from manage import proxy
 from manage.client import ServeError, TorchServe, minimum_workers, read_properties, ready_workers, server_alive
@@ -201,6 +201,7 @@ def apply_splits(args) -> None:
     if not isinstance(splits, dict) or not all(isinstance(s, dict) for s in splits.values()):
         raise ServeError(f'{args.file}: expected {{"<model>": {{"<version>": weight, ...}}, ...}}')
     for model, split in splits.items():
+        check_model_name(model)
         print(proxy.set_split(model, proxy.parse_split([f"{v}={w}" for v, w in split.items()])))
 
 
@@ -338,6 +339,14 @@ def import_model(args) -> None:
         print(f"TorchServe: {args.name} {record['version']} {record['registered']}")
 
 
+def names(args) -> None:
+    """The model and version a command names, checked by the one rule before anything is asked of anyone (a name
+    goes into TorchServe's URLs and the front door's configuration)."""
+    for key, check in (("model", check_model_name), ("name", check_model_name), ("version", check_version)):
+        if getattr(args, key, None) is not None:
+            check(getattr(args, key))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m manage", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -397,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     command("apply-defaults", apply_defaults, "(serve.sh) set each spec's default version")
     args = parser.parse_args(argv)
     try:
+        names(args)
         args.run(args)
-    except ServeError as error:
+    except (ServeError, SpecError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
