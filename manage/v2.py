@@ -646,8 +646,9 @@ def rest_get(gateway: Gateway, path: str) -> tuple[int, Any]:
     if path in ("/v2", "/v2/"):
         return 200, gateway.server_metadata()
     if path in ("/v2/health/live", "/v2/health/ready"):
-        ok, body = gateway.health(path.rpartition("/")[2])
-        return (200 if ok else 503), body
+        probe = path.rpartition("/")[2]
+        ok, _ = gateway.health(probe)  # the checker's details name versions: for callers with a key (/health/*)
+        return (200 if ok else 503), {probe: ok}
     route = ROUTE.match(path)
     if route is None or route["action"] == "/infer":
         raise V2Error(404, f"no v2 endpoint GET {path[:100]}; see GET /v2/models/<model>, .../ready, "

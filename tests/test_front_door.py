@@ -236,7 +236,7 @@ def test_a_client_that_stalls_is_dropped_after_the_timeout(served):
 def test_health_needs_no_key_and_names_every_version_that_takes_traffic(served):
     live = requests.get(f"{front(served)}/health/live", timeout=30)
     assert live.status_code == 200 and live.json()["live"] is True
-    ready = requests.get(f"{front(served)}/health/ready", timeout=30)
+    ready = requests.get(f"{front(served)}/health/ready", headers=inference_headers(served), timeout=30)
     assert ready.status_code == 200, ready.text
     versions = ready.json()["versions"]
     defaults = {model: served.client.default_version(model) for model in served.client.models()}
@@ -360,6 +360,6 @@ def test_a_version_whose_worker_keeps_dying_is_not_ready_within_10_s(small):
     # from its second death on, READY between deaths is not ready
     after = [(t, status) for t, status, up in answers if t > kill_times[1] + 1 and up]  # a poll later
     assert after and all(status == 503 for _, status in after), (kill_times, answers)
-    assert any("died" in line for line in requests.get(ready_url, timeout=30).json()["not_ready"])
     headers = {"Authorization": f"Bearer {client.token('inference')}"}
+    assert any("died" in line for line in requests.get(ready_url, headers=headers, timeout=30).json()["not_ready"])
     assert requests.get(ping, headers=headers, timeout=30).json()["status"] == "Healthy"
