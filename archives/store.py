@@ -12,7 +12,8 @@ unpacked again. The archive stays the versioned artifact; the folder is a cache 
 
 Builds and imports run at the same time, in processes of their own, into one store: an archive is written under a
 unique hidden name in the store and renamed into place together with its manifest entry, under an exclusive lock
-(``locked``, fcntl.flock on ``.manifest.lock``) in which the manifest is read again and only that entry changes.
+(``locked``, fcntl.flock on the store's folder itself: no lock file lands beside the archives, in a KServe storage
+folder or an image) in which the manifest is read again and only that entry changes.
 Every file here is replaced whole (``replace_file``: a unique temporary file beside it, then os.replace), so a reader
 never needs the lock: it sees the file before or after a change, never half of one.
 """
@@ -35,7 +36,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
 UNPACKED_STAMP = ".sha256"  # in an unpacked archive: the sha256 of the archive it was unpacked from
-MANIFEST_LOCK = ".manifest.lock"  # in the store: held while the manifest is read, changed and replaced
 TEMPORARY_SUFFIX = ".tmp"  # a file being written under a unique hidden name, before it is renamed into place
 
 
@@ -151,7 +151,7 @@ class Manifest:
         """The manifest on disk, read under the store's lock, to change in the block; written back whole at its end
         (and held here from then on)."""
         self.store.mkdir(parents=True, exist_ok=True)
-        with locked(self.store / MANIFEST_LOCK):
+        with locked(self.store):
             models = self._read()
             yield models
             ordered = {m: dict(sorted(v.items())) for m, v in sorted(models.items())}
