@@ -41,6 +41,7 @@ from tqdm import tqdm
 from archives import SPECS_DIR, SpecError, VersionSpec, check_model_name, check_version, load_specs, resolve_file
 from archives.store import REPO, Manifest, default_store, sha256_file, temporary_beside
 from export import configure_logging
+from export.accuracy import MEASURES, classification
 from export.architecture import ArchitectureError
 from export.checkpoint import CheckpointError
 from export.datasets import DataError, as_mapping, read_eval, read_labels
@@ -49,6 +50,7 @@ from export.onnx import OnnxExportError, export_onnx, model_call
 from export.parity import ParityError, arrays_of, check_parity
 from export.preprocessing import PreprocessingError, compare, load_transform
 from export.sources import SourceError, source_for
+from export.tasks import TaskError, served_module, task_of_handler
 from export.torchscript import export_torchscript
 import handlers
 from handlers.base import BUILD_RECORD, ModelHandler, Reply, encode_answer
@@ -58,16 +60,20 @@ logger = logging.getLogger("build_mar")
 
 HANDLERS_DIR = REPO / "handlers"
 WORKER_CHECK = REPO / "export" / "worker_check.py"
-EVAL_BATCH = 64
 EVAL_SAMPLES = 8  # images of the user's eval set (one per class) that join the parity check and the worker check
 ANSWER_TOLERANCE = 1e-5  # the worker's answers against the build's own, same runtime and threads
 # What a user's input or files can get wrong: refused with one line, never a traceback.
 USER_ERRORS = (SourceError, DataError, CheckpointError, ArchitectureError, HuggingFaceError, PreprocessingError,
-               OnnxExportError)
+               OnnxExportError, TaskError)
 
 
 class BuildError(RuntimeError):
-    """A version that must not be (re)built as asked; the message says why and what to do."""
+    """A version that must not be (re)built as asked; the message says why and what to do. ``found_labels``: the
+    label order the eval set showed, where that is why (``export/accuracy.py``)."""
+
+    def __init__(self, message: str, found_labels: list[str] | None = None):
+        super().__init__(message)
+        self.found_labels = found_labels
 
 
 def handler_class(module_name: str) -> type[ModelHandler]:
@@ -158,38 +164,10 @@ def export_model(model, handler: ModelHandler, spec: VersionSpec, example, work:
     return exported
 
 
-def eval_digest(payloads: list[bytes], labels: list[int]) -> str:
-    """What an evaluation set is, by content: two versions measured on the same digest can be compared."""
-    digest = hashlib.sha256()
-    for payload, label in zip(payloads, labels):
-        digest.update(str(label).encode() + b"\0" + hashlib.sha256(payload).digest())
-    return digest.hexdigest()
-
-
-def measure_accuracy(model, handler: ModelHandler, payloads: list[bytes], labels: list[int], name: str) -> dict:
-    """Top-1 (``held_out``) and, with more than five classes, top-5 accuracy through the handler's own decoding:
-    what the server computes."""
-    top1 = top5 = classes = 0
-    for start in tqdm(range(0, len(payloads), EVAL_BATCH), desc=f"accuracy on {name}", unit="batch",
-                      leave=False, disable=None):
-        batch = handler.collate([handler.decode(p) for p in payloads[start:start + EVAL_BATCH]])
-        outputs = np.asarray(handler.forward(model, batch))
-        classes = outputs.shape[1]
-        ranked = np.argsort(-outputs, axis=1, kind="stable")[:, :min(5, classes)]
-        target = np.asarray(labels[start:start + EVAL_BATCH])[:, None]
-        top1 += int((ranked[:, :1] == target).sum())
-        top5 += int((ranked == target).any(axis=1).sum())
-    result = {"held_out": round(top1 / len(labels), 6), "correct": top1, "samples": len(labels)}
-    if classes > 5:
-        result["top5"] = round(top5 / len(labels), 6)
-    result["eval_set"] = {"name": name, "sha256": eval_digest(payloads, labels)}
-    return result
-
-
 def evaluation_of(spec: VersionSpec, labels: dict | None,
                   own: tuple[list[bytes], list[int]] | None = None) -> tuple[list[bytes], list[int], str] | None:
-    """The held-out set a version is measured on: the spec's ``eval`` (its classes mapped onto the labels by name),
-    else the source's ``own``."""
+    """A classifier's held-out set: the spec's ``eval`` (its classes mapped onto the labels by name), else the
+    source's ``own``."""
     if spec.eval is not None:
         if labels is None:
             raise SourceError(f"eval {spec.eval} needs labels to map its classes onto; the model has none")
@@ -201,6 +179,31 @@ def evaluation_of(spec: VersionSpec, labels: dict | None,
     return None
 
 
+def measure(spec: VersionSpec, served, handler: ModelHandler, labels: dict | None,
+            own: tuple[list[bytes], list[int]] | None = None) -> dict | None:
+    """The version's held-out figures for its task (``export/accuracy.py``) on the spec's ``eval``, or for a
+    classifier on its source's ``own`` held-out set; None where there is neither."""
+    task = task_of_handler(spec.handler)
+    if task in MEASURES:
+        return None if spec.eval is None else MEASURES[task](served, handler, resolve_file(spec.eval), labels)
+    evaluation = evaluation_of(spec, labels, own)
+    return None if evaluation is None else classification(served, handler, *evaluation, labels)
+
+
+def eval_samples(spec: VersionSpec, labels: dict | None) -> dict[str, bytes]:
+    """A few of the user's own held-out inputs (one per class for a classifier), which join the parity check and
+    the worker check."""
+    if spec.eval is None:
+        return {}
+    task = task_of_handler(spec.handler)
+    if task in MEASURES:
+        data = read_eval(resolve_file(spec.eval), task)
+        return {f"eval {i}": payload for i, payload in enumerate(data.payloads[:EVAL_SAMPLES])}
+    payloads, indices, _ = evaluation_of(spec, labels)
+    firsts = {index: payload for payload, index in zip(payloads, indices)}
+    return {f"eval class {index}": payload for index, payload in list(firsts.items())[:EVAL_SAMPLES]}
+
+
 def against_default(spec: VersionSpec, default: VersionSpec | None, manifest: Manifest, served, handler,
                     labels: dict | None, own: dict | None) -> dict | None:
     """A new version measured on the default version's evaluation set too, beside the default's own figure."""
@@ -210,7 +213,7 @@ def against_default(spec: VersionSpec, default: VersionSpec | None, manifest: Ma
         # the same set as this version's, or the default's source's own held-out set: the digests tell which
         accuracy = own
     else:
-        accuracy = measure_accuracy(served, handler, *evaluation_of(default, labels))
+        accuracy = measure(default, served, handler, labels)
     if accuracy is None:
         return None
     theirs = manifest.accuracy_on(spec.model, default.version, accuracy["eval_set"]["sha256"])
@@ -219,13 +222,20 @@ def against_default(spec: VersionSpec, default: VersionSpec | None, manifest: Ma
 
 
 def check_labels(spec: VersionSpec, labels: dict | None, outputs) -> None:
-    """A classifier's labels must name every output: as many labels as the model has outputs."""
+    """The labels must name every output: as many labels as a classifier has outputs (or a segmenter classes); a
+    detector's labels must name every label index it answers."""
     if labels is None:
         return
-    [first, *_] = arrays_of(outputs)
-    if first.ndim != 2 or first.shape[1] != len(labels):
+    [first, *rest] = arrays_of(outputs)
+    if task_of_handler(spec.handler) == "detection":
+        found = int(rest[0].max(initial=-1)) if rest else -1
+        if found >= len(labels):
+            raise BuildError(f"{spec.model} {spec.version}: refused: the detector answers label {found} but the "
+                             f"labels name only {len(labels)} (0 to {len(labels) - 1})")
+        return
+    if first.ndim not in (2, 4) or first.shape[1] != len(labels):
         raise BuildError(f"{spec.model} {spec.version}: refused: the labels name {len(labels)} classes but the "
-                         f"model has {first.shape[1] if first.ndim == 2 else tuple(first.shape)} outputs")
+                         f"model has {first.shape[1] if first.ndim in (2, 4) else tuple(first.shape)} outputs")
 
 
 def check_preprocessing(spec: VersionSpec, handler: ModelHandler, served, payloads: dict[str, bytes]) -> dict | None:
@@ -338,8 +348,17 @@ def stored(path: Path, target: Path) -> Path:
     return target
 
 
+def chosen_settings(model_config: dict, accuracy: dict | None) -> dict:
+    """The archive's model-config: the spec's, with what the build chose on the eval set (a multi-label model's
+    thresholds, where its spec says ``thresholds: f1``)."""
+    handler = dict(model_config.get("handler") or {})
+    if accuracy and handler.get("thresholds") == "f1":
+        handler["thresholds"] = accuracy["thresholds"]
+    return {**model_config, "handler": handler} if handler else dict(model_config)
+
+
 def refused(spec: VersionSpec, error: Exception) -> BuildError:
-    return BuildError(f"{spec.model} {spec.version}: refused: {error}")
+    return BuildError(f"{spec.model} {spec.version}: refused: {error}", getattr(error, "found", None))
 
 
 def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
@@ -374,16 +393,12 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
             handler = handler_class(spec.handler).from_config(spec.model_config, files=extra)
             logger.info("%s: [1/6] weights from source %s", name, spec.source["type"])
             built = source.build(handler, **params)
+            built.model = served_module(built.model, task_of_handler(spec.handler), handler.example_input())
             labels = spec_labels(spec) or built.labels
             handler.mapping = labels  # as the worker reads them from index_to_name.json
-            evaluation = evaluation_of(spec, labels, built.evaluation)
+            samples = {**built.samples, **eval_samples(spec, labels)}  # the user's own data joins the parity check
         except USER_ERRORS as error:
             raise refused(spec, error) from None
-        samples = dict(built.samples)
-        if evaluation is not None and spec.eval is not None:  # the user's own data joins the parity check
-            payloads, indices, _ = evaluation
-            firsts = {index: payload for payload, index in zip(payloads, indices)}
-            samples.update({f"eval class {index}": payload for index, payload in list(firsts.items())[:EVAL_SAMPLES]})
         items = {sample: handler.decode(payload) for sample, payload in samples.items()}
         cases = {f"{sample} (batch of 1)": handler.collate([item]) for sample, item in items.items()}
         cases[f"all {len(items)} samples as one batch"] = handler.collate(list(items.values()))
@@ -398,7 +413,8 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
         parities = {}
         for runtime, path in exported.items():
             try:
-                parities[runtime] = check_parity(eager, load_served(path, handler), cases, forward=handler.forward)
+                parities[runtime] = check_parity(eager, load_served(path, handler), cases, forward=handler.forward,
+                                                 detections=task_of_handler(spec.handler) == "detection")
             except ParityError as error:
                 raise BuildError(f"{name}: refused: {runtime}: {error}") from None
             logger.info("%s: %s parity ok, max |exported - eager| = %.2e (%s)", name, runtime,
@@ -408,22 +424,24 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
 
         logger.info("%s: [4/6] preprocessing and held-out accuracy through the served pipeline", name)
         try:
-            images = {f"eval {i}": p for i, p in enumerate(evaluation[0])} if spec.eval else built.samples
+            images = {name: p for name, p in samples.items() if name.startswith("eval")} or built.samples
             preprocessing = check_preprocessing(spec, handler, served, images)
-            accuracy = None if evaluation is None else measure_accuracy(served, handler, *evaluation)
+            accuracy = measure(spec, served, handler, labels, built.evaluation)
             compared = against_default(spec, default, manifest, served, handler, labels, accuracy)
         except USER_ERRORS as error:
             raise refused(spec, error) from None
         if accuracy is not None:
-            logger.info("%s: held-out top-1 %.4f%s (%d/%d)", name, accuracy["held_out"],
-                        f", top-5 {accuracy['top5']:.4f}" if "top5" in accuracy else "", accuracy["correct"],
-                        accuracy["samples"])
+            logger.info("%s: held-out %s %.4f%s on %d samples", name, accuracy["metric"], accuracy["held_out"],
+                        f", top-5 {accuracy['top5']:.4f}" if "top5" in accuracy else "", accuracy["samples"])
         if spec.min_accuracy is not None:
             if accuracy is None:
                 raise BuildError(f"{name}: refused: min_accuracy {spec.min_accuracy} needs an eval set to measure on")
             if accuracy["held_out"] < spec.min_accuracy:
-                raise BuildError(f"{name}: refused: top-1 {accuracy['held_out']:.4f} on {accuracy['eval_set']['name']}"
-                                 f" ({accuracy['samples']} samples) is under min_accuracy {spec.min_accuracy:g}")
+                raise BuildError(f"{name}: refused: {accuracy['metric']} {accuracy['held_out']:.4f} on "
+                                 f"{accuracy['eval_set']['name']} ({accuracy['samples']} samples) is under "
+                                 f"min_accuracy {spec.min_accuracy:g}")
+        model_config = chosen_settings(spec.model_config, accuracy)
+        handler.settings.update(model_config.get("handler") or {})
 
         logger.info("%s: [5/6] package with torch-model-archiver", name)
         info = {
@@ -435,6 +453,7 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
             "weights": built.weights,
             "export": spec.export,
             "runtime": spec.runtime,
+            **({"runtime_reason": spec.runtime_reason} if spec.runtime_reason else {}),
             "handler_settings": handler.settings,
             "preprocessing_check": preprocessing,
             "parity": parity.as_dict(),
@@ -453,7 +472,7 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
             if path != serialized:  # the TorchScript file an ONNX archive carries for explanations
                 shutil.copy2(path, extra / path.name)
         config = work / "model-config.yaml"
-        config.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
+        config.write_text(yaml.safe_dump(model_config, sort_keys=False))
         (work / "out").mkdir()
         manifest.store.mkdir(parents=True, exist_ok=True)
         staged = temporary_beside(target)  # in the store: renamed into place, never copied across file systems
@@ -522,12 +541,13 @@ def build(specs, versions: list[VersionSpec], manifest: Manifest, force: bool = 
 
 def summary(entries: list[dict]) -> str:
     """The build records as a table: one line per version."""
-    lines = [f"{'model':<20} {'version':<8} {'runtime':<12} {'top-1':>7} {'top-5':>7} {'parity':>9}  {'size':>8}  "
-             "sha256"]
+    lines = [f"{'model':<20} {'version':<8} {'runtime':<12} {'held-out':>17} {'top-5':>7} {'parity':>9}  "
+             f"{'size':>8}  sha256"]
     for e in entries:
         accuracy = e["accuracy"] or {}
-        top1, top5 = (f"{accuracy[k]:.4f}" if k in accuracy else "-" for k in ("held_out", "top5"))
-        lines.append(f"{e['model']:<20} {e['version']:<8} {e['runtime']:<12} {top1:>7} {top5:>7} "
+        first = f"{accuracy.get('metric', 'top1')} {accuracy['held_out']:.4f}" if "held_out" in accuracy else "-"
+        top5 = f"{accuracy['top5']:.4f}" if "top5" in accuracy else "-"
+        lines.append(f"{e['model']:<20} {e['version']:<8} {e['runtime']:<12} {first:>17} {top5:>7} "
                      f"{e['parity']['max_abs_diff']:>9.1e}  {e['size_bytes'] / 1e6:>6.1f}MB  {e['sha256'][:16]}")
     return "\n".join(lines)
 

@@ -35,7 +35,8 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 VERSION = re.compile(r"^[0-9]{1,9}(?:\.[0-9]{1,9}){0,3}$")
 MODEL_KEYS = {"name", "description", "handler", "default_version", "versions", "labels", "extra_files", "export",
               "model_config", "runtime"}
-VERSION_KEYS = {"source", "description", "export", "model_config", "runtime", "eval", "min_accuracy", "transform"}
+VERSION_KEYS = {"source", "description", "export", "model_config", "runtime", "runtime_reason", "eval", "min_accuracy",
+                "transform"}
 RUNTIMES = ("torchscript", "onnxruntime")
 EXPORT_DEFAULTS = {"method": "trace", "freeze": True}
 
@@ -85,6 +86,7 @@ class VersionSpec:
     eval: str | None = None  # a held-out set (image folder, CSV or JSONL)
     min_accuracy: float | None = None  # top-1 on ``eval`` below this refuses the build
     transform: dict[str, str] | None = None  # {name: "module:attribute", code: folder}: the training eval transform
+    runtime_reason: str | None = None  # why this runtime (the import says so where ONNX could not be used)
 
     @property
     def archive_name(self) -> str:
@@ -168,6 +170,7 @@ def load_spec(path: Path) -> ModelSpec:
             eval=None if entry.get("eval") is None else str(entry["eval"]),
             min_accuracy=None if minimum is None else float(minimum),
             transform=None if transform is None else {k: str(v) for k, v in transform.items()},
+            runtime_reason=None if entry.get("runtime_reason") is None else str(entry["runtime_reason"]),
         )
     if str(raw["default_version"]) not in versions:
         raise SpecError(f"{path}: default_version {raw['default_version']!r} is not one of {sorted(versions)}")

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 PARITY_TOLERANCE = 1e-4
+BOX_TOLERANCE = 1.0  # pixels: a detector's boxes
+SCORE_TOLERANCE = 1e-3  # a detector's scores, and how far above the lowest kept score a box must be to be compared
 
 
 class ParityError(RuntimeError):
@@ -45,20 +47,47 @@ def arrays_of(outputs: Any) -> list[np.ndarray]:
     return []
 
 
+def matched_detections(expected: list, actual: list, name: str) -> float:
+    """Detections compared box by box: each image's (boxes, labels, scores) from eager and from the export. Where
+    scores are near-equal, two runtimes may list boxes in another order, and cut the list (a detector's
+    ``detections_per_img``) at another box, so each eager box scoring clearly above the lowest score either side
+    kept must have a box of the same label in the export within ``BOX_TOLERANCE`` pixels and ``SCORE_TOLERANCE``
+    of its score. The largest box difference, in pixels, is returned."""
+    worst = 0.0
+    for image, ((boxes, labels, scores), (their_boxes, their_labels, their_scores)) in enumerate(zip(expected, actual)):
+        floor = max(float(scores.min(initial=0.0)), float(their_scores.min(initial=0.0))) + SCORE_TOLERANCE
+        for box, label, score in zip(boxes[scores > floor], labels[scores > floor], scores[scores > floor]):
+            candidates = np.flatnonzero((their_labels == label) & (np.abs(their_scores - score) <= SCORE_TOLERANCE))
+            distance = np.abs(their_boxes[candidates] - box).max(axis=1, initial=0.0) if len(candidates) else []
+            if not len(candidates) or float(np.min(distance)) > BOX_TOLERANCE:
+                raise ParityError(f"parity check failed on {name}: image {image}: the eager box {np.round(box, 1)} "
+                                  f"(label {int(label)}, score {float(score):.4f}) has no counterpart in the export "
+                                  f"within {BOX_TOLERANCE} px and {SCORE_TOLERANCE} of its score")
+            worst = max(worst, float(np.min(distance)))
+    return worst
+
+
 def check_parity(eager: Callable, exported: Callable, cases: dict[str, Any],
-                 tolerance: float = PARITY_TOLERANCE, forward: Callable | None = None) -> ParityResult:
+                 tolerance: float = PARITY_TOLERANCE, forward: Callable | None = None,
+                 detections: bool = False) -> ParityResult:
     """Compare the export, loaded as the server loads it, with eager on each named batch of inputs, both run
     through ``forward(model, batch)`` (default: ``model(batch)``). Both models take and give numpy arrays
-    (``handlers.runtime.numpy_model``)."""
+    (``handlers.runtime.numpy_model``). ``detections``: the outputs are each image's boxes, labels and scores,
+    compared box by box (``matched_detections``; the result's difference is then in pixels)."""
     forward = forward or (lambda model, batch: model(batch))
     worst_name, worst = "", -1.0
     for name, batch in cases.items():
-        expected = arrays_of(forward(eager, batch))
+        expected = forward(eager, batch)
         try:
-            actual = arrays_of(forward(exported, batch))
+            actual = forward(exported, batch)
         except Exception as error:  # the runtime's own error (a fixed axis, a missing operator), named and kept
             raise ParityError(f"parity check failed on {name}: the exported model cannot run it: "
                               f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error
+        if detections:
+            diff = matched_detections(expected, actual, name)
+            worst_name, worst = (name, diff) if diff > worst else (worst_name, worst)
+            continue
+        expected, actual = arrays_of(expected), arrays_of(actual)
         shapes = [tuple(t.shape) for t in expected], [tuple(t.shape) for t in actual]
         if shapes[0] != shapes[1]:
             raise ParityError(f"parity check failed on {name}: exported output shapes {shapes[1]} "

@@ -3,6 +3,16 @@
 import importlib
 import inspect
 
+# What an image model does → the handler that serves it (``make import TASK=``; ``export/tasks.py`` says what each
+# asks of the build).
+TASK_HANDLERS = {
+    "classification": "image_classifier",
+    "multilabel": "multilabel_classifier",
+    "detection": "object_detector",
+    "segmentation": "image_segmenter",
+}
+IMAGE_TASKS = tuple(TASK_HANDLERS)
+
 
 def handler_class(module_name: str) -> type:
     """The one class a module in handlers/ defines, a handler, as TorchServe will find it (it refuses an entry

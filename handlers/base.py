@@ -280,6 +280,23 @@ def form_payload(body: bytes, content_type: str, max_parts: int) -> bytes:
     return first_file
 
 
+def parse_option(name: str, text: str, rule: tuple) -> Any:
+    """A per-request option's text checked against its rule: (int or float, lowest, highest), or the words allowed."""
+    if rule and isinstance(rule[0], type):
+        kind, low, high = rule
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or not low <= value <= high:
+            raise InputError("bad_option", f"{name}={text[:40]!r}: {name} is {'an integer' if kind is int else 'a number'}"
+                                           f" from {low} to {high}")
+        return value
+    if text not in rule:
+        raise InputError("bad_option", f"{name}={text[:40]!r}: {name} is one of {', '.join(rule)}")
+    return text
+
+
 def encode_answer(body: Any) -> bytes:
     """An answer as TorchServe sends it: bytes as they are, text in UTF-8, anything else as JSON written with
     indent=2 (what TorchServe's worker writes for an answer that is neither). Handing the worker bytes keeps it off
@@ -315,6 +332,10 @@ class ModelHandler:
         "max_answer_bytes": 20 * 1024 * 1024,
         "max_form_parts": 16,  # parts of a multipart body the front door relabelled (400 bad_multipart above)
     }
+    # What a client may set per request, as ``?name=value`` on the URL (or a form field beside a multipart file):
+    # name → (int or float, lowest, highest), or a tuple of the words allowed. A layer with options takes them in
+    # ``with_options``; an unknown value is 400 ``bad_option`` naming the option and what it accepts.
+    OPTIONS: ClassVar[dict[str, tuple]] = {}
     # The axes of each model input that vary from call to call, kept dynamic when the model is exported to ONNX:
     # one tuple per input. Default: one input, batched on its first axis.
     DYNAMIC_AXES: ClassVar[tuple[tuple[int, ...], ...]] = ((0,),)
@@ -386,7 +407,8 @@ class ModelHandler:
                 if self.context.get_request_header(idx, "explain") == "True":
                     batch.explain.add(idx)
                 with self.refusals(batch, idx, "decoding"):
-                    batch.items[idx] = self.decode(self.payload(self.unwrap(row, idx)))
+                    item = self.decode(self.payload(self.unwrap(row, idx)))
+                    batch.items[idx] = self.with_options(item, self.request_options(row)) if self.OPTIONS else item
             self.admit(batch)
             if batch.predicted:
                 batch.inputs = self.collate([batch.items[idx] for idx in batch.predicted])
@@ -544,9 +566,31 @@ class ModelHandler:
         """Model outputs for the good requests → one answer each, in order: JSON-serialisable, or a ``Reply``."""
         raise NotImplementedError
 
+    def label(self, index: int) -> str:
+        """A class index's name from ``index_to_name.json`` (a list such as ["n01440764", "tench"] by its last
+        item), or its number where it has none."""
+        name = (getattr(self, "mapping", None) or {}).get(str(index), str(index))
+        return name[-1] if isinstance(name, list) else name
+
     def top_class(self, answer: Any) -> str | None:
         """The class a prediction's answer names first, counted per version (class drift); None: it names none."""
         return None
+
+    def request_options(self, row: Any) -> dict[str, Any]:
+        """The request's own values of the layer's ``OPTIONS``: TorchServe passes a URL's query parameters (and a
+        form's fields) beside the body, as text or bytes."""
+        given = {}
+        for name, rule in self.OPTIONS.items():
+            value = row.get(name) if isinstance(row, dict) else None
+            if value is None:
+                continue
+            text = bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+            given[name] = parse_option(name, text.strip(), rule)
+        return given
+
+    def with_options(self, item: Any, options: dict[str, Any]) -> Any:
+        """One decoded request with the options it set (``OPTIONS``); a layer with options overrides this."""
+        return item
 
     def budget(self) -> tuple[int, str] | None:
         """The most work one batch may hold, in ``cost``'s unit, and the unit's name (for the 503's message), so that

@@ -50,7 +50,3 @@ class Classifier:
 
     def top_class(self, answer: dict[str, float]) -> str | None:
         return next(iter(answer), None)
-
-    def label(self, index: int) -> str:
-        name = (getattr(self, "mapping", None) or {}).get(str(index), str(index))
-        return name[-1] if isinstance(name, list) else name

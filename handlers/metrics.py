@@ -27,7 +27,9 @@ STEPS = ("preprocess", "inference", "postprocess")
 HISTOGRAMS = ("handler_request_seconds", *(f"handler_{step}_seconds" for step in STEPS), "handler_batch_size")
 COUNTERS = ("handler_top1_total", "handler_bad_inputs_total")
 GAUGES = ("handler_accuracy",)
-ACCURACY_KEYS = {"held_out": "top1", "top5": "top5"}  # build record key → label
+# build record key → the figure's label: the first figure is labelled with its own name (``metric``: top1, map50,
+# mean_iou, macro_auroc), the task's others with theirs
+SECOND_FIGURES = ("top5", "map", "pixel_accuracy", "macro_f1")
 # TorchServe sends a metric to the frontend as one log line "name.unit:value|#label:value,label:value|...":
 # a label value must not contain ',', ':' or '|', nor a line break.
 UNSAFE = re.compile(r"[,:|\r\n]+")
@@ -71,9 +73,11 @@ class HandlerMetrics:
         if not record:
             return
         evaluation = (record.get("eval_set") or {}).get("name", "held-out set")
-        for key, k in ACCURACY_KEYS.items():
-            if key in record:
-                self.add("handler_accuracy", record[key], k, evaluation)
+        figures = {record.get("metric", "top1"): record.get("held_out"),
+                   **{key: record[key] for key in SECOND_FIGURES if key in record}}
+        for k, value in figures.items():
+            if isinstance(value, (int, float)):
+                self.add("handler_accuracy", value, k, evaluation)
 
     def record(self, size: int, seconds: dict[str, float], top_classes: list[str], refusals: list[tuple[str, int]]):
         """One batch: its size, each step's time, the top-1 class of each answer, (reason, status) of each refusal."""

@@ -42,7 +42,15 @@ def load_torchscript(path: str | Path, device: str = "cpu", optimize_for_inferen
     applied here, at load time, and by the build's parity check."""
     import torch
 
-    model = torch.jit.load(str(path), map_location=torch_device(device)).eval()
+    try:
+        model = torch.jit.load(str(path), map_location=torch_device(device))
+    except RuntimeError as error:  # a detector's graph calls torchvision's operators (nms, roi_align)
+        if "torchvision::" not in str(error):
+            raise
+        import torchvision  # noqa: F401 (registers them)
+
+        model = torch.jit.load(str(path), map_location=torch_device(device))
+    model = model.eval()
     if optimize_for_inference and torch_device(device).type == "cpu":
         model = torch.jit.optimize_for_inference(model)
     return model

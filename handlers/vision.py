@@ -19,7 +19,9 @@ Settings (model-config.yaml's ``handler:``), each the counterpart of a torchvisi
   ``Resize`` uses on PIL images for that ``InterpolationMode``;
 * ``crop``: an int or ``[height, width]``: the centre crop (``CenterCrop``), which is the model's input size; an
   image smaller than the crop is padded with ``fill`` (0-255, one value or one per channel; default 0 = black, as
-  ``CenterCrop``; timm's ``CenterCropOrPad`` pads with the mean colour);
+  ``CenterCrop``; timm's ``CenterCropOrPad`` pads with the mean colour). Null: the whole image at its own size
+  (detection, segmentation): each image is then its own batch of one for the model (``collate`` gives a list, and
+  ``forward`` calls the model once per image), so a batch may mix sizes;
 * ``color_mode``: RGB or L (``Grayscale()``); ``mean`` and ``std``: one value per channel (``Normalize``);
 * ``jpeg_draft``: a JPEG at least four times the resize target is first decoded at a reduced scale (1/2, 1/4 or
   1/8, never below twice the target), for a fraction of the work; ``max_pixels``: the largest image accepted, and the
@@ -46,6 +48,7 @@ import logging
 import math
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -73,6 +76,7 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 FITS = (None, "cover", "contain")  # with resize [h, w]: stretch, or keep the ratio covering / inside it
+WHOLE_IMAGE_EXAMPLE = (240, 320)  # (height, width) of the warm-up input of a model that takes whole images
 MAX_ASPECT_RATIO = 32  # default of max_aspect_ratio: a 360-degree panorama is 2 to 16 times as wide as high
 # A progressive JPEG is decoded once per scan (libjpeg-turbo repeats a scan it is given again): 1,000 scans make a
 # 270 kB file of 36 MP take 26 s. Encoders write 10 or so (libjpeg's progressive script: 10; a baseline JPEG: 1).
@@ -215,8 +219,8 @@ class ImageTransform:
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
         self.resize = None if resize in (None, 0) else size_setting(resize, "resize")
-        self.crop = size_setting(crop, "crop")
-        self.crop = self.crop if isinstance(self.crop, tuple) else (self.crop, self.crop)  # (height, width)
+        self.crop = None if crop is None else size_setting(crop, "crop")
+        self.crop = self.crop if isinstance(self.crop, tuple) or crop is None else (self.crop, self.crop)  # (h, w)
         self.max_size = None if max_size is None else int(max_size)
         self.fit = fit
         self._check_resize()
@@ -254,7 +258,8 @@ class ImageTransform:
         image = open_image(payload, self.max_pixels, self.max_aspect_ratio)
         for seen in (image.size, image.size[::-1]):
             width, height = self.output_size(*seen)
-            padded = max(width, self.crop[1]) * max(height, self.crop[0])
+            crop_height, crop_width = self.crop or (0, 0)
+            padded = max(width, crop_width) * max(height, crop_height)
             resized = f"image is {image.width}x{image.height}: resized (upright or turned by its EXIF) it would be"
             if min(width, height) < 1:
                 raise InputError("extreme_aspect_ratio", f"{resized} {width}x{height}, no pixels left on one side")
@@ -266,7 +271,7 @@ class ImageTransform:
 
     def decode(self, payload: bytes) -> np.ndarray:
         image = self.crop_image(self.resize_image(self.load(payload)))
-        return np.asarray(image, dtype=np.uint8).reshape(*self.crop, self.channels)
+        return np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, self.channels)
 
     def load(self, payload: bytes) -> Image.Image:
         """The image decoded (a large JPEG at a reduced scale, ``jpeg_draft``), oriented, in ``color_mode``."""
@@ -317,6 +322,8 @@ class ImageTransform:
 
     def crop_image(self, image: Image.Image) -> Image.Image:
         """The centre crop, as ``CenterCrop``: an image smaller than the crop is padded with ``fill`` first."""
+        if self.crop is None:
+            return image
         width, height = image.size
         crop_height, crop_width = self.crop
         if width < crop_width or height < crop_height:
@@ -327,15 +334,21 @@ class ImageTransform:
         left = int(round((width - crop_width) / 2.0))
         return image.crop((left, top, left + crop_width, top + crop_height))
 
-    def collate(self, items: list[np.ndarray]) -> np.ndarray:
-        batch = np.ascontiguousarray(np.stack(items).transpose(0, 3, 1, 2), dtype=np.float32)  # NCHW, one copy
+    def collate(self, items: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        """One NCHW float batch; without a crop, a list of batches of one, each image at its own size."""
+        if self.crop is None:
+            return [self.normalise(item[None]) for item in items]
+        return self.normalise(np.stack(items))
+
+    def normalise(self, images: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)  # NCHW, one copy
         batch /= np.float32(255.0)
         batch -= self.mean
         batch /= self.std
         return batch
 
     def example_input(self) -> np.ndarray:
-        return np.zeros((1, self.channels, *self.crop), dtype=np.float32)
+        return np.zeros((1, self.channels, *(self.crop or WHOLE_IMAGE_EXAMPLE)), dtype=np.float32)
 
 
 class ImageHandler(ModelHandler):
@@ -369,3 +382,52 @@ class ImageHandler(ModelHandler):
     def example_input(self) -> np.ndarray:
         return self.transform.example_input()
 
+    def forward(self, model, inputs):
+        """The model on one batch; on whole images (no crop), once per image: a list of outputs, one each."""
+        if isinstance(inputs, list):
+            return [super(ImageHandler, self).forward(model, image) for image in inputs]
+        return super().forward(model, inputs)
+
+
+
+@dataclass
+class Picture:
+    """One request to a model that takes whole images: the pixels it sees, the size of the image as sent (upright,
+    its EXIF orientation applied), and the options the request set."""
+
+    pixels: np.ndarray  # H x W x C uint8, after the resize if the settings ask for one
+    width: int
+    height: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(x, y): how many pixels of the image as sent one pixel of the model's input covers."""
+        return self.width / self.pixels.shape[1], self.height / self.pixels.shape[0]
+
+
+class WholeImageHandler(ImageHandler):
+    """Task layer for models that take a whole image at its own size (detection, segmentation): no crop, by default
+    no resize, each image its own call of the model within a batch (``ImageHandler.forward``), and answers given in
+    the pixels of the image as sent. Per-request ``OPTIONS`` reach the answer through the ``Picture``."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {**ImageHandler.DEFAULTS, "resize": None, "crop": None,
+                                          "max_pixels": 16_000_000}
+    DYNAMIC_AXES = ((2, 3),)  # one image per call: its height and width vary
+
+    def decode(self, payload: bytes) -> Picture:
+        header = self.transform.open(payload)
+        turned = header.getexif().get(EXIF_ORIENTATION, 1) in ROTATED
+        width, height = header.size[::-1] if turned else header.size
+        pixels = self.transform.decode(payload)
+        return Picture(pixels, width, height)
+
+    def with_options(self, item: Picture, options: dict[str, Any]) -> Picture:
+        return replace(item, options={**item.options, **options})
+
+    def option(self, item: Picture, name: str) -> Any:
+        """The request's value of an option, else the model's setting of the same name."""
+        return item.options.get(name, self.settings[name])
+
+    def collate(self, items: list[Picture]) -> list[np.ndarray]:
+        return self.transform.collate([item.pixels for item in items])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from archives import SPECS_DIR, SpecError, check_model_name, check_version, load_specs
 from archives.store import Manifest
+from handlers import IMAGE_TASKS
 from manage import proxy
 from manage.client import ServeError, TorchServe, minimum_workers, read_properties, ready_workers, server_alive
 
@@ -330,8 +331,9 @@ def import_model(args) -> None:
     from manage.importer import Request
     from manage.importer import import_model as run_import
     paths = {key: Path(getattr(args, key)) if getattr(args, key) else None for key in ("eval", "labels", "code")}
-    record = run_import(Request(name=args.name, source=Path(args.source), arch=args.arch, transform=args.transform,
-                                version=args.version, runtime=args.runtime, min_accuracy=args.min_accuracy,
+    record = run_import(Request(name=args.name, source=Path(args.source), arch=args.arch, task=args.task,
+                                transform=args.transform, version=args.version, runtime=args.runtime,
+                                min_accuracy=args.min_accuracy, label_order=args.label_order,
                                 allow_pickle=args.allow_pickle, **paths), specs_dir=Path(args.specs))
     print(json.dumps(record, indent=2))
     print("\n" + summary([record]))
@@ -363,13 +365,18 @@ def main(argv: list[str] | None = None) -> int:
 
     command("import", import_model, "bring your own model: write archives/NAME.yaml, build the version, register it",
             "name", "source", arch={"help": "torchvision:<name>, timm:<name> or <module>:<Class> (checkpoints)"},
-            eval={"help": "held-out set: an image folder (<class>/<image>), or a CSV / JSONL of text and label"},
+            task={"choices": list(IMAGE_TASKS), "help": "what an image model does (default: from ARCH, else "
+                                                        "classification)"},
+            eval={"help": "held-out set: an image folder (<class>/<image>), a COCO folder (images/ + "
+                          "annotations.json), images/ + masks/, a CSV of image,labels, or a CSV / JSONL of text"},
             labels={"help": "a JSON index → name map, a JSON list, or one name per line"},
+            label_order={"choices": ["found"], "help": "take the label order the EVAL check finds"},
             transform={"help": "<module>:<name> of your torchvision evaluation transform"},
             code={"help": "the folder your module is in (default: the folder of FROM)"},
             version={"help": "the version to add (default: 1.0, or the next one of an existing model)"},
             runtime={"choices": ["onnxruntime", "torchscript"]},
-            min_accuracy={"type": float, "help": "refuse a build whose top-1 on EVAL is under this (0..1)"},
+            min_accuracy={"type": float, "help": "refuse a build whose first figure on EVAL (top-1, mAP@0.5, mean "
+                                                 "IoU, macro AUROC) is under this (0..1)"},
             allow_pickle={"action": "store_true", "help": "load a pickled whole module: this runs code in the file"},
             specs={"default": str(SPECS_DIR), "help": "the folder of specs to write into (default: archives/)"})
     command("list", list_models, "registered models and versions, default, workers, accuracy")

@@ -39,6 +39,7 @@ import yaml
 
 from archives import SPECS_DIR, SpecError, check_model_name, check_version, load_spec, load_specs
 from archives.store import REPO, Manifest, locked, replace_file
+from handlers import IMAGE_TASKS, TASK_HANDLERS
 from manage.client import ServeError, TorchServe, server_alive
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,20 @@ logger = logging.getLogger(__name__)
 LIBRARIES = ("torchvision:", "timm:")
 FIRST_VERSION = "1.0"
 IMAGENET_CLASSES = 1000
+DETECTION_BACKGROUND, DETECTION_GAP = "__background__", "N/A"  # torchvision's names for index 0 and unused ids
+EVAL_LAYOUTS = {
+    "classification": "an image folder, <root>/<class>/<image>",
+    "detection": "a folder of images/ and annotations.json (COCO)",
+    "segmentation": "a folder of images/ and masks/ (PNG class indices, the same file stem)",
+    "multilabel": "a CSV of image,labels (labels joined by |), the images beside it",
+}
+TASK_SETTINGS = {"classification": ("resize", "crop", "mean", "std"), "multilabel": ("resize", "crop", "mean", "std"),
+                 "segmentation": ("resize", "mean", "std"), "detection": ()}
+TASK_NOTES = {"classification": "assumed: the usual ImageNet evaluation; pass TRANSFORM= to take your own",
+              "multilabel": "assumed: the usual ImageNet evaluation; pass TRANSFORM= to take your own",
+              "segmentation": "assumed: torchvision's segmentation evaluation; pass TRANSFORM= to take your own",
+              "detection": ""}
+EXPORT_NOTES = {"trace": "trace, keeping the methods explanations use", "script": "scripted: keeps what varies"}
 IMAGENET_LABELS = "package:imagenet_classes/imagenet1k_label_to_names.json"
 ASSUMED_CROP_RATIO = 0.875  # resize = crop / 0.875 (256 for 224), the usual ImageNet evaluation
 TOP_K = 5
@@ -69,6 +84,8 @@ class Request:
     runtime: str | None = None
     min_accuracy: float | None = None
     allow_pickle: bool = False
+    task: str | None = None  # classification, detection, segmentation or multilabel (images); default from ARCH
+    label_order: str | None = None  # "found": take the label order the EVAL check finds
 
 
 @dataclass
@@ -82,6 +99,7 @@ class Plan:
     source: dict[str, Any] = field(default_factory=dict)
     runtime: str = "onnxruntime"
     runtime_given: bool = False
+    runtime_reason: str | None = None  # why not ONNX Runtime, where it is not
     export: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # setting → where it came from
@@ -121,18 +139,40 @@ def reference(path: Path) -> str:
 # --- working out the spec ----------------------------------------------------------------------------------------
 
 
-def image_plan(request: Request, kind: str) -> tuple[Plan, int]:
-    """The plan for an image classifier and the number of outputs its model has."""
+def image_task(request: Request) -> str:
+    """TASK, else what a torchvision architecture is built for, else classification; EVAL's layout must fit it."""
+    from export.datasets import eval_kind
+    from export.tasks import task_of_arch
+
+    task = request.task or task_of_arch(request.arch) or "classification"
+    if task not in IMAGE_TASKS:
+        raise ServeError(f"TASK {task!r} is not one of {', '.join(IMAGE_TASKS)}")
+    if request.eval:
+        layout = eval_kind(request.eval)
+        if layout != task:
+            raise ServeError(f"EVAL {request.eval.name} is laid out for {layout}, but the model is imported for "
+                             f"{task}: {EVAL_LAYOUTS[task]}")
+    if task == "detection" and request.transform:
+        raise ServeError("TRANSFORM: a torchvision detector resizes and normalises inside the model (its transform "
+                         "is part of the weights); import it without TRANSFORM")
+    return task
+
+
+def image_plan(request: Request, kind: str, task: str) -> tuple[Plan, int | None]:
+    """The plan for an image model of ``task`` and the number of outputs (classes) its model has, where the model
+    says (a detector's come from its labels)."""
     import torch
 
     from export import architecture
     from export.checkpoint import head_size, load_weights, read_checkpoint
-    from handlers.vision import ImageHandler
+    from export.tasks import EXPORTS, TORCHSCRIPT_ONLY
+    from handlers import handler_class
 
-    plan = Plan(handler="image_classifier", description=f"imported from {request.source.name}")
+    handler = handler_class(TASK_HANDLERS[task])
+    plan = Plan(handler=TASK_HANDLERS[task], description=f"imported {task} from {request.source.name}")
     source: dict[str, Any] = {"type": kind, "path": reference(request.source)}
-    settings = {k: ImageHandler.DEFAULTS[k] for k in ("resize", "crop", "mean", "std")}
-    notes = {k: "assumed: the usual ImageNet evaluation; pass TRANSFORM= to take your own" for k in settings}
+    settings = {k: handler.DEFAULTS[k] for k in TASK_SETTINGS[task]}
+    notes = {k: TASK_NOTES[task] for k in settings}
     code = request.code or request.source.parent
     model = None
     if kind == "checkpoint":
@@ -149,7 +189,8 @@ def image_plan(request: Request, kind: str) -> tuple[Plan, int]:
                 raise ServeError(f"{request.source.name} holds weights without an architecture: name it with ARCH="
                                  "torchvision:<name>, timm:<name> or <module>:<Class>")
             users = None if request.arch.startswith(LIBRARIES) else code  # the user's own class comes from CODE
-            args = architecture.infer_args(request.arch, head_size(checkpoint.state), None, users)
+            classes = head_size(checkpoint.state) if task != "detection" else detector_classes(request)
+            args = architecture.infer_args(request.arch, classes, None, users)
             source.update(arch=request.arch, args=args, **({"code": reference(users)} if users else {}))
             model = architecture.create(request.arch, args, users)
             load_weights(model, checkpoint.state, name=request.arch)  # a misfit is named before a spec is written
@@ -169,14 +210,64 @@ def image_plan(request: Request, kind: str) -> tuple[Plan, int]:
         from export.preprocessing import load_transform, settings_from_transform
 
         settings = settings_from_transform(load_transform(request.transform, code))
+        if task == "segmentation":  # the whole image: no crop
+            settings = {k: v for k, v in settings.items() if k != "crop"}
         notes = {k: f"from TRANSFORM {request.transform}" for k in settings}
         plan.extra["transform"] = {"name": request.transform, "code": reference(code)}
-    outputs = classes_of(model, request.source, settings)
-    settings = {k: v for k, v in settings.items() if k in SHOWN_SETTINGS or v != ImageHandler.DEFAULTS.get(k)}
-    plan.source, plan.settings, plan.notes = source, {**settings, "top_k": min(TOP_K, outputs)}, notes
-    plan.notes["top_k"] = f"never more than the {outputs} classes"
+    outputs = None if task == "detection" else classes_of(model, request.source, {**settings, "crop": settings.get(
+        "crop", handler.DEFAULTS["crop"])}, task)
+    settings = {k: v for k, v in settings.items() if k in SHOWN_SETTINGS or v != handler.DEFAULTS.get(k)}
+    plan.source, plan.settings, plan.notes = source, settings, notes
+    if task == "classification":
+        plan.settings["top_k"] = min(TOP_K, outputs)
+        plan.notes["top_k"] = f"never more than the {outputs} classes"
+    if task == "multilabel":
+        plan.settings["threshold"] = handler.DEFAULTS["threshold"]
+        plan.notes["threshold"] = "a label at or above this probability is answered"
+        if request.eval:
+            plan.settings["thresholds"] = "f1"
+            plan.notes["thresholds"] = "each label's own, chosen on EVAL for its best F1 (the build records them)"
+    if task == "detection":
+        plan.settings.update(threshold=handler.DEFAULTS["threshold"], max_detections=handler.DEFAULTS["max_detections"])
+        plan.notes.update(threshold="the lowest score answered (?threshold= per request)",
+                          max_detections="the most boxes answered (?max_detections= per request)")
     plan.runtime = request.runtime or ("torchscript" if kind == "torchscript" else "onnxruntime")
+    if task in TORCHSCRIPT_ONLY and kind == "checkpoint" and not request.runtime:
+        plan.runtime, plan.runtime_reason, plan.export = "torchscript", TORCHSCRIPT_ONLY[task], EXPORTS[task]
     return plan, outputs
+
+
+def detector_classes(request: Request) -> int:
+    """A detector's number of classes, background included: its labels' count (LABELS, else EVAL's categories)."""
+    labels = task_labels(request, "detection")[0] if not request.labels else None
+    if request.labels:
+        from export.datasets import read_labels
+
+        return len(read_labels(request.labels))
+    if labels is None:
+        raise ServeError("a detector's number of classes comes from its labels: pass LABELS= (background first, "
+                         "as torchvision counts it) or an EVAL folder with annotations.json")
+    return len(labels)
+
+
+def task_labels(request: Request, task: str) -> tuple[list[str] | None, str]:
+    """The labels EVAL implies for ``task``, and where they came from."""
+    from export.datasets import class_folders, read_eval
+
+    if not request.eval:
+        return None, ""
+    if task == "classification":
+        return class_folders(request.eval), "the class folders of EVAL, sorted (ImageFolder's rule)"
+    if task == "detection":
+        categories = read_eval(request.eval, "detection").categories
+        names = [DETECTION_GAP] * (max(categories) + 1)
+        names[0] = DETECTION_BACKGROUND
+        for index, name in categories.items():
+            names[index] = name
+        return names, "EVAL's categories by id (index = category_id, 0 = background, as torchvision trains)"
+    if task == "multilabel":
+        return read_eval(request.eval, "multilabel").names, "the label names in EVAL, sorted"
+    return None, ""
 
 
 def onnx_input_size(path: Path) -> int | None:
@@ -188,8 +279,9 @@ def onnx_input_size(path: Path) -> int | None:
     return sizes[2] if len(sizes) == 4 and sizes[2] and sizes[2] == sizes[3] else None
 
 
-def classes_of(model, source: Path, settings: dict) -> int:
-    """The number of outputs: the model run once on the handler's own example input (the served shape)."""
+def classes_of(model, source: Path, settings: dict, task: str = "classification") -> int:
+    """The number of outputs: the model run once on the handler's own example input (the served shape); a
+    segmenter's classes are its outputs' second axis."""
     from handlers.runtime import numpy_model
     from handlers.vision import ImageHandler
 
@@ -198,9 +290,13 @@ def classes_of(model, source: Path, settings: dict) -> int:
         from export.onnx import OnnxReference
 
         model = OnnxReference(source)
+    elif task == "segmentation":
+        from export.tasks import served_module
+
+        model = served_module(model, task, example)
     outputs = numpy_model(model)(example)
     outputs = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-    return int(outputs.shape[-1])
+    return int(outputs.shape[1] if outputs.ndim == 4 else outputs.shape[-1])
 
 
 def text_plan(request: Request) -> tuple[Plan, int | None]:
@@ -216,6 +312,9 @@ def text_plan(request: Request) -> tuple[Plan, int | None]:
     plan.runtime = request.runtime or "onnxruntime"
     if request.transform:
         raise ServeError("TRANSFORM is for image models; a Hugging Face model's preprocessing is its tokenizer")
+    if request.task:
+        raise ServeError(f"TASK is for image models; {request.source.name}/ is a Hugging Face {task.replace('_', ' ')}"
+                         " model")
     labels = huggingface.labels_of(request.source)
     if labels is not None:
         plan.settings["top_k"] = min(TOP_K, len(labels))
@@ -224,19 +323,19 @@ def text_plan(request: Request) -> tuple[Plan, int | None]:
     return plan, None if labels is None else len(labels)
 
 
-def decide_labels(request: Request, plan: Plan, outputs: int | None) -> None:
-    """LABELS, else the class folders of an image EVAL, else id2label (the source's), else ImageNet's for a
-    1000-class head; their count must be the model's number of outputs."""
-    from export.datasets import class_folders, is_image_folder, read_labels
+def decide_labels(request: Request, plan: Plan, outputs: int | None, task: str | None = None) -> None:
+    """LABELS, else what an image EVAL implies (class folders, a COCO file's categories, a multi-label CSV's
+    names), else id2label (the source's), else ImageNet's for a 1000-class head; their count must be the model's
+    number of outputs."""
+    from export.datasets import read_labels
 
     count = None
+    implied, note = task_labels(request, task) if task else (None, "")
     if request.labels:
         count = len(read_labels(request.labels))
         plan.labels, plan.labels_note = reference(request.labels), "LABELS"
-    elif request.eval and is_image_folder(request.eval):
-        plan.labels = class_folders(request.eval)
-        plan.labels_note = "the class folders of EVAL, sorted (ImageFolder's rule)"
-        count = len(plan.labels)
+    elif implied is not None:
+        plan.labels, plan.labels_note, count = implied, note, len(implied)
     elif plan.labels_note:  # id2label
         count = outputs
     elif outputs == IMAGENET_CLASSES:
@@ -254,12 +353,11 @@ def plan_import(request: Request) -> Plan:
             raise ServeError(f"EVAL {request.eval.name}: a text model is evaluated on a .csv or .jsonl file of text "
                              "and label")
         plan, outputs = text_plan(request)
+        task = None
     else:
-        if request.eval and request.eval.suffix in (".csv", ".jsonl"):
-            raise ServeError(f"EVAL {request.eval.name} is a text set; an image model is evaluated on an image "
-                             "folder (<root>/<class>/<image>)")
-        plan, outputs = image_plan(request, kind)
-    decide_labels(request, plan, outputs)
+        task = image_task(request)
+        plan, outputs = image_plan(request, kind, task)
+    decide_labels(request, plan, outputs, task)
     plan.runtime_given = request.runtime is not None
     if request.eval:
         plan.extra["eval"] = reference(request.eval)
@@ -288,11 +386,13 @@ def version_block(request: Request, version: str, plan: Plan, overrides: dict[st
              "    source:                           # export/sources.py"]
     lines += [entry(key, value, 6) for key, value in plan.source.items()]
     note = "given" if plan.runtime_given else "the default; torchscript where the ONNX export fails"
-    lines.append(entry("runtime", plan.runtime, 4, note))
+    lines.append(entry("runtime", plan.runtime, 4, "see runtime_reason" if plan.runtime_reason else note))
+    if plan.runtime_reason:
+        lines.append(entry("runtime_reason", plan.runtime_reason, 4))
     if plan.export:
-        lines.append(entry("export", plan.export, 4, "trace, keeping the methods explanations use"))
+        lines.append(entry("export", plan.export, 4, EXPORT_NOTES.get(plan.export["method"], "")))
     comments = {"eval": "held-out accuracy, measured at build time through the served preprocessing",
-                "min_accuracy": "the build refuses a version under this top-1",
+                "min_accuracy": "the build refuses a version under this first figure (top-1, mAP@0.5, mean IoU, AUROC)",
                 "transform": "your evaluation transform: the build checks the served preprocessing against it"}
     lines += [entry(key, value, 4, comments[key]) for key, value in plan.extra.items()]
     if overrides:
@@ -460,10 +560,15 @@ def import_model(request: Request, specs_dir: Path = SPECS_DIR, register: bool =
                 raise ServeError(f"{error}; and {stuck}") from None
             if not isinstance(error, (build_mar.BuildError, SpecError)):
                 raise
+            if isinstance(error, build_mar.BuildError) and error.found_labels and request.label_order == "found":
+                logger.warning("taking the label order found on EVAL: %s", error.found_labels)
+                plan.labels, plan.labels_note = error.found_labels, "the order found on EVAL (LABEL_ORDER=found)"
+                continue
             if plan.runtime_given or plan.runtime != "onnxruntime" or "torch.export could not capture" not in str(error):
                 raise ServeError(str(error)) from None
             logger.warning("ONNX export failed (%s); importing on TorchScript instead", str(error)[:200])
             plan.runtime = "torchscript"
+            plan.runtime_reason = f"the ONNX export failed: {str(error).partition('refused: ')[2][:300]}"
     if register and server_alive():
         ts = TorchServe(timeout=300)
         ts.register(Manifest().unpacked(request.name, written.version).name)

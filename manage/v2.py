@@ -53,6 +53,14 @@ Tensors, by the model's handler (the model store's manifest says which; a model 
   ``truncated`` BOOL [N];
 * ``super_resolution``: input ``image``; outputs ``upscaled`` BYTES [N] (the PNG) and ``size`` INT32 [N, 2] (width,
   height);
+* ``multilabel_classifier``: input ``image``; outputs ``labels`` BYTES [N, k] and ``scores`` FP32 [N, k], the labels
+  at or above their thresholds, highest first, and ``count`` INT32 [N]: how many of each row's k are real (rows are
+  padded to the longest with "" and 0);
+* ``object_detector``: input ``image``; outputs ``boxes`` FP32 [N, k, 4] (x1, y1, x2, y2 in the image's pixels),
+  ``labels`` BYTES [N, k], ``scores`` FP32 [N, k] and ``count`` INT32 [N], padded likewise;
+* ``image_segmenter``: input ``image``; outputs ``mask`` BYTES [N] (the class map as a PNG: each pixel's value is
+  its class), ``size`` INT32 [N, 2] (width, height), ``classes`` BYTES [N, k] and ``shares`` FP32 [N, k] (each class
+  present and its share of the pixels, padded likewise);
 * ``generic``: input ``data``; output ``answer`` BYTES [N] (the /predictions body as it is).
 
 In JSON, BYTES elements that are not text (photos, PNGs) are base64 strings; in binary (REST's extension, gRPC) they
@@ -160,6 +168,7 @@ class Spec:
     datatype: str
     shape: tuple[int, ...]
     binary: bool = False
+    padded: bool = False  # rows of different lengths (detections, labels above a threshold): padded to the longest
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
@@ -216,6 +225,24 @@ def embedding(response: requests.Response) -> dict[str, Any]:
     return {"embedding": answer["embedding"], "tokens": answer["tokens"], "truncated": answer["truncated"]}
 
 
+def above_threshold(response: requests.Response) -> dict[str, Any]:
+    answer = json_object(response)
+    return {"labels": [label.encode() for label in answer], "scores": list(answer.values()), "count": len(answer)}
+
+
+def detections(response: requests.Response) -> dict[str, Any]:
+    found = json_object(response)["detections"]
+    return {"boxes": [d["box"] for d in found], "labels": [d["label"].encode() for d in found],
+            "scores": [d["score"] for d in found], "count": len(found)}
+
+
+def segmentation(response: requests.Response) -> dict[str, Any]:
+    width, _, height = response.headers.get("X-Output-Size", "0x0").partition("x")
+    shares = json.loads(response.headers.get("X-Classes", "{}"))
+    return {"mask": response.content, "size": [int(width), int(height)],
+            "classes": [name.encode() for name in shares], "shares": list(shares.values())}
+
+
 def upscaled(response: requests.Response) -> dict[str, Any]:
     width, _, height = response.headers.get("X-Output-Size", "0x0").partition("x")
     return {"upscaled": response.content, "size": [int(width), int(height)]}
@@ -224,6 +251,8 @@ def upscaled(response: requests.Response) -> dict[str, Any]:
 IMAGE, TEXT = Spec("image", "BYTES", (-1,), binary=True), Spec("text", "BYTES", (-1,))
 LABELS, SCORES = Spec("labels", "BYTES", (-1, -1)), Spec("scores", "FP32", (-1, -1))
 TRUNCATED = Spec("truncated", "BOOL", (-1,))
+COUNT, SIZE = Spec("count", "INT32", (-1,)), Spec("size", "INT32", (-1, 2))
+PADDED_LABELS, PADDED_SCORES = Spec("labels", "BYTES", (-1, -1), padded=True), Spec("scores", "FP32", (-1, -1), padded=True)
 KINDS = {kind.name: kind for kind in (
     Kind("image_classifier", IMAGE, (LABELS, SCORES), raw_body, top_k),
     Kind("text_classifier", TEXT, (LABELS, SCORES, TRUNCATED), text_body, top_k),
@@ -232,6 +261,14 @@ KINDS = {kind.name: kind for kind in (
     # each answer up to 20 MiB (the handler's max_answer_bytes): a few per request
     Kind("super_resolution", IMAGE, (Spec("upscaled", "BYTES", (-1,), binary=True), Spec("size", "INT32", (-1, 2))),
          raw_body, upscaled, max_elements=4),
+    Kind("multilabel_classifier", IMAGE, (PADDED_LABELS, PADDED_SCORES, COUNT), raw_body, above_threshold),
+    Kind("object_detector", IMAGE, (Spec("boxes", "FP32", (-1, -1, 4), padded=True), PADDED_LABELS, PADDED_SCORES,
+                                    COUNT), raw_body, detections, max_elements=16),
+    # the class map as a PNG (images of a request may differ in size), and each class present with its share
+    Kind("image_segmenter", IMAGE, (Spec("mask", "BYTES", (-1,), binary=True), SIZE,
+                                    Spec("classes", "BYTES", (-1, -1), padded=True),
+                                    Spec("shares", "FP32", (-1, -1), padded=True)), raw_body, segmentation,
+         max_elements=8),
     Kind("generic", Spec("data", "BYTES", (-1,), binary=True), (Spec("answer", "BYTES", (-1,), binary=True),),
          raw_body, lambda response: {"answer": response.content}, max_elements=16),
 )}
@@ -329,7 +366,12 @@ class Answer:
 
 
 def stack(spec: Spec, rows: list[Any]) -> np.ndarray:
-    """Each element's row → one tensor of ``spec``'s datatype, N first."""
+    """Each element's row → one tensor of ``spec``'s datatype, N first; a ``padded`` spec's rows are padded to the
+    longest first (with b"", or zeros), the model's ``count`` output saying how many are real."""
+    if spec.padded:
+        longest = max(map(len, rows), default=0)
+        filler = b"" if spec.datatype == "BYTES" else [0] * spec.shape[2] if len(spec.shape) == 3 else 0
+        rows = [list(row) + [filler] * (longest - len(row)) for row in rows]
     if spec.datatype == "BYTES":
         array = np.empty((len(rows), *np.shape(rows[0])) if isinstance(rows[0], list) else len(rows), dtype=object)
         for index, row in enumerate(rows):
