@@ -198,6 +198,9 @@ def multilabel(model, handler, path: Path, labels: dict | None) -> dict:
     thresholds = (measures.best_thresholds(probabilities, targets) if chosen
                   else handler.label_thresholds(probabilities.shape[1]))
     scores = measures.multilabel_scores(probabilities, targets, thresholds)
+    if scores["macro_auroc"] is None:
+        raise DataError(f"{path}: every label is on all of its images or on none: AUROC needs both; add images with "
+                        "and without each label")
     names = label_names(labels)
     agreement = targets.T.astype(np.int64) @ (probabilities >= 0.5).astype(np.int64)
     return {"metric": "macro_auroc", "held_out": scores["macro_auroc"], "macro_f1": scores["macro_f1"],

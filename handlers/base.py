@@ -70,6 +70,7 @@ import logging
 import re
 import time
 from contextlib import contextmanager
+from urllib.parse import parse_qs
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -85,6 +86,8 @@ logger = logging.getLogger(__name__)
 PAYLOAD_KEYS = ("data", "body")
 BUILD_RECORD = "model_info.json"  # in the archive: the build record
 VERSION_HEADER = "X-Model-Version"  # on every answer: the version that computed it, whichever URL was asked
+QUERY_HEADER = "X-Query"  # set by the front door: the URL's query string (per-request options)
+MAX_QUERY_CHARS = 2048
 FORM_HEADER = "X-Original-Content-Type"  # set by the front door on the multipart and form bodies it relabels
 MESSAGE_CHARS = 1000  # an error message is cut to this many characters (it may quote the input)
 PHRASE_CHARS = 200  # the HTTP reason phrase: the message in printable ASCII, cut to this many characters
@@ -332,7 +335,7 @@ class ModelHandler:
         "max_answer_bytes": 20 * 1024 * 1024,
         "max_form_parts": 16,  # parts of a multipart body the front door relabelled (400 bad_multipart above)
     }
-    # What a client may set per request, as ``?name=value`` on the URL (or a form field beside a multipart file):
+    # What a client may set per request, as ``?name=value`` on the URL (``request_options``):
     # name → (int or float, lowest, highest), or a tuple of the words allowed. A layer with options takes them in
     # ``with_options``; an unknown value is 400 ``bad_option`` naming the option and what it accepts.
     OPTIONS: ClassVar[dict[str, tuple]] = {}
@@ -408,7 +411,7 @@ class ModelHandler:
                     batch.explain.add(idx)
                 with self.refusals(batch, idx, "decoding"):
                     item = self.decode(self.payload(self.unwrap(row, idx)))
-                    batch.items[idx] = self.with_options(item, self.request_options(row)) if self.OPTIONS else item
+                    batch.items[idx] = self.with_options(item, self.request_options(idx)) if self.OPTIONS else item
             self.admit(batch)
             if batch.predicted:
                 batch.inputs = self.collate([batch.items[idx] for idx in batch.predicted])
@@ -576,16 +579,15 @@ class ModelHandler:
         """The class a prediction's answer names first, counted per version (class drift); None: it names none."""
         return None
 
-    def request_options(self, row: Any) -> dict[str, Any]:
-        """The request's own values of the layer's ``OPTIONS``: TorchServe passes a URL's query parameters (and a
-        form's fields) beside the body, as text or bytes."""
+    def request_options(self, idx: int) -> dict[str, Any]:
+        """The request's own values of the layer's ``OPTIONS``, from its URL's query string: TorchServe passes a
+        handler the headers but not the URL, so the front door sends the query string on in ``X-Query`` (a client
+        of TorchServe's own port sends that header itself). Other parameters are left to other layers."""
+        query = request_header(self.context, idx, QUERY_HEADER) or ""
         given = {}
-        for name, rule in self.OPTIONS.items():
-            value = row.get(name) if isinstance(row, dict) else None
-            if value is None:
-                continue
-            text = bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
-            given[name] = parse_option(name, text.strip(), rule)
+        for name, values in parse_qs(query[:MAX_QUERY_CHARS], keep_blank_values=True).items():
+            if name in self.OPTIONS:
+                given[name] = parse_option(name, values[-1].strip(), self.OPTIONS[name])
         return given
 
     def with_options(self, item: Any, options: dict[str, Any]) -> Any:

@@ -12,7 +12,8 @@ Response (JSON), the detections at or above ``threshold``, highest score first, 
      "width": 640, "height": 480}
 
 ``box`` is ``[x1, y1, x2, y2]`` in the pixels of the image as sent (upright, its EXIF orientation applied), to 0.01
-pixel. Both bounds may be set per request: ``/predictions/<model>?threshold=0.3&max_detections=10``; a value out of
+pixel. Both bounds may be set per request: ``/predictions/<model>?threshold=0.3&max_detections=10`` (through the front door; to TorchServe's
+own port, the header ``X-Query: threshold=0.3``); a value out of
 range is 400 ``bad_option``. Explanations are not offered (400 ``no_explanations``).
 """
 
