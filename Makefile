@@ -44,7 +44,7 @@ MANAGE := $(PY) -m manage
 # What a user sets on the command line reaches the recipes as the environment variable ARG_<name>, exactly as typed
 # ($(value): make expands no $ in it), and every recipe quotes it: "$$ARG_NAME". Nothing typed is spliced into a
 # command line, so a quote, a space, a $ or a backtick in a name or a file name is never read by the shell.
-USER_VARIABLES := NAME FROM ARCH TASK EVAL LABELS LABEL_ORDER TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY ALLOW_PICKLE SPECS \
+USER_VARIABLES := NAME FROM ARCH ARGS TASK EVAL LABELS LABEL_ORDER TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY ALLOW_PICKLE SPECS \
                   MODEL SPLIT \
                   IMAGE MIN MAX FORCE SCENARIO USERS RATE DURATION SECONDS MINUTES SOAK_RATE
 $(foreach v,$(USER_VARIABLES),$(eval export ARG_$(v) := $$(value $(v))))
@@ -64,7 +64,7 @@ install:
 	@./install.sh
 
 # make import: every optional variable becomes the command line's option of the same name, when given.
-IMPORT_OPTIONS := $(foreach v,ARCH TASK EVAL LABELS LABEL_ORDER TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY SPECS,\
+IMPORT_OPTIONS := $(foreach v,ARCH ARGS TASK EVAL LABELS LABEL_ORDER TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY SPECS,\
                     $(call option,$(v),$(subst _,-,$(shell echo $(v) | tr A-Z a-z)))) \
                   $${ARG_ALLOW_PICKLE:+--allow-pickle}
 import: install

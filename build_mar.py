@@ -33,10 +33,8 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
 from archives import SPECS_DIR, SpecError, VersionSpec, check_model_name, check_version, load_specs, resolve_file
 from archives.store import REPO, Manifest, default_store, sha256_file, temporary_beside

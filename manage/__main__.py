@@ -332,6 +332,7 @@ def import_model(args) -> None:
     from manage.importer import import_model as run_import
     paths = {key: Path(getattr(args, key)) if getattr(args, key) else None for key in ("eval", "labels", "code")}
     record = run_import(Request(name=args.name, source=Path(args.source), arch=args.arch, task=args.task,
+                                args=args.args,
                                 transform=args.transform, version=args.version, runtime=args.runtime,
                                 min_accuracy=args.min_accuracy, label_order=args.label_order,
                                 allow_pickle=args.allow_pickle, **paths), specs_dir=Path(args.specs))
@@ -339,6 +340,14 @@ def import_model(args) -> None:
     print("\n" + summary([record]))
     if "registered" in record:
         print(f"TorchServe: {args.name} {record['version']} {record['registered']}")
+
+
+def json_object(text: str) -> dict:
+    """A JSON object from the command line (argparse names the option when this raises)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
 
 
 def names(args) -> None:
@@ -365,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
 
     command("import", import_model, "bring your own model: write archives/NAME.yaml, build the version, register it",
             "name", "source", arch={"help": "torchvision:<name>, timm:<name> or <module>:<Class> (checkpoints)"},
+            args={"type": json_object, "help": "the architecture's constructor arguments as JSON, as you built it "
+                                                '(e.g. {"min_size": 240})'},
             task={"choices": list(IMAGE_TASKS), "help": "what an image model does (default: from ARCH, else "
                                                         "classification)"},
             eval={"help": "held-out set: an image folder (<class>/<image>), a COCO folder (images/ + "

@@ -85,6 +85,7 @@ class Request:
     min_accuracy: float | None = None
     allow_pickle: bool = False
     task: str | None = None  # classification, detection, segmentation or multilabel (images); default from ARCH
+    args: dict[str, Any] | None = None  # the architecture's constructor arguments (ARGS, JSON): min_size=, ...
     label_order: str | None = None  # "found": take the label order the EVAL check finds
 
 
@@ -190,7 +191,7 @@ def image_plan(request: Request, kind: str, task: str) -> tuple[Plan, int | None
                                  "torchvision:<name>, timm:<name> or <module>:<Class>")
             users = None if request.arch.startswith(LIBRARIES) else code  # the user's own class comes from CODE
             classes = head_size(checkpoint.state) if task != "detection" else detector_classes(request)
-            args = architecture.infer_args(request.arch, classes, None, users)
+            args = architecture.infer_args(request.arch, classes, request.args, users)
             source.update(arch=request.arch, args=args, **({"code": reference(users)} if users else {}))
             model = architecture.create(request.arch, args, users)
             load_weights(model, checkpoint.state, name=request.arch)  # a misfit is named before a spec is written

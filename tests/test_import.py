@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,53 +25,13 @@ from PIL import Image
 
 from archives import load_spec
 from archives.store import Manifest
-from export.example_project import EVAL_PER_CLASS, Project, train, write_project
+from export.example_project import EVAL_PER_CLASS, Project
 from export.samples import SENTENCES
 from manage.client import TorchServe, instance_env
-from tests.conftest import REPO, manage, ok, one_line_error, refusal_line, serve_sh
+from tests.conftest import MODELS, make_import, manage, ok, one_line_error, refusal_line, run_import, serve_sh
 
 pytestmark = pytest.mark.integration
 
-@pytest.fixture(scope="session")
-def project(tmp_path_factory) -> Project:
-    """The user's folder, outside the repository (export/example_project.py: code, photos, a trained ResNet-18),
-    with the same weights saved in more shapes, a timm model, the user's own class and its exported files."""
-    import timm
-    import torchvision
-    from safetensors.torch import save_file
-
-    user = write_project(tmp_path_factory.mktemp("user_project"))
-    root, state = user.root, user.resnet.state_dict()
-    torch.save({"state_dict": {f"model.{k}": torch.zeros_like(v) for k, v in state.items()},  # the EMA is taken
-                "state_dict_ema": {f"model.{k}": v.clone() for k, v in state.items()}, "epoch": 3,
-                "pytorch-lightning_version": "2.4.0"}, root / "resnet18.ckpt")
-    save_file({f"module.{k}": v.contiguous() for k, v in state.items()}, str(root / "resnet18.safetensors"))
-    torch.save(torchvision.models.get_model("resnet18", weights=None, num_classes=3).state_dict(),
-               root / "resnet18_untrained.pth")
-    torch.save(user.resnet, root / "resnet18_pickled.pt")
-
-    torch.manual_seed(1)  # initial weights: the same models on every run
-    tiny_timm = timm.create_model("resnet10t", pretrained=False, num_classes=3)
-    config = timm.data.resolve_data_config({}, model=tiny_timm)
-    train(tiny_timm, user.images, user.targets, timm.data.create_transform(**config), steps=6)
-    torch.save({"model": tiny_timm.state_dict(), "optimizer": {"lr": 0.002}}, root / "resnet10t.pth")
-
-    tiny = user.code.TinyNet(3)
-    train(tiny, user.images, user.targets, user.code.eval_transform(), steps=60)
-    torch.save({"model_state_dict": tiny.state_dict()}, root / "tinynet.pt")
-    torch.jit.save(torch.jit.script(tiny), str(root / "tinynet_scripted.pt"))
-    torch.onnx.export(tiny, (torch.zeros(2, 3, 64, 64),), str(root / "tinynet.onnx"), input_names=["image"],
-                      dynamic_axes={"image": {0: "batch"}}, dynamo=False)
-    (root / "labels.txt").write_text("\n".join(user.labels) + "\n")
-    for label in user.labels:  # a smaller held-out set of its own, for a version measured on the default's too
-        (root / "val_small" / label).mkdir(parents=True)
-        for path in sorted((user.eval_dir / label).iterdir())[:2]:
-            shutil.copy2(path, root / "val_small" / label / path.name)
-    MODELS.update({"torchvision": user.resnet, "timm": tiny_timm, "user class": tiny})
-    return user
-
-
-MODELS: dict[str, torch.nn.Module] = {}  # kind → the eager model, as the user trained it
 
 
 TEXTS = {"positive": ["What a wonderful, happy day.", "I love this lovely place.", "The food was great and tasty.",
@@ -131,17 +89,6 @@ class Imported:
     client: TorchServe
     outputs: dict[str, str]  # import name → stdout
     seconds: dict[str, float]
-
-
-def run_import(env: dict[str, str], specs: Path, *args: str):
-    return manage("import", *args, "--specs", str(specs), **env)
-
-
-def make_import(env: dict[str, str], specs: Path, variables: dict[str, str]):
-    """``make import`` with these variables, each one argument of make's (no shell reads them on the way)."""
-    return subprocess.run(["make", "--no-print-directory", "import", f"SPECS={specs}",
-                           *(f"{key}={value}" for key, value in variables.items())],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, **env}, timeout=900)
 
 
 @pytest.fixture(scope="session")
