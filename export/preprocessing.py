@@ -236,12 +236,13 @@ class Reading:
         "color_mode": "RGB"})
 
 
-def settings_from_transform(transform: Any) -> dict[str, Any]:
-    """The ``handler:`` settings a transform means; PreprocessingError names a step that cannot be served."""
+def settings_from_transform(transform: Any, whole_images: bool = False) -> dict[str, Any]:
+    """The ``handler:`` settings a transform means; PreprocessingError names a step that cannot be served.
+    ``whole_images``: the model takes each image at its own size (a segmenter), so no crop is needed."""
     reading = Reading()
     for step in flatten(transform):
         read_step(step, reading)
-    return finish(reading)
+    return finish(reading, whole_images)
 
 
 def read_step(step: Step, reading: Reading) -> None:
@@ -430,19 +431,19 @@ READERS: dict[tuple[str, str], Callable[[Step, Reading], None]] = {
 }
 
 
-def finish(reading: Reading) -> dict[str, Any]:
+def finish(reading: Reading, whole_images: bool = False) -> dict[str, Any]:
     """The settings, once every step is read: the crop the model sees, mean and std in the server's terms."""
     settings = dict(reading.settings)
     if reading.form == "image":
         raise PreprocessingError("the transform ends with a PIL image, not a tensor; add ToTensor() (and Normalize) "
                                  "as the model was trained with")
-    if settings["crop"] is None:
+    if settings["crop"] is None and not whole_images:
         if not isinstance(settings["resize"], list) or settings["fit"] is not None:
             raise PreprocessingError("the transform makes images of varying size (no CenterCrop after a resize that "
                                      "keeps the aspect ratio); the server batches one size: add a CenterCrop")
         settings["crop"] = list(settings["resize"])
     settings["mean"], settings["std"] = _mean_std(reading, 1 if settings["color_mode"] == "L" else 3)
-    settings["crop"] = _compact(settings["crop"])
+    settings["crop"] = None if settings["crop"] is None else _compact(settings["crop"])
     settings["fill"] = _compact(settings["fill"])
     try:
         ImageTransform.from_settings(settings)

@@ -210,9 +210,12 @@ def image_plan(request: Request, kind: str, task: str) -> tuple[Plan, int | None
     if request.transform:
         from export.preprocessing import load_transform, settings_from_transform
 
-        settings = settings_from_transform(load_transform(request.transform, code))
-        if task == "segmentation":  # the whole image: no crop
-            settings = {k: v for k, v in settings.items() if k != "crop"}
+        settings = settings_from_transform(load_transform(request.transform, code), task == "segmentation")
+        if task == "segmentation":  # the whole image: a crop would cut the class map
+            if settings.get("crop") is not None:
+                raise ServeError("TRANSFORM: a segmenter's transform crops the image; the class map answers every "
+                                 "pixel of the image as sent: pass the transform without its CenterCrop")
+            settings.pop("crop", None)
         notes = {k: f"from TRANSFORM {request.transform}" for k in settings}
         plan.extra["transform"] = {"name": request.transform, "code": reference(code)}
     outputs = None if task == "detection" else classes_of(model, request.source, {**settings, "crop": settings.get(
