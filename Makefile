@@ -10,7 +10,7 @@
 #   make ab MODEL=digits SPLIT="1.0=90 2.0=10" | promote MODEL=.. VERSION=.. [FORCE=1] | rollback MODEL=.. | routes
 #   make routes-reset                           A/B splits at the front door
 #   make monitor | monitor-stop                 Prometheus scraping TorchServe's metrics (http://127.0.0.1:9090)
-#   make load-test [SCENARIO=ClassifierUser|DigitsUser|ABUser] [USERS=16 RATE=4 DURATION=60s]   Locust, headless
+#   make load-test [SCENARIO=ClassifierUser|DigitsUser|ABUser|ModelUser MODEL=..] [USERS=16 RATE=4 DURATION=60s]
 #   make soak [MINUTES=30] [SOAK_RATE=req/s]    steady load at 70 % of saturation, 1 % bad requests, memory and files
 #                                               sampled: growth per hour and errors (load_test/results/soak.*)
 #   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/

@@ -150,7 +150,7 @@ def export_model(model, handler: ModelHandler, spec: VersionSpec, example, work:
         elif runtime == "torchscript":
             logger.info("%s %s: [2/6] export to TorchScript (%s)", spec.model, spec.version,
                         ", ".join(f"{k}={v}" for k, v in spec.export.items()))
-            export_torchscript(model, example, path, **spec.export)
+            export_torchscript(model, model_call(model, handler.forward, example), path, **spec.export)
         else:
             logger.info("%s %s: [2/6] export to ONNX (dynamic axes %s)", spec.model, spec.version,
                         handler.DYNAMIC_AXES)

@@ -6,7 +6,10 @@
 * ``ClassifierUser``: real photos of varied sizes (213 to 1600 pixels on a side) to ``efficientnet_lite0``;
 * ``DigitsUser``: held-out digits to ``digits`` (its default version);
 * ``ABUser``: digits split by ``make ab``, each simulated user with its own ``X-Client-Id``; requests are reported
-  under the version that answered (``digits via proxy -> 2.0``), so the report shows the split.
+  under the version that answered (``digits via proxy -> 2.0``), so the report shows the split;
+* ``ModelUser``: any model of the store (``MODEL=<name>``, an imported detector, segmenter, classifier or text
+  model), with the requests its handler takes (``load_test/inputs.requests_for``): an answer counts when it is
+  HTTP 200 with a JSON body or a PNG.
 
 An answer counts as failed unless it is HTTP 200 with the JSON a classifier answers (top-k label → probability);
 failures are listed in the report and make locust exit non-zero. Addresses and the token come from the same place as
@@ -16,6 +19,8 @@ failures are listed in the report and make locust exit non-zero. Addresses and t
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import uuid
 
 from locust import HttpUser, constant, task
@@ -89,3 +94,36 @@ class ABUser(Classified):
     @task
     def digit(self) -> None:
         self.send("digits via proxy ->", "/predictions/digits", {**self.headers(), "X-Client-Id": self.client_id})
+
+
+class ModelUser(HttpUser):
+    """Any model of the store, named by ``MODEL`` (make passes it as ``ARG_MODEL``)."""
+
+    host = SERVER.inference_url
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        from archives.store import Manifest
+
+        self.model = os.environ.get("ARG_MODEL") or os.environ.get("MODEL") or ""
+        entries = [e for e in Manifest().entries() if e["model"] == self.model]
+        if not entries:
+            raise RuntimeError(f"ModelUser: MODEL={self.model!r} is not in the model store; make import it first")
+        self.next_request = itertools.cycle(inputs.requests_for(self.model, entries[-1]["handler"])).__next__
+
+    @task
+    def predict(self) -> None:
+        body, content_type = self.next_request()
+        headers = {"Authorization": f"Bearer {SERVER.token('inference')}", "Content-Type": content_type}
+        with self.client.post(f"/predictions/{self.model}", data=body, headers=headers, name=self.model,
+                              catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:120]}")
+            elif response.headers.get("Content-Type", "").startswith("image/png"):
+                if not response.content.startswith(b"\x89PNG"):
+                    response.failure("an image/png answer that is not a PNG")
+            else:
+                try:
+                    json.loads(response.content)
+                except ValueError:
+                    response.failure(f"not JSON: {response.text[:120]}")

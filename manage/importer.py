@@ -236,8 +236,10 @@ def image_plan(request: Request, kind: str, task: str) -> tuple[Plan, int | None
         plan.notes.update(threshold="the lowest score answered (?threshold= per request)",
                           max_detections="the most boxes answered (?max_detections= per request)")
     plan.runtime = request.runtime or ("torchscript" if kind == "torchscript" else "onnxruntime")
+    if task in EXPORTS and kind == "checkpoint":
+        plan.export = EXPORTS[task]
     if task in TORCHSCRIPT_ONLY and kind == "checkpoint" and not request.runtime:
-        plan.runtime, plan.runtime_reason, plan.export = "torchscript", TORCHSCRIPT_ONLY[task], EXPORTS[task]
+        plan.runtime, plan.runtime_reason = "torchscript", TORCHSCRIPT_ONLY[task]
     return plan, outputs
 
 
