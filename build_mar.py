@@ -346,6 +346,23 @@ def stored(path: Path, target: Path) -> Path:
     return target
 
 
+def gate(spec: VersionSpec, accuracy: dict | None, measured: str) -> None:
+    """The version's first figure against its ``min_accuracy``; measured on the eager model before the export (a
+    quick refusal), then on the exported one, which is what is recorded and served."""
+    name = f"{spec.model} {spec.version}"
+    if accuracy is not None:
+        logger.info("%s: held-out %s %.4f%s on %d samples (%s)", name, accuracy["metric"], accuracy["held_out"],
+                    f", top-5 {accuracy['top5']:.4f}" if "top5" in accuracy else "", accuracy["samples"], measured)
+    if spec.min_accuracy is None:
+        return
+    if accuracy is None:
+        raise BuildError(f"{name}: refused: min_accuracy {spec.min_accuracy} needs an eval set to measure on")
+    if accuracy["held_out"] < spec.min_accuracy:
+        raise BuildError(f"{name}: refused: {accuracy['metric']} {accuracy['held_out']:.4f} on "
+                         f"{accuracy['eval_set']['name']} ({accuracy['samples']} samples) is under min_accuracy "
+                         f"{spec.min_accuracy:g} ({measured})")
+
+
 def chosen_settings(model_config: dict, accuracy: dict | None) -> dict:
     """The archive's model-config: the spec's, with what the build chose on the eval set (a multi-label model's
     thresholds, where its spec says ``thresholds: f1``)."""
@@ -402,6 +419,13 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
         cases[f"all {len(items)} samples as one batch"] = handler.collate(list(items.values()))
         eager = numpy_model(built.model)  # called with numpy arrays, as the served runtimes are
         check_labels(spec, labels, handler.forward(eager, next(iter(cases.values()))))
+        first = None
+        if not built.shipped:  # the eager model first: a version the gates refuse is refused before its export
+            try:
+                first = measure(spec, eager, handler, labels, built.evaluation)
+            except USER_ERRORS as error:
+                raise refused(spec, error) from None
+            gate(spec, first, "eager model")
 
         exported = export_model(built.model, handler, spec, handler.collate(list(items.values())[:2]), work,
                                 runtimes_to_ship(spec, handler, built.model), built.shipped)
@@ -428,16 +452,9 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
             compared = against_default(spec, default, manifest, served, handler, labels, accuracy)
         except USER_ERRORS as error:
             raise refused(spec, error) from None
-        if accuracy is not None:
-            logger.info("%s: held-out %s %.4f%s on %d samples", name, accuracy["metric"], accuracy["held_out"],
-                        f", top-5 {accuracy['top5']:.4f}" if "top5" in accuracy else "", accuracy["samples"])
-        if spec.min_accuracy is not None:
-            if accuracy is None:
-                raise BuildError(f"{name}: refused: min_accuracy {spec.min_accuracy} needs an eval set to measure on")
-            if accuracy["held_out"] < spec.min_accuracy:
-                raise BuildError(f"{name}: refused: {accuracy['metric']} {accuracy['held_out']:.4f} on "
-                                 f"{accuracy['eval_set']['name']} ({accuracy['samples']} samples) is under "
-                                 f"min_accuracy {spec.min_accuracy:g}")
+        if accuracy is not None and first is not None:
+            accuracy["eager"] = first["held_out"]  # the same figure before the export: what the export changed
+        gate(spec, accuracy, "exported model")
         model_config = chosen_settings(spec.model_config, accuracy)
         handler.settings.update(model_config.get("handler") or {})
 
