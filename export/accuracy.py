@@ -22,6 +22,7 @@ and the figure under each; ``make import LABEL_ORDER=found`` takes the order fou
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -65,10 +66,13 @@ def batches(items: list, name: str):
         yield start, items[start:start + EVAL_BATCH]
 
 
-def check_order(agreement: np.ndarray, labels: dict | None, metric: str) -> dict:
+def check_order(agreement: np.ndarray, labels: dict | None, metric: str, samples: int | None = None) -> dict:
     """The label-order check on an agreement matrix (truth rows, outputs columns); refused where another order is
-    clearly better."""
+    clearly better. ``samples``: how many samples the matrix stands for, where its entries are not counts of them
+    (a multi-label model's positives above chance)."""
     order = measures.label_order(agreement)
+    if samples is not None:
+        order = dataclasses.replace(order, samples=samples)
     record = {"given_score": order.given_score, "found_score": order.found_score, "samples": order.samples}
     if not order.better or labels is None:
         return record
@@ -202,13 +206,16 @@ def multilabel(model, handler, path: Path, labels: dict | None) -> dict:
         raise DataError(f"{path}: every label is on all of its images or on none: AUROC needs both; add images with "
                         "and without each label")
     names = label_names(labels)
-    agreement = targets.T.astype(np.int64) @ (probabilities >= 0.5).astype(np.int64)
+    # positives above chance: how much more often output j fires on label i's images than on any image
+    fired = (probabilities >= thresholds).astype(np.float64)
+    together = targets.T.astype(np.float64) @ fired
+    agreement = np.clip(together - np.outer(targets.sum(axis=0), fired.sum(axis=0)) / len(targets), 0, None)
     return {"metric": "macro_auroc", "held_out": scores["macro_auroc"], "macro_f1": scores["macro_f1"],
             "thresholds": {names[i]: round(float(t), 6) for i, t in enumerate(thresholds)},
             "thresholds_chosen": "to maximise each label's F1 on this set" if chosen else "the spec's",
             "per_label": scores["per_label"], "samples": len(data.payloads),
             "eval_set": {"name": str(path), "sha256": digest(data.payloads, data.labels)},
-            "label_order": check_order(agreement, labels, "positives")}
+            "label_order": check_order(agreement, labels, "images", samples=len(targets))}
 
 
 MEASURES = {"detection": detection, "segmentation": segmentation, "multilabel": multilabel}

@@ -201,7 +201,7 @@ def _checked(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray
 
 
 # when a found label order counts as clearly better than the given one: see LabelOrder.better
-MIN_SAMPLES = 50
+MIN_SAMPLES = 30
 SAMPLES_PER_LABEL = 5
 MIN_FOUND = 0.5
 MIN_GAIN = 0.2
@@ -228,7 +228,7 @@ class LabelOrder:
     def better(self) -> bool:
         """Whether the found order is another order and clearly beats the given one; all of:
 
-        * at least ``MIN_SAMPLES`` (50) samples, and ``SAMPLES_PER_LABEL`` (5) per label: in a sparse matrix the
+        * at least ``MIN_SAMPLES`` (30) samples, and ``SAMPLES_PER_LABEL`` (5) per label: in a sparse matrix the
           solver finds a good-looking order in noise alone;
         * the found order explains at least half the samples (``MIN_FOUND``): noise over three or more labels
           hardly ever does;

@@ -260,6 +260,15 @@ def test_each_gate_refuses_in_one_line(tasks):
 # --- labels in the order the model was trained --------------------------------------------------------------------
 
 
+def test_a_multilabel_model_given_the_csvs_sorted_names_is_refused_with_the_order_it_was_trained_in(tasks):
+    """Without LABELS, a multi-label model's labels are the CSV's names, sorted: not the order it was trained in."""
+    variables = {key: value for key, value in tasks.imports["findings"].items() if key != "LABELS"}
+    line = refusal_line(run_import(tasks.env, tasks.specs, *command_line({**variables, "NAME": "sorted_findings"})))
+    assert "another order" in line and f"Order found: {tasks.projects['findings'].labels}" in line, line
+    assert not (tasks.specs / "sorted_findings.yaml").exists()
+
+
+
 def test_labels_in_another_order_than_trained_are_refused_and_the_found_order_is_taken_when_asked(tasks, project:
                                                                                                     Project, tmp_path):
     """The user trained with their classes in their own order (ORDER); the EVAL folders' sorted names give another.
