@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -22,11 +23,13 @@ def test_locust_scenarios_run_headless_and_count_every_request(served, restored,
     run = subprocess.run(
         [sys.executable, "-m", "locust", "-f", "load_test/locustfile.py", "--headless", "--users", "9",
          "--spawn-rate", "9", "--run-time", "6s", "--csv", str(tmp_path / "load"), "--only-summary",
-         "ClassifierUser", "DigitsUser", "ABUser"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+         "ClassifierUser", "DigitsUser", "ABUser", "ModelUser"], cwd=REPO, capture_output=True, text=True,
+        timeout=120, check=False, env={**os.environ, "ARG_MODEL": "super_resolution"})  # ModelUser: PNG answers
     assert run.returncode == 0, run.stderr[-2000:]
     with open(tmp_path / "load_stats.csv") as stats:
         rows = {row["Name"]: row for row in csv.DictReader(stats)}
     assert int(rows["efficientnet_lite0"]["Request Count"]) > 0 and int(rows["digits"]["Request Count"]) > 0
+    assert int(rows["super_resolution"]["Request Count"]) > 0
     via_proxy = {name.rsplit(" ", 1)[1] for name in rows if name.startswith("digits via proxy ->")}
     assert via_proxy and via_proxy <= {"1.0", "2.0"}, rows.keys()
     assert all(int(row["Failure Count"]) == 0 for row in rows.values()), rows
