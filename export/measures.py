@@ -140,7 +140,7 @@ def segmentation_scores(confusion: np.ndarray) -> dict:
 
 def best_thresholds(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Per label, the threshold that maximises F1 on the set (a sample has the label when its probability is ≥ the
-    threshold). A label with no positive sample in the set cannot be tuned: it gets 0.5, and a warning names it."""
+    threshold), placed halfway between the lowest probability it keeps and the next lower one. A label with no positive sample in the set cannot be tuned: it gets 0.5, and a warning names it."""
     from sklearn.metrics import precision_recall_curve
 
     probabilities, targets = _checked(probabilities, targets)
@@ -154,7 +154,11 @@ def best_thresholds(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarra
         precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
         f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
                        where=(precision + recall) > 0)
-        thresholds[label] = cuts[int(np.argmax(f1))]
+        best = cuts[int(np.argmax(f1))]
+        below = probabilities[:, label][probabilities[:, label] < best]
+        # halfway to the next lower probability: the same split of this set, and no sample sits on the threshold,
+        # where a served float32 probability and the recorded threshold could fall either way
+        thresholds[label] = (best + below.max()) / 2 if below.size else best
     if untuned:
         logger.warning("labels %s have no positive sample in the set: their threshold is left at 0.5",
                        ", ".join(map(str, untuned)))

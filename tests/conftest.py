@@ -250,3 +250,27 @@ def make_import(env: dict[str, str], specs: Path, variables: dict[str, str]):
     return subprocess.run(["make", "--no-print-directory", "import", f"SPECS={specs}",
                            *(f"{key}={value}" for key, value in variables.items())],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, **env}, timeout=900)
+
+
+# --- the other tasks' projects (export/example_tasks.py: test_example_tasks.py checks them, test_tasks.py imports them)
+
+
+@pytest.fixture(scope="session")
+def detection_project(tmp_path_factory):
+    from export.example_tasks import write_detection_project
+
+    return write_detection_project(tmp_path_factory.mktemp("detection"))
+
+
+@pytest.fixture(scope="session")
+def segmentation_project(tmp_path_factory):
+    from export.example_tasks import write_segmentation_project
+
+    return write_segmentation_project(tmp_path_factory.mktemp("segmentation"))
+
+
+@pytest.fixture(scope="session")
+def multilabel_project(tmp_path_factory):
+    from export.example_tasks import write_multilabel_project
+
+    return write_multilabel_project(tmp_path_factory.mktemp("multilabel"))

@@ -17,25 +17,24 @@ import pytest
 import torch
 from PIL import Image
 
-from export.example_tasks import (DetectionProject, MultilabelProject, SegmentationProject,
-                                  write_detection_project, write_multilabel_project, write_segmentation_project)
+from export.example_tasks import (DetectionProject, MultilabelProject, SegmentationProject)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def detection(tmp_path_factory) -> DetectionProject:
-    return write_detection_project(tmp_path_factory.mktemp("detection"))
+@pytest.fixture
+def detection(detection_project) -> DetectionProject:
+    return detection_project  # conftest: written once a session, the task tests import the same projects
 
 
-@pytest.fixture(scope="module")
-def segmentation(tmp_path_factory) -> SegmentationProject:
-    return write_segmentation_project(tmp_path_factory.mktemp("segmentation"))
+@pytest.fixture
+def segmentation(segmentation_project) -> SegmentationProject:
+    return segmentation_project
 
 
-@pytest.fixture(scope="module")
-def multilabel(tmp_path_factory) -> MultilabelProject:
-    return write_multilabel_project(tmp_path_factory.mktemp("multilabel"))
+@pytest.fixture
+def multilabel(multilabel_project) -> MultilabelProject:
+    return multilabel_project
 
 
 def reloaded(project) -> torch.nn.Module:

@@ -29,7 +29,6 @@ from PIL import Image
 from archives import load_spec
 from archives.store import Manifest
 from export.example_project import Project, crops, save
-from export.example_tasks import write_detection_project, write_multilabel_project, write_segmentation_project
 from manage.client import TorchServe, instance_env
 from tests.conftest import instance, make_import, ok, refusal_line, run_import
 
@@ -56,16 +55,14 @@ class Tasks:
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> Tasks:
+def tasks(tmp_path_factory, detection_project, segmentation_project, multilabel_project) -> Tasks:
     """The three projects imported into a store of the module's own, then served (its environment set for the
     module only)."""
     home = tmp_path_factory.mktemp("tasks")
     specs = home / "specs"
     specs.mkdir()
     env = {**instance_env(home / "serve"), "MODEL_STORE": str(home / "store")}
-    detection = write_detection_project(home / "detection")
-    segmentation = write_segmentation_project(home / "segmentation")
-    multilabel = write_multilabel_project(home / "multilabel")
+    detection, segmentation, multilabel = detection_project, segmentation_project, multilabel_project
     imports = {
         "shapes": {"FROM": detection.checkpoint, "ARCH": detection.arch,
                    "ARGS": json.dumps({k: v for k, v in detection.args.items() if k != "num_classes"}),
@@ -248,13 +245,16 @@ def test_the_open_inference_protocol_gives_each_tasks_outputs(tasks):
 
 
 def test_each_gate_refuses_in_one_line(tasks):
-    for name, metric in (("shapes", "map50"), ("regions", "mean_iou"), ("findings", "macro_auroc")):
-        versions = load_spec(tasks.specs / f"{name}.yaml").versions.keys()
-        variables = {**tasks.imports[name], "MIN_ACCURACY": "0.999"}
-        line = refusal_line(run_import(tasks.env, tasks.specs, *command_line(variables)))
+    metrics = {"shapes": "map50", "regions": "mean_iou", "findings": "macro_auroc"}
+    versions = {name: load_spec(tasks.specs / f"{name}.yaml").versions.keys() for name in metrics}
+    with concurrent.futures.ThreadPoolExecutor(len(metrics)) as pool:  # imports may run at once
+        results = dict(zip(metrics, pool.map(lambda name: run_import(tasks.env, tasks.specs, *command_line(
+            {**tasks.imports[name], "MIN_ACCURACY": "0.999"})), metrics)))
+    for name, metric in metrics.items():
+        line = refusal_line(results[name])
         # refused on the eager model, before the export
         assert f"refused: {metric}" in line and "under min_accuracy 0.999 (eager model)" in line, line
-        assert load_spec(tasks.specs / f"{name}.yaml").versions.keys() == versions
+        assert load_spec(tasks.specs / f"{name}.yaml").versions.keys() == versions[name]
 
 
 # --- labels in the order the model was trained --------------------------------------------------------------------
