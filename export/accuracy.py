@@ -206,8 +206,9 @@ def multilabel(model, handler, path: Path, labels: dict | None) -> dict:
         raise DataError(f"{path}: every label is on all of its images or on none: AUROC needs both; add images with "
                         "and without each label")
     names = label_names(labels)
-    # positives above chance: how much more often output j fires on label i's images than on any image
-    fired = (probabilities >= thresholds).astype(np.float64)
+    # positives above chance: how much more often output j fires (at 0.5: thresholds chosen on labels in a wrong
+    # order would be chosen to fire on everything) on label i's images than on any image
+    fired = (probabilities >= 0.5).astype(np.float64)
     together = targets.T.astype(np.float64) @ fired
     agreement = np.clip(together - np.outer(targets.sum(axis=0), fired.sum(axis=0)) / len(targets), 0, None)
     return {"metric": "macro_auroc", "held_out": scores["macro_auroc"], "macro_f1": scores["macro_f1"],
