@@ -74,8 +74,8 @@ HOLD="$SERVE_HOME/not-ready"
 # this shell's files, its pid in SERVE_HOME/<name>.pid): the health checker (health) and the Open Inference Protocol
 # gateway (v2: REST behind the front door's /v2/, gRPC on V2_GRPC_ADDRESS). The >> keeps what a helper writes before
 # its logging is set up; from then on it writes and rotates that file itself, by size, its stdout and stderr
-# following (manage/logs.py). torchserve.out below, which nobody reopens, is appended to (>>), so the health
-# checker can copy and truncate it in place; every log's size and files kept: manage/logs.py and log4j2.xml.
+# following (serving/logs.py). torchserve.out below, which nobody reopens, is appended to (>>), so the health
+# checker can copy and truncate it in place; every log's size and files kept: serving/logs.py and log4j2.xml.
 start_helper() {
   if ! alive "$SERVE_HOME/$1.pid"; then
     setsid "$PYTHON" -m manage "$1" </dev/null >>"$LOG_DIR/$1.log" 2>&1 &
@@ -124,7 +124,7 @@ start() {
     stop >&2
     return 1
   fi
-  echo "front door ready at $("$PYTHON" -c 'from manage.client import front_address; print(front_address())') in $((SECONDS - started)) s"
+  echo "front door ready at $("$PYTHON" -c 'from serving.instance import Instance; print(Instance.current().front)') in $((SECONDS - started)) s"
   manage list
 }
 

@@ -6,7 +6,7 @@ it, so the three cannot disagree:
 * the image's working directory ``/opt/toolkit`` holds the toolkit's runtime files (``deploy/image.py``) and its
   ``.venv``; the model store ``/opt/toolkit/model_store`` holds the archives and their unpacked folders, prepared at
   build time, so the root filesystem can be read-only; everything written goes under ``/tmp`` (an emptyDir), whose
-  size limit is what may be written there at worst (``tmp_budget``): every log at its cap (``manage/logs.py``,
+  size limit is what may be written there at worst (``tmp_budget``): every log at its cap (``serving/logs.py``,
   ``log4j2.xml``), SERVE_HOME's state and, where TorchServe loads archives itself, what it extracts;
 * the command is ``tini -- /opt/toolkit/serve.sh run``: tini (PID 1) forwards SIGTERM to serve.sh, which stops the
   front door gracefully, then TorchServe, and exits 0;
@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from deploy.plan import ModelPlan
-from manage import logs
+from serving import logs
 
 WORKDIR = "/opt/toolkit"
 SERVE = f"{WORKDIR}/serve.sh"
@@ -61,7 +61,7 @@ TMP = "/tmp"  # LOG_DIR and SERVE_HOME (base_env), an emptyDir sized by tmp_budg
 STATE_BYTES = 16 * logs.MIB
 # nginx's temp folders stay empty: a request body is held in memory up to the body limit (client_body_buffer_size
 # = client_max_body_size) and answers are not buffered (proxy_buffering off); tests/test_logs.py holds
-# proxy/nginx.conf to that.
+# serving/nginx.conf to that.
 NGINX_TEMP_BYTES = 0
 TMP_HEADROOM = 0.10  # over the sum: what no item counts (a Python traceback, the JVM's hsperfdata)
 TMP_STEP_MI = 64

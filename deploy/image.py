@@ -45,7 +45,7 @@ RUNTIME_FILES = (
     "archives/",  # the specs and the model store's code (python -m manage reads both)
     "handlers/",  # archives/ checks each spec's handler module exists; handlers/site/ is the workers' hook
     "manage/",
-    "proxy/",
+    "serving/",  # what runs: the instance, the front door and its nginx.conf, the health checker, the v2 gateway
     "monitoring/metrics.yaml",
 )
 MODEL_FILES = ("model_store/manifest.json", "model_store/*.mar")

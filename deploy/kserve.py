@@ -42,7 +42,7 @@ from deploy import contract
 from deploy.checks import AUTOSCALER_CLASS, DEPLOYMENT_MODE, KNATIVE, STANDARD
 from deploy.kubernetes import labels
 from deploy.plan import ModelPlan, torchserve_version
-from manage.client import CONFIG, read_properties
+from serving.instance import REPO, read_properties
 
 RUNTIME = "torchserve-toolkit"
 MODEL_FORMAT = "pytorch"
@@ -186,7 +186,7 @@ def model_snapshot(plan: ModelPlan, default: str) -> dict[str, Any]:
 
 def properties(plan: ModelPlan, default: str) -> str:
     """This repository's config.properties as KServe's storage serves it."""
-    values = dict(read_properties(CONFIG))
+    values = dict(read_properties(REPO / "config.properties"))
     values["model_store"] = contract.KSERVE_MODEL_STORE
     values.pop("load_models", None)  # model_snapshot below decides what loads
     values["model_snapshot"] = json.dumps(model_snapshot(plan, default), separators=(",", ":"))

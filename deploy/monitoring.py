@@ -1,6 +1,6 @@
 """Alerts, the autoscaler's metric, and promtool unit tests for both alerts.
 
-Two alerts per model, each per version, from series that exist (``manage/health.py``'s front door counts and the
+Two alerts per model, each per version, from series that exist (``serving/health.py``'s front door counts and the
 handler histograms declared in ``monitoring/metrics.yaml``):
 
 * error ratio: the share of the front door's predictions and explanations answered 5xx, by the version that
@@ -32,7 +32,7 @@ P99_SECONDS = 1.0
 RATE_WINDOW = "5m"
 SERVED_APIS = "predictions|explanations"
 RPS_METRIC = "frontdoor_requests_per_second"
-RPS_SOURCE = "frontdoor_forwarded_requests_total"  # manage/health.py: passed on, after the key check
+RPS_SOURCE = "frontdoor_forwarded_requests_total"  # serving/health.py: passed on, after the key check
 ERROR_ALERT = "ModelVersionErrorRatioHigh"
 LATENCY_ALERT = "ModelVersionLatencyP99High"
 

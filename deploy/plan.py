@@ -12,7 +12,7 @@ frontend's JVM (capped at -Xmx1g by config.properties) and nginx, then per worke
 weights; ``--memory`` overrides it.
 
 The split. The weights in a generated route or canary equal the local split: the running front door's route for the
-model when there is one (``manage.proxy.Proxy().routes()``, the table ``python -m manage routes`` prints, with the
+model when there is one (``serving.front_door.Proxy().routes()``, the table ``python -m manage routes`` prints, with the
 TorchServe default it was set with), else the ``--split`` option (between two versions: the older is the one in
 production, the newer the canary), else none.
 """
@@ -165,7 +165,7 @@ def estimate_memory_mi(versions: list[VersionPlan]) -> int:
 def running_route(model: str) -> dict[str, Any] | None:
     """The running front door's route for ``model`` ({"split", "default"}), or None when it is not running or the
     model is not routed."""
-    from manage.proxy import Proxy
+    from serving.front_door import Proxy
 
     try:
         return Proxy().routes().state(model)
@@ -174,8 +174,8 @@ def running_route(model: str) -> dict[str, Any] | None:
 
 
 def option_split(model: str, terms: str, built: list[str]) -> dict[str, float]:
-    from manage.client import ServeError
-    from manage.proxy import parse_split
+    from serving.front_door import parse_split
+    from serving.instance import ServeError
 
     try:
         split = parse_split([terms])

@@ -12,7 +12,7 @@ Service's load balancing (nginx picks per request, kube-proxy per connection).
 
 Each replica is one loopback "pod": its container ports (8080, 8082, 8083 in the manifest) are mapped to free ports,
 ``/opt/toolkit`` to the staged folder and ``/tmp`` to its own folder; TorchServe's internal loopback ports, which pods
-would not share, get free ports too (``manage.client.instance_env``).
+would not share, get free ports too (``serving.instance.Instance.fresh``).
 
 ``python -m deploy.rehearsal [--model digits] [--replicas 3]``: renders the manifests, starts the replicas, runs a
 rolling update under steady load (one replica at a time: deleted → out of the Service → preStop drain → SIGTERM →
@@ -43,8 +43,8 @@ import requests
 
 from deploy import contract
 from load_test import inputs
-from manage.client import free_ports, instance_env
-from manage.proxy import nginx_binary
+from serving.front_door import nginx_binary
+from serving.instance import Instance, free_ports
 
 IMAGE_ROOT = "/opt/toolkit"
 RESTARTS = 2  # restarts of a container that exits while starting, before the rehearsal gives up
@@ -157,9 +157,9 @@ class Replica:
         inside = sorted(set(container.ports.values()) | {int(p) for v in container.env.values()
                                                          for p in ADDRESS.findall(v)})
         self.port = dict(zip(inside, unique_ports(len(inside)), strict=True))
-        env = instance_env(home)  # and TorchServe's internal loopback ports, which config.properties names
+        env = Instance.fresh(home).environment()  # and TorchServe's internal loopback ports, which config.properties names
         while not claim(ports_of(env)):
-            env = instance_env(home)
+            env = Instance.fresh(home).environment()
         for key, value in container.env.items():
             env[key] = self.mapped(value, image)
         self.env = {**os.environ, **env, "TINI_SUBREAPER": "1"}  # tini is not PID 1 here

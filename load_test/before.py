@@ -21,7 +21,7 @@ from pathlib import Path
 from archives.store import Manifest, store_of
 from load_test import inputs, servers
 from load_test.bench import drive
-from manage.client import REPO
+from serving.instance import REPO
 
 BEFORE = "462b7ab"  # the last commit whose handlers imported torch in every worker
 MODEL, VERSION = "efficientnet_lite0", "1.1"

@@ -46,7 +46,7 @@ import yaml
 from archives import load_specs
 from archives.store import Manifest
 from load_test import inputs, limit, peers, servers
-from manage.client import REPO, serve_home
+from serving.instance import REPO, Instance
 
 RESULTS = REPO / "load_test" / "results"
 WRK_SCRIPT = REPO / "load_test" / "wrk.lua"
@@ -103,7 +103,7 @@ def process_seconds(pid: int) -> float:
 
 def ts_pid() -> int:
     """The pid of the TorchServe frontend that serve.sh started for the current SERVE_HOME."""
-    return int((serve_home() / "tmp" / ".model_server.pid").read_text().strip())
+    return int((Instance.current().home / "tmp" / ".model_server.pid").read_text().strip())
 
 
 def settle(idle_cores: float = 0.3, timeout: float | None = None) -> None:

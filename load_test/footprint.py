@@ -54,18 +54,9 @@ import yaml
 
 from archives.store import Manifest
 from load_test import inputs
-from manage.client import (
-    REPO,
-    ServeError,
-    TorchServe,
-    address,
-    front_address,
-    instance_env,
-    minimum_workers,
-    ready_workers,
-    serve_home,
-    serve_pids,
-)
+from serving.instance import REPO, ServeError
+from serving.instance import Instance as Stack
+from serving.torchserve import TorchServe, minimum_workers, ready_workers
 
 RESULTS = REPO / "load_test" / "results"
 WRK_SCRIPT = REPO / "load_test" / "wrk.lua"
@@ -99,9 +90,9 @@ ASYNC_LOGGERS = "-Dlog4j2.contextSelector=org.apache.logging.log4j.core.async.As
 def variants() -> list[tuple[str, str, dict[str, str], dict[str, Any]]]:
     """The settings tried, relative to config.properties and log4j2.xml as they are now. A config.properties value
     may be a function of the file's value (None: the key is left out)."""
-    from manage.client import read_properties
+    from serving.instance import Instance as Stack
 
-    vmargs = read_properties().get("vmargs", "")
+    vmargs = Stack.current().properties().get("vmargs", "")
     found = [
         ("shipped", "config.properties and log4j2.xml as they are", {}, {}),
         ("number_of_netty_threads=1", "TS_NUMBER_OF_NETTY_THREADS=1", {"TS_NUMBER_OF_NETTY_THREADS": "1"}, {}),
@@ -320,7 +311,7 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True)
         self.began = began
         self.ts = TorchServe(timeout=2)
-        self.inference = address("inference")
+        self.inference = Stack.current().torchserve("inference")
         self.done = threading.Event()
         self.versions: dict[str, dict[str, Any]] = {}
         self.workers: dict[str, dict[str, Any]] = {}
@@ -380,7 +371,7 @@ class Instance:
     def __init__(self, home: Path, store: Path, env: dict[str, str] | None = None, watch: bool = True,
                  root: Path = REPO):
         self.home, self.store, self.watch, self.root = home, store, watch, root
-        self.env = {**instance_env(home), "MODEL_STORE": str(store), **(env or {})}
+        self.env = {**Stack.fresh(home, store=str(store)).environment(), **(env or {})}
         self.patch = mock.patch.dict(os.environ, self.env)  # serve.sh, the client and python -m manage all read it
         self.start: dict[str, Any] = {}
         self.ts: TorchServe | None = None
@@ -426,13 +417,13 @@ class Instance:
 
     # the processes of the demo
     def java(self) -> int:
-        return int((serve_home() / "tmp" / ".model_server.pid").read_text().strip())
+        return int((Stack.current().home / "tmp" / ".model_server.pid").read_text().strip())
 
     def health(self) -> int | None:
-        return serve_pids().get("health checker")
+        return Stack.current().pids().get("health checker")
 
     def nginx(self) -> list[int]:
-        from manage.proxy import Proxy
+        from serving.front_door import Proxy
 
         master = Proxy().master()
         return [master, *children(master)] if master else []
@@ -648,7 +639,7 @@ def warm_up(instance: Instance, manifest: Manifest) -> dict[str, Any]:
     for (model, version), info in sorted(instance.ts.registered().items()):
         bodies = inputs.requests_for(model, handlers.get((model, version), ""))
         workers = max(1, len(info.get("workers", [])))
-        url = f"{front_address()}/predictions/{model}/{version}"
+        url = f"{Stack.current().front}/predictions/{model}/{version}"
 
         def send(index: int, bodies=bodies, url=url) -> tuple[int, str]:
             body, kind = bodies[index % len(bodies)]
@@ -677,7 +668,7 @@ def memory(instance: Instance, manifest: Manifest) -> dict[str, Any]:
     for index, pid in enumerate(nginx):
         processes.append({"name": "nginx master" if index == 0 else f"nginx worker {index}", "kind": "nginx",
                           "pid": pid})
-    helpers = serve_pids()
+    helpers = Stack.current().pids()
     if pid := helpers.get("health checker"):
         processes.append({"name": "health checker (python -m manage health)", "kind": "health", "pid": pid})
     if pid := helpers.get("v2 gateway"):
@@ -878,7 +869,7 @@ def frontend_cpu(instance: Instance, files: dict[str, list[Path]], seconds: floa
                  log: Callable[[str], None]) -> list[dict[str, Any]]:
     """digits and efficientnet_lite0 (their default versions), through the front door and straight to TorchServe."""
     registered = {model for model, _ in instance.ts.registered()}
-    paths = {"front door": front_address(), "TorchServe directly": address("inference")}
+    paths = {"front door": Stack.current().front, "TorchServe directly": Stack.current().torchserve("inference")}
     runs = []
     for model in CPU_MODELS:
         if model not in registered:
@@ -953,7 +944,7 @@ def settings_experiment(tmp: Path, manifest: Manifest, files: dict[str, list[Pat
             if config:
                 environment["TS_CONFIG_FILE"] = str(config_copy(home / "conf", config))
             with Instance(home, store, environment, watch=False) as instance:
-                url = f"{front_address()}/predictions/digits"
+                url = f"{Stack.current().front}/predictions/digits"
                 jit = warm_jit(instance, url, files["digits"])
                 point = measure(instance, url, files["digits"], seconds, 0)
                 point["jit_warm_up"] = jit
@@ -1026,7 +1017,7 @@ def access_log_switched(tmp: Path, manifest: Manifest, files: list[Path], second
     store = model_store(tmp / "store-access", manifest, lambda e: (e["model"], e["version"]) in VARIANT_STORE)
     runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     with Instance(tmp / "access", store, watch=False, root=root) as instance:
-        url = f"{front_address()}/predictions/digits"
+        url = f"{Stack.current().front}/predictions/digits"
         access_log = instance.log_dir / "access_log.log"
         warm_jit(instance, url, files)
         for turn in range(turns):
@@ -1343,9 +1334,9 @@ def cpu_markdown(cpu: dict[str, Any], results: dict[str, Any]) -> list[str]:
                          f"{s['median']:.3f} | {s['vs_shipped']:+.0%} | {s['rps']:.0f} | {s['java_pss_mb']:.0f} | "
                          f"{s['verdict']} |")
         shipped = settings["shipped"]["runs"][0]
-        from manage.client import read_properties
+        from serving.instance import Instance as Stack
 
-        asynchronous = read_properties().get("async_logging", "unset")
+        asynchronous = Stack.current().properties().get("async_logging", "unset")
         lines += ["", (f"Shipped: an async logger thread {'is' if shipped['async_logger_thread'] else 'is not'} "
                       f"running (async_logging={asynchronous} in config.properties); {shipped['netty_threads']} "
                       "netty event-loop threads."), "", "![frontend CPU per request by setting](footprint_cpu.png)"]

@@ -26,8 +26,7 @@ import uuid
 from locust import HttpUser, constant, task
 
 from load_test import inputs
-from manage.client import TorchServe
-
+from serving.torchserve import TorchServe
 
 SERVER = TorchServe()
 PHOTOS = list(inputs.photos().values())

@@ -122,7 +122,7 @@ def serve(peer: str, settings: Settings, archive: Path, folder: Path, probe: byt
     """``peer`` with ``settings`` on a free loopback port, its output in ``folder/<peer>.log``: yields a
     ``servers.Running`` once it answered ``probe`` with ``expected`` in its top class; stops its process tree after."""
     from load_test import servers
-    from manage.client import free_ports
+    from serving.instance import free_ports
 
     [port] = free_ports(1)
     folder.mkdir(parents=True, exist_ok=True)

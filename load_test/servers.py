@@ -29,7 +29,9 @@ import requests
 import yaml
 
 from archives.store import Manifest
-from manage.client import REPO, TorchServe, free_ports, instance_env, ready_workers
+from serving.instance import REPO, free_ports
+from serving.instance import Instance as Stack
+from serving.torchserve import TorchServe, ready_workers
 
 RAW = {"Content-Type": "application/octet-stream"}  # what wrk sends (load_test/wrk.lua)
 
@@ -249,7 +251,7 @@ def unregister(ts: TorchServe, name: str) -> None:
 @contextmanager
 def torchserve(store: Path, home: Path, **env: str) -> Iterator[tuple[TorchServe, float]]:
     """TorchServe started by serve.sh with ``store`` on free ports: (client, seconds until every model was READY)."""
-    environment = {**instance_env(home), "MODEL_STORE": str(store), **env}
+    environment = {**Stack.fresh(home, store=str(store)).environment(), **env}
     with mock.patch.dict(os.environ, environment):  # serve.sh, the client and python -m manage all read it
         began = time.perf_counter()
         started = subprocess.run([str(REPO / "serve.sh"), "start"], capture_output=True, text=True, check=False)
@@ -290,11 +292,11 @@ def single_store(folder: Path, source: Manifest, model: str, version: str) -> Pa
 
 
 def ours_roots() -> list[int]:
-    """The processes serve.sh started for the current SERVE_HOME (``manage.client.PID_FILES``); TorchServe's workers
+    """The processes serve.sh started for the current SERVE_HOME (``serving.instance.PID_FILES``); TorchServe's workers
     and nginx's are their children."""
-    from manage.client import serve_pids
+    from serving.instance import Instance as Stack
 
-    return list(serve_pids().values())
+    return list(Stack.current().pids().values())
 
 
 @contextmanager
@@ -302,7 +304,7 @@ def stock_torchserve(archive: Path, home: Path, probe: bytes, expected: str) -> 
     """TorchServe's stock handler as a new user starts it: ``torchserve --start`` with this one archive and
     TorchServe's defaults (a worker per core, batch size 1, no token), on free loopback ports. Yielded once it answered
     ``probe`` correctly, its start-up timed from the command."""
-    from manage.client import read_pid
+    from serving.instance import read_pid
 
     inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     (home / "tmp").mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ environment describes (``SERVE_HOME``, ``PROXY_ADDRESS``, ``TS_*``, as ``python 
    capacity look lower than it is). The steady load is 70 % of that rate unless ``--rate`` is given.
 2. **Steady load**, open loop: a scheduler makes request i due at i / rate and hands it to a pool of client threads,
    so a slow server shows as latency (counted from when the request was due, waiting for a free client included),
-   never as a lower rate. Through the front door (``manage.client.front_address()``; straight to TorchServe's
+   never as a lower rate. Through the front door (``Instance.front``; straight to TorchServe's
    inference API when nothing answers there, said on stderr and in soak.json). The mix: real photos to
    ``efficientnet_lite0`` (raw bytes and multipart uploads), held-out digit PNGs to ``digits``, sentences as JSON to
    ``minilm``, small photos to ``super_resolution`` (a model that is not registered is left out); one request in 100
@@ -63,8 +63,9 @@ from typing import Any, Iterator, NamedTuple
 
 import requests
 
-from manage.client import REPO, ServeError, TorchServe, address, front_address, serve_home, serve_pids
-from manage.proxy import children
+from serving.front_door import children
+from serving.instance import REPO, Instance, ServeError
+from serving.torchserve import TorchServe
 
 RESULTS = REPO / "load_test" / "results"
 WEIGHTS = {"efficientnet_lite0": 4, "digits": 3, "minilm": 2, "super_resolution": 1}  # shares of the good requests
@@ -235,12 +236,12 @@ def client_session(base_url: str) -> requests.Session:
 
 def choose_target() -> tuple[str, str]:
     """(base URL, what it is): the front door, or TorchServe's inference API when nothing listens there."""
-    front = front_address()
+    front = Instance.current().front
     try:
         client_session(front).get(f"{front}/ping", timeout=5)
         return front, "front door"
     except requests.ConnectionError:
-        inference = address("inference")
+        inference = Instance.current().torchserve("inference")
         print(f"soak: nothing answers at the front door {front}: sending straight to TorchServe at {inference}",
               file=sys.stderr)
         return inference, "TorchServe's inference API: the front door did not answer"
@@ -322,7 +323,7 @@ def watched(home: Path) -> dict[str, int]:
     """name → pid of each process watched: the Java frontend and its workers, the health checker and the v2 gateway
     (serve.sh's ``manage health`` and ``manage v2``), nginx's master and workers."""
     found = {}
-    pids = serve_pids(home)
+    pids = Instance.at(home).pids()
     if java := pids.get("frontend"):
         found[FRONTEND] = java
         workers = sorted((wid, pid) for pid in children(java) if (wid := worker_id(pid)))
@@ -655,7 +656,7 @@ def plot(run: dict[str, Any], path: Path) -> None:
 
 
 def soak(minutes: float, rate: float | None, interval: float, out: Path, seed: int = 0) -> dict[str, Any]:
-    home = serve_home()
+    home = Instance.current().home
     good = good_payloads(set(TorchServe(timeout=10).models()))
     if not good:
         raise ServeError(f"none of {', '.join(WEIGHTS)} is registered")

@@ -1,1 +1,1 @@
-"""Manage stage: a client for TorchServe's inference and management APIs, and the ``python -m manage`` command line."""
+"""The command line, ``python -m manage``: what ``make`` and ``serve.sh`` call to register, route, import and check."""

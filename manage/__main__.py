@@ -16,8 +16,9 @@ from pathlib import Path
 from archives import SPECS_DIR, SpecError, check_model_name, check_version, load_specs
 from archives.store import Manifest
 from handlers import IMAGE_TASKS
-from manage import proxy
-from manage.client import ServeError, TorchServe, minimum_workers, read_properties, ready_workers, server_alive
+from serving import front_door
+from serving.instance import Instance, ServeError
+from serving.torchserve import TorchServe, minimum_workers, ready_workers
 
 
 def served_entries(manifest: Manifest) -> list[dict]:
@@ -53,7 +54,7 @@ def archives_to_serve(args) -> None:
     layout: TorchServe loads the snapshot's archives and ignores ``--models``); TorchServe then extracts them."""
     manifest = Manifest()
     defaults = {spec.name: spec.default_version for spec in load_specs().values()}
-    snapshot = "model_snapshot" in read_properties()  # KServe's layout: TorchServe loads its snapshot itself
+    snapshot = "model_snapshot" in Instance.current().properties()  # KServe's layout: TorchServe loads its snapshot itself
     names = []
     # each model's default version first: TorchServe makes the first version it loads a model's default, so the
     # front door answers with the right one before apply-defaults has run
@@ -90,7 +91,7 @@ def wait_ready(args) -> None:
             waiting = _readiness(ts, expected)
         except ServeError as error:  # still starting: no key file or no listener yet
             waiting = [str(error)]
-            if not server_alive():
+            if not Instance.current().alive():
                 raise ServeError(f"TorchServe exited while starting: see {os.environ.get('LOG_DIR', 'logs')}/")
         if not waiting:
             return
@@ -171,7 +172,7 @@ def register(args) -> None:
 
 
 def unregister(args) -> None:
-    share = proxy.share_of(args.model, args.version)
+    share = front_door.share_of(args.model, args.version)
     if share > 0:
         raise ServeError(f"refused: {args.model} {args.version} still takes {share:.0%} of the front door's traffic; "
                          f"make promote or make ab MODEL={args.model} SPLIT=... without it first")
@@ -190,7 +191,7 @@ def set_default(args) -> None:
 
 
 def ab(args) -> None:
-    print(proxy.set_split(args.model, proxy.parse_split(args.split)))
+    print(front_door.set_split(args.model, front_door.parse_split(args.split)))
 
 
 def apply_splits(args) -> None:
@@ -203,7 +204,7 @@ def apply_splits(args) -> None:
         raise ServeError(f'{args.file}: expected {{"<model>": {{"<version>": weight, ...}}, ...}}')
     for model, split in splits.items():
         check_model_name(model)
-        print(proxy.set_split(model, proxy.parse_split([f"{v}={w}" for v, w in split.items()])))
+        print(front_door.set_split(model, front_door.parse_split([f"{v}={w}" for v, w in split.items()])))
 
 
 def promote(args) -> None:
@@ -213,15 +214,15 @@ def promote(args) -> None:
         name, mine, theirs = compared
         raise ServeError(f"refused: {args.model} {args.version} scores top-1 {mine:.4f} on {name}, under the default "
                          f"{default}'s {theirs:.4f}; promote it anyway with --force (make promote ... FORCE=1)")
-    print(proxy.promote(args.model, args.version))
+    print(front_door.promote(args.model, args.version))
 
 
 def rollback(args) -> None:
-    print(proxy.rollback(args.model))
+    print(front_door.rollback(args.model))
 
 
 def routes(args) -> None:
-    print(json.dumps(proxy.Proxy().serving(), indent=2))
+    print(json.dumps(front_door.Proxy().serving(), indent=2))
 
 
 def front_start(args) -> None:
@@ -231,28 +232,28 @@ def front_start(args) -> None:
     deadline = time.monotonic() + args.timeout
     while not key_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    print(proxy.Proxy().start())
+    print(front_door.Proxy().start())
 
 
 def front_stop(args) -> None:
-    print(proxy.Proxy().stop())
+    print(front_door.Proxy().stop())
 
 
 def routes_reset(args) -> None:
-    print(proxy.reset())
+    print(front_door.reset())
 
 
 def health_checker(args) -> None:
-    from manage import health
-    from manage.logs import log_to_file
+    from serving import health
+    from serving.logs import log_to_file
 
     log_to_file("health")  # LOG_DIR/health.log, rotated at its size
     health.main()
 
 
 def v2_gateway(args) -> None:
-    from manage import v2
-    from manage.logs import log_to_file
+    from serving import v2
+    from serving.logs import log_to_file
 
     log_to_file("v2")  # LOG_DIR/v2.log, rotated at its size; v2.main's basicConfig then does nothing
     v2.main()
@@ -260,15 +261,15 @@ def v2_gateway(args) -> None:
 
 def wait_front(args) -> None:
     """Wait until the front door says ready (``/health/ready``, asked of the health checker behind it)."""
-    from manage.client import health_address
-
     import requests
+
+    from serving.instance import Instance
 
     deadline = time.monotonic() + args.timeout
     answer = "the health checker is not answering"
     while time.monotonic() < deadline:
         try:
-            response = requests.get(f"{health_address()}/ready", timeout=2)
+            response = requests.get(f"{Instance.current().health}/ready", timeout=2)
             if response.status_code == 200:
                 return
             answer = "; ".join(response.json()["not_ready"])
@@ -323,19 +324,29 @@ def samples(args) -> None:
 
 
 def import_model(args) -> None:
-    """Bring your own model: write its spec, build the version, register it (manage/importer.py)."""
+    """Bring your own model: write its spec, build the version, register it (export/importer.py)."""
     from export import configure_logging
 
     configure_logging()
     from build_mar import summary
-    from manage.importer import Request
-    from manage.importer import import_model as run_import
+    from export.importer import Refused, Request
+    from export.importer import import_model as run_import
     paths = {key: Path(getattr(args, key)) if getattr(args, key) else None for key in ("eval", "labels", "code")}
-    record = run_import(Request(name=args.name, source=Path(args.source), arch=args.arch, task=args.task,
-                                args=args.args,
-                                transform=args.transform, version=args.version, runtime=args.runtime,
-                                min_accuracy=args.min_accuracy, label_order=args.label_order,
-                                allow_pickle=args.allow_pickle, **paths), specs_dir=Path(args.specs))
+    try:
+        record, new_model = run_import(Request(name=args.name, source=Path(args.source), arch=args.arch, task=args.task,
+                                    args=args.args,
+                                    transform=args.transform, version=args.version, runtime=args.runtime,
+                                    min_accuracy=args.min_accuracy, label_order=args.label_order,
+                                    allow_pickle=args.allow_pickle, **paths), specs_dir=Path(args.specs))
+    except Refused as error:
+        raise ServeError(str(error)) from None
+    instance = Instance.current()
+    if instance.alive():  # a new model becomes its own default, a new version does not
+        ts = TorchServe(instance, timeout=300)
+        ts.register(Manifest().unpacked(args.name, record["version"]).name)
+        if new_model:
+            ts.set_default(args.name, record["version"])
+        record["registered"] = "default" if new_model else "registered, not default"
     print(json.dumps(record, indent=2))
     print("\n" + summary([record]))
     if "registered" in record:

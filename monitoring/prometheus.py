@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import requests
 import yaml
 
-from manage.client import front_metrics_address
+from serving.instance import Instance
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "prometheus.yml"
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "start":
             running = prometheus.pid()
-            prometheus.start(front_metrics_address())
+            prometheus.start(Instance.current().front_metrics)
             print(f"Prometheus {'is already running' if running else 'ready'} at {prometheus.url}, scraping "
-                  f"{front_metrics_address()}/metrics; data in {prometheus.data}")
+                  f"{Instance.current().front_metrics}/metrics; data in {prometheus.data}")
             print(f"  try: {prometheus.url}/graph?g0.expr=sum+by+(model_version)+(rate(handler_request_seconds_count[1m]))")
         elif args.command == "stop":
             print("Prometheus stopped" if prometheus.stop() else "Prometheus is not running")

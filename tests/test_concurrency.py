@@ -26,8 +26,8 @@ import yaml
 import build_mar
 from archives import load_spec
 from archives.store import MANIFEST, Manifest, sha256_file
-from manage.client import ServeError
-from manage.importer import Plan, Request, plan_import, withdraw, write_spec
+from export.importer import Plan, Request, plan_import, withdraw, write_spec
+from serving.instance import ServeError
 from tests.conftest import one_line_error, refusal_line
 from tests.test_build import SPEC as DIGITS_SPEC
 

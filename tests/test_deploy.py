@@ -24,7 +24,7 @@ import yaml
 from archives.store import Manifest
 from deploy import KUBERNETES_VERSIONS, checks, contract, image, monitoring
 from deploy.plan import plan_models
-from manage.logs import all_caps
+from serving.logs import all_caps
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -203,7 +203,7 @@ def test_the_tmp_budget_rejects_a_small_emptydir_and_follows_the_pods_environmen
     small = copy.deepcopy(dep)
     small["spec"]["template"]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"] = "256Mi"
     assert any("sizeLimit 256Mi is under what the pod may write" in p for p in checks.deployment_problems(small))
-    # larger logs in the pod's environment (manage/logs.py reads the same variables) need a larger /tmp
+    # larger logs in the pod's environment (serving/logs.py reads the same variables) need a larger /tmp
     larger = copy.deepcopy(dep)
     _env_value(_container(larger), "LOG_MAX_BYTES", str(2**30))
     assert any("is under what the pod may write" in p for p in checks.deployment_problems(larger))

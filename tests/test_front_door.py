@@ -21,8 +21,9 @@ import pytest
 import requests
 
 from archives.store import store_of
-from manage.client import TorchServe, address, instance_env, read_properties
-from manage.proxy import CLIENT_TIMEOUT
+from serving.front_door import CLIENT_TIMEOUT
+from serving.instance import Instance
+from serving.torchserve import TorchServe
 from tests.conftest import REPO, instance, make_ca, ready_pids
 
 pytestmark = pytest.mark.integration
@@ -71,7 +72,7 @@ def test_an_unsupported_method_is_405_naming_the_allowed_ones(served):
 
 
 def test_a_body_over_the_limit_is_413_naming_the_limit_the_same_as_torchserves(served):
-    limit = int(read_properties()["max_request_size"])
+    limit = int(Instance.current().properties()["max_request_size"])
     response = requests.post(f"{front(served)}/predictions/digits", data=b"\0" * (limit + 1),
                              headers=inference_headers(served), timeout=60)
     body = json_error(response, 413, "body_too_large")
@@ -118,7 +119,7 @@ def test_the_management_api_and_workflows_are_not_reachable_through_the_front_do
 
 def test_torchserve_itself_refuses_archives_from_urls_outside_the_model_store(served, tmp_path):
     """Behind the front door, TorchServe's own allowed_urls: any URL outside the model store is refused."""
-    management = address("management")
+    management = Instance.current().torchserve("management")
     headers = {"Authorization": f"Bearer {served.client.token('management')}"}
     outside = tmp_path / "digits_2.0.mar"
     outside.write_bytes((REPO / "model_store" / "digits_2.0.mar").read_bytes())
@@ -293,7 +294,7 @@ def small(tmp_path_factory):
     home = tmp_path_factory.mktemp("small")
     store = store_of(home / "store", [("digits", "2.0"), ("efficientnet_lite0", "1.1")])
     ca, cert, key = make_ca(home)
-    env = {**instance_env(home / "serve"), "MODEL_STORE": str(store), "TLS_CERT": str(cert), "TLS_KEY": str(key),
+    env = {**Instance.fresh(home / "serve", store=str(store)).environment(), "TLS_CERT": str(cert), "TLS_KEY": str(key),
            "TS_JOB_QUEUE_SIZE": "2", "REQUESTS_CA_BUNDLE": str(ca)}
     env["PROXY_ADDRESS"] = env["PROXY_ADDRESS"].replace("http://", "https://")
     with instance(env):

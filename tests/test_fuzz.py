@@ -14,7 +14,7 @@ Operations taken from TorchServe's description, each fuzzed through the front do
     predictions, but its 0.12 description leaves them out, so they are the predictions operations under the
     explanations path;
   - ``POST /v2/models/{model_name}/infer`` (TorchServe's own v2, any bytes): at the front door this is our gateway
-    (manage/v2.py), so raw bytes of any media type reach its parser.
+    (serving/v2.py), so raw bytes of any media type reach its parser.
 Left out: ``OPTIONS /`` and ``/api-description`` (the front door serves the description on its management port only),
 ``/metrics`` (the front door's metrics port, read-only), ``/v1/models/{model_name}:predict`` (KServe v1: the front
 door does not pass it, 404), and the management and workflow APIs, which are not on the inference port at all: the
@@ -61,7 +61,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.errors import FailureGroup
 
-from manage.client import address, front_address, serve_pids
+from serving.instance import Instance
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +97,7 @@ class Run:
 def torchserve_description() -> dict[str, Any]:
     """TorchServe's OpenAPI description as its inference port serves it, cut to the operations kept, with the
     explanations TorchServe serves (and its description omits) as its predictions operations under their path."""
-    answer = requests.options(f"{address('inference')}/", timeout=30)
+    answer = requests.options(f"{Instance.current().torchserve('inference')}/", timeout=30)
     assert answer.status_code == 200, answer.text[:300]
     description = answer.json()
     assert description["info"]["title"] == "TorchServe APIs", description["info"]
@@ -153,7 +153,7 @@ def fuzz(schema, served: dict[tuple[str, str], Any], token: str, run: Run, fuzz_
                 @given(case=operation.as_strategy(generation_mode=mode, path_parameters=path_parameters))
                 def send(case) -> None:
                     try:
-                        response = case.call(base_url=front_address(), session=session, headers=headers,
+                        response = case.call(base_url=Instance.current().front, session=session, headers=headers,
                                              timeout=REQUEST_TIMEOUT)
                     except requests.Timeout:
                         run.hangs.append(f"{case.method} {case.formatted_path}: no answer in {REQUEST_TIMEOUT} s\n"
@@ -177,15 +177,15 @@ def worker_pids(client) -> dict[tuple[str, str], list[int]]:
 
 def test_a_fuzzer_from_the_public_api_descriptions_gets_no_5xx_and_no_worker_dies(served, photos, capsys):
     client = served.client
-    assert address("inference") == served.env["TS_INFERENCE_ADDRESS"]
-    assert front_address() == served.env["PROXY_ADDRESS"]
+    assert Instance.current().torchserve("inference") == served.env["TS_INFERENCE_ADDRESS"]
+    assert Instance.current().front == served.env["PROXY_ADDRESS"]
     token = client.token("inference")
     home = Path(served.env["SERVE_HOME"])
     registered = client.registered()
-    workers, processes = worker_pids(client), serve_pids(home)
+    workers, processes = worker_pids(client), Instance.at(home).pids()
     assert set(processes) == {"frontend", "health checker", "v2 gateway", "nginx master"}, processes
     input_names = sorted({tensor["name"] for model in {model for model, _ in registered}
-                          for tensor in requests.get(f"{front_address()}/v2/models/{model}", timeout=30)
+                          for tensor in requests.get(f"{Instance.current().front}/v2/models/{model}", timeout=30)
                           .json()["inputs"]})
     fuzz_seed = int(os.environ.get("FUZZ_SEED") or random.randrange(2**32))
 
@@ -194,7 +194,7 @@ def test_a_fuzzer_from_the_public_api_descriptions_gets_no_5xx_and_no_worker_die
     for description in (torchserve_description(), v2_description(input_names)):
         fuzz(schemathesis.openapi.from_dict(description), registered, token, run, fuzz_seed)
     seconds = time.monotonic() - started
-    workers_after, processes_after = worker_pids(client), serve_pids(home)
+    workers_after, processes_after = worker_pids(client), Instance.at(home).pids()
 
     by_status = Counter()
     for (_, _, status), count in run.statuses.items():
@@ -219,8 +219,8 @@ def test_a_fuzzer_from_the_public_api_descriptions_gets_no_5xx_and_no_worker_die
     good = client.predict("efficientnet_lite0", photos["coffee"])
     assert good.status_code == 200 and "espresso" in next(iter(good.json())), good.text[:300]
     text = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["A cat sleeps on the sofa."]}]}
-    v2 = requests.post(f"{front_address()}/v2/models/minilm/infer", json=text, timeout=60,
+    v2 = requests.post(f"{Instance.current().front}/v2/models/minilm/infer", json=text, timeout=60,
                        headers={"Authorization": f"Bearer {token}"})
     assert v2.status_code == 200 and {o["name"] for o in v2.json()["outputs"]} >= {"embedding"}, v2.text[:300]
-    ping = requests.get(f"{address('inference')}/ping", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    ping = requests.get(f"{Instance.current().torchserve('inference')}/ping", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert ping.status_code == 200 and ping.json()["status"] == "Healthy", ping.text[:300]

@@ -27,8 +27,18 @@ from archives import load_spec
 from archives.store import Manifest
 from export.example_project import EVAL_PER_CLASS, Project
 from export.samples import SENTENCES
-from manage.client import TorchServe, instance_env
-from tests.conftest import MODELS, make_import, manage, ok, one_line_error, refusal_line, run_import, serve_sh
+from serving.instance import Instance
+from serving.torchserve import TorchServe
+from tests.conftest import (
+    MODELS,
+    make_import,
+    manage,
+    ok,
+    one_line_error,
+    refusal_line,
+    run_import,
+    serve_sh,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +108,7 @@ def imported(project, text_models, tmp_path_factory) -> Imported:
     home = tmp_path_factory.mktemp("import_serve")
     specs = home / "specs"
     specs.mkdir()
-    env = {**instance_env(home), "MODEL_STORE": str(home / "store")}
+    env = {**Instance.fresh(home, store=str(home / "store")).environment()}
     root = project.root
     odd_name = root / "tiny net's $HOME `id`.pt"
     shutil.copy(root / "tinynet_scripted.pt", odd_name)

@@ -31,9 +31,9 @@ from archives.store import store_of
 from deploy import contract
 from export import digits
 from export.samples import encode
-from manage.client import TorchServe, instance_env, serve_pids
-from manage.health import KEY_HEADER
-from manage.logs import (
+from serving.health import KEY_HEADER
+from serving.instance import Instance
+from serving.logs import (
     ACCESS_LOG,
     CONSOLE_LOG,
     ERROR_LOG,
@@ -44,6 +44,7 @@ from manage.logs import (
     rotated,
     truncate_stuck,
 )
+from serving.torchserve import TorchServe
 from tests.conftest import REPO, instance, manage, ok
 
 integration = pytest.mark.integration
@@ -63,7 +64,7 @@ def tiny():
     temporary folders are private to their owner)."""
     home = Path(tempfile.mkdtemp(prefix="toolkit-logs-"))
     home.chmod(0o755)
-    env = {**instance_env(home / "serve"), "MODEL_STORE": str(store_of(home / "store", [("digits", "2.0")])),
+    env = {**Instance.fresh(home / "serve").environment(), "MODEL_STORE": str(store_of(home / "store", [("digits", "2.0")])),
            "LOG_MAX_BYTES": str(MAX_BYTES), "LOG_BACKUPS": str(BACKUPS)}
     try:
         with instance(env):
@@ -148,7 +149,7 @@ def test_the_helpers_log_rotates_and_its_stderr_follows(tiny):
     assert not rotated(logs / "health.log", BACKUPS + 1).exists()
     assert all(path.stat().st_size <= MAX_BYTES for path in logs.glob("health.log*"))
     # the checker's stdout and stderr are the current file, not one renamed away
-    pid = serve_pids(Path(tiny["env"]["SERVE_HOME"]))["health checker"]
+    pid = Instance.at(Path(tiny["env"]["SERVE_HOME"])).pids()["health checker"]
     for fd in (1, 2):
         assert os.readlink(f"/proc/{pid}/fd/{fd}") == str(logs / "health.log")
 
@@ -166,7 +167,7 @@ def test_torchserve_out_is_copied_and_truncated_under_an_appending_writer(tiny):
     # lines written after a truncation start at the beginning of the file: no hole of NULs where the old end was
     assert len(current) < MAX_BYTES and b"\0" not in current, current
     # the JVM's stdout is the file itself, opened to append: after a truncation its next line goes to the start
-    java = serve_pids(Path(tiny["env"]["SERVE_HOME"]))["frontend"]
+    java = Instance.at(Path(tiny["env"]["SERVE_HOME"])).pids()["frontend"]
     assert os.readlink(f"/proc/{java}/fd/1") == str(logs / CONSOLE_LOG)
     flags = next(line for line in Path(f"/proc/{java}/fdinfo/1").read_text().splitlines() if line.startswith("flags"))
     assert int(flags.split()[1], 8) & os.O_APPEND
@@ -228,8 +229,8 @@ def test_every_log_is_budgeted_and_the_state_fits_its_allowance(tiny):
 
 
 def test_the_budget_names_every_log_the_configurations_write():
-    """The names of the logs in proxy/nginx.conf, serve.sh and log4j2.xml, as those files write them."""
-    nginx = (REPO / "proxy" / "nginx.conf").read_text()
+    """The names of the logs in serving/nginx.conf, serve.sh and log4j2.xml, as those files write them."""
+    nginx = (REPO / "serving" / "nginx.conf").read_text()
     serve = (REPO / "serve.sh").read_text()
     written = set(re.findall(r"(?:access_log|error_log) \$\{logs\}/(\S+?)[ ;]", nginx))
     written |= set(re.findall(r'"\$LOG_DIR/([\w.-]+)"', serve)) - {"model_log.log", "ts_log.log"}  # read, not written

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from archives.store import Manifest
-from manage.client import free_ports
-from manage.client import ready_workers as ready
+from serving.instance import free_ports
+from serving.torchserve import ready_workers as ready
 from tests.conftest import manage, one_line_error
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ import pytest
 
 from export import digits
 from export.samples import encode
-from manage.client import free_ports
 from monitoring.prometheus import JOB, Prometheus
+from serving.instance import free_ports
 from tests.test_dashboard import load, targets
 
 pytestmark = pytest.mark.integration

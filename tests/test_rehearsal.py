@@ -14,7 +14,7 @@ import requests
 
 from deploy.rehearsal import rehearse
 from load_test.inputs import digits
-from manage.client import instance_env
+from serving.instance import Instance
 from tests.conftest import instance
 
 pytestmark = pytest.mark.integration
@@ -74,7 +74,7 @@ def test_the_kserve_storage_layout_boots_from_its_model_snapshot(tmp_path):
     config.write_text(config.read_text().replace("/mnt/models", str(mount)))
     keys = tmp_path / "keys"
     keys.write_text("kserve-client-key-0123456789\n")
-    env = {**instance_env(tmp_path / "serve"), "MODEL_STORE": str(mount / "model-store"),
+    env = {**Instance.fresh(tmp_path / "serve", store=str(mount / "model-store")).environment(),
            "TS_CONFIG_FILE": str(config), "SERVE_MODELS": "digits", "CLIENT_KEYS_FILE": str(keys)}
     with instance(env):
         answer = requests.put(f"{env['PROXY_ADDRESS']}/predictions/digits", data=digits()[0],

@@ -23,7 +23,8 @@ from export.samples import SENTENCES
 from export.sources import SOURCES, Source
 from handlers.image_classifier import ImageClassifier
 from handlers.runtime import OnnxModel
-from manage.client import TorchServe, instance_env
+from serving.instance import Instance
+from serving.torchserve import TorchServe
 from tests.conftest import instance, loads_torch, manage, ok, ready_pids
 from tests.test_build import SPEC, BrightnessSwitch, write_spec
 
@@ -190,7 +191,7 @@ def test_onnx_runtime_workers_never_import_torch_until_they_explain(tmp_path, ph
     torch loaded (TorchServe's worker module imports it at its top; handlers/site defers it); an explanation, which
     needs torch's gradients, loads it in the worker that explains, and only there."""
     store = store_of(tmp_path / "store", [("efficientnet_lite0", "1.1")])
-    with instance({**instance_env(tmp_path / "serve"), "MODEL_STORE": str(store)}):
+    with instance({**Instance.fresh(tmp_path / "serve", store=str(store)).environment()}):
         client = TorchServe()
         pids = ready_pids(client, "efficientnet_lite0", "1.1")
         assert len(pids) == 2

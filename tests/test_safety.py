@@ -23,9 +23,17 @@ from PIL import Image
 from archives import check_model_name, check_version
 from archives.store import Manifest, sha256_file, store_of
 from load_test.servers import reconfigured
+from serving.instance import Instance
 from tests.conftest import instance, ready_pids
-from tests.corpus import MULTIPART, chunk, commented_gif, filled_jpeg, multipart, padded_png, part
-from manage.client import instance_env
+from tests.corpus import (
+    MULTIPART,
+    chunk,
+    commented_gif,
+    filled_jpeg,
+    multipart,
+    padded_png,
+    part,
+)
 
 POISON_SECONDS = 1.0  # the longest a refusal may take, body upload included
 SIZES = (64 << 10, 1 << 20, 4 << 20)  # bytes (each kind is refused from the first: 64 KiB of text is over max_chars)
@@ -128,9 +136,9 @@ def impatient(tmp_path_factory):
     entry = manifest.get("minilm", "1.1")
     archive = reconfigured(store / entry["archive"], store / entry["archive"], responseTimeout=RESPONSE_TIMEOUT)
     manifest.record({**entry, "sha256": sha256_file(archive), "size_bytes": archive.stat().st_size})
-    env = {**instance_env(home / "serve"), "MODEL_STORE": str(store), "SERVE_MODELS": "minilm"}
+    env = {**Instance.fresh(home / "serve", store=str(store)).environment(), "SERVE_MODELS": "minilm"}
     with instance(env):
-        from manage.client import TorchServe
+        from serving.torchserve import TorchServe
 
         yield env, TorchServe()
 

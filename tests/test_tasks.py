@@ -29,7 +29,8 @@ from PIL import Image
 from archives import load_spec
 from archives.store import Manifest
 from export.example_project import Project, crops, save
-from manage.client import TorchServe, instance_env
+from serving.instance import Instance
+from serving.torchserve import TorchServe
 from tests.conftest import instance, make_import, ok, refusal_line, run_import
 
 pytestmark = pytest.mark.integration
@@ -61,7 +62,7 @@ def tasks(tmp_path_factory, detection_project, segmentation_project, multilabel_
     home = tmp_path_factory.mktemp("tasks")
     specs = home / "specs"
     specs.mkdir()
-    env = {**instance_env(home / "serve"), "MODEL_STORE": str(home / "store")}
+    env = {**Instance.fresh(home / "serve", store=str(home / "store")).environment()}
     detection, segmentation, multilabel = detection_project, segmentation_project, multilabel_project
     imports = {
         "shapes": {"FROM": detection.checkpoint, "ARCH": detection.arch,

@@ -17,8 +17,8 @@ import requests
 
 from export import digits
 from export.samples import encode
-from manage.client import ServeError
-from manage.proxy import Proxy, parse_split
+from serving.front_door import Proxy, parse_split
+from serving.instance import ServeError
 from tests.conftest import manage, ok, one_line_error
 
 pytestmark = pytest.mark.integration

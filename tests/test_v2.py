@@ -34,9 +34,10 @@ from tritonclient.utils import InferenceServerException
 from archives.store import store_of
 from export import digits, super_resolution
 from export.samples import SENTENCES, encode
-from manage.client import TorchServe, instance_env, read_properties, serve_pids
-from manage.proxy import max_body
-from manage.v2 import GRPC_SERVICE, MAX_DIMS, MAX_TENSORS, grpc_limits, max_message
+from serving.front_door import max_body
+from serving.instance import Instance
+from serving.torchserve import TorchServe
+from serving.v2 import GRPC_SERVICE, MAX_DIMS, MAX_TENSORS, grpc_limits, max_message
 from tests.conftest import instance, make_ca, manage, ok
 
 pytestmark = pytest.mark.integration
@@ -425,7 +426,7 @@ def test_an_infer_without_the_key_is_refused_before_its_message_is_read(served, 
     count = max_body() // 3  # each element: a tag, a length and the byte
     message = contents_message("digits", count, [count])
     assert max_body() < len(message) <= max_message()
-    gateway = serve_pids(Path(served.env["SERVE_HOME"]))["v2 gateway"]
+    gateway = Instance.at(Path(served.env["SERVE_HOME"])).pids()["v2 gateway"]
     call = model_infer(grpc.insecure_channel(v2.grpc))
     for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", f"Basic {v2.key}"),)):
         reset_peak(gateway)
@@ -538,7 +539,7 @@ def compiled_protos(folder: Path):
 
 def test_torchserve_own_grpc_inference_api(served, photos, tmp_path, monkeypatch):
     port = served.env["TS_GRPC_INFERENCE_PORT"]
-    assert port != read_properties()["grpc_inference_port"]  # a port of this instance's own, not the demo's
+    assert port != Instance.current().properties()["grpc_inference_port"]  # a port of this instance's own, not the demo's
     monkeypatch.syspath_prepend(str(compiled_protos(tmp_path)))
     messages, services = importlib.import_module("inference_pb2"), importlib.import_module("inference_pb2_grpc")
     from google.protobuf import empty_pb2
@@ -568,7 +569,7 @@ def tls(tmp_path_factory):
     home = tmp_path_factory.mktemp("v2-tls")
     store = store_of(home / "store", [("digits", "2.0")])
     ca, cert, key = make_ca(home)
-    env = {**instance_env(home / "serve"), "MODEL_STORE": str(store), "TLS_CERT": str(cert), "TLS_KEY": str(key),
+    env = {**Instance.fresh(home / "serve", store=str(store)).environment(), "TLS_CERT": str(cert), "TLS_KEY": str(key),
            "REQUESTS_CA_BUNDLE": str(ca)}
     env["PROXY_ADDRESS"] = env["PROXY_ADDRESS"].replace("http://", "https://")
     with instance(env):

@@ -1,9 +1,9 @@
-"""The front door: nginx in front of TorchServe (``proxy/nginx.conf``), and the A/B splits it holds.
+"""The front door: nginx in front of TorchServe (``serving/nginx.conf``), and the A/B splits it holds.
 
 Clients call the front door, never TorchServe itself: it checks the key (401), the method (405) and the body's size
 (413, TorchServe's own ``max_request_size``) before TorchServe sees a byte, gives every request an ``X-Request-Id``,
 drops stalled clients, sends a prediction whose worker died to TorchServe once more, answers ``/health/live`` and
-``/health/ready`` (``manage/health.py``) without a key, and keeps TorchServe's management API to loopback, with
+``/health/ready`` (``serving/health.py``) without a key, and keeps TorchServe's management API to loopback, with
 registration confined to the model store and no workflows.
 
 Why nginx for the splits: ``split_clients`` is a weighted split by a hash of any key, so a client that sends
@@ -17,7 +17,7 @@ its split (version → weight), the TorchServe default it was set with, and the 
 returns to. Requests for ``/predictions/<model>`` (and ``/explanations/<model>``) go to the chosen version's own URL,
 so TorchServe's metrics carry the real version; every other model's requests go to TorchServe as they are.
 
-Every change is: check the versions are registered with READY workers → render ``proxy/nginx.conf`` → ``nginx -t`` →
+Every change is: check the versions are registered with READY workers → render ``serving/nginx.conf`` → ``nginx -t`` →
 start or reload → wait until the front door serves the new table and every old worker has finished and exited. After
 that no request is still on its way to a version the new split dropped, so unregistering it is safe.
 """
@@ -47,24 +47,10 @@ import yaml
 
 from archives import MODEL_NAME, VERSION, SpecError, check_model_name, check_version
 from archives.store import default_store
-from manage.client import (
-    REPO,
-    ServeError,
-    TorchServe,
-    address,
-    front_address,
-    front_management_address,
-    front_metrics_address,
-    health_address,
-    retry_address,
-    parse_expiry,
-    read_properties,
-    ready_workers,
-    serve_home,
-    v2_address,
-)
+from serving.instance import REPO, Instance, ServeError
+from serving.torchserve import TorchServe, parse_expiry, ready_workers
 
-TEMPLATE = REPO / "proxy" / "nginx.conf"
+TEMPLATE = REPO / "serving" / "nginx.conf"
 HISTORY = 20  # earlier states kept per model for rollback
 CLIENT_TIMEOUT = 10  # seconds a client may stall while sending its request or reading its answer
 READ_TIMEOUT = 300  # seconds TorchServe may take to answer where no archive says (each model's location says less)
@@ -363,15 +349,15 @@ class Listen:
         for name, path in (("TLS_CERT", cert), ("TLS_KEY", key)):
             if path and not Path(path).is_file():
                 raise ServeError(f"{name}={path} is not a file")
-        scheme = urlparse(front_address()).scheme
+        scheme = urlparse(Instance.current().front).scheme
         if (scheme == "https") != bool(cert):
-            raise ServeError(f"PROXY_ADDRESS is {front_address()}: https needs TLS_CERT and TLS_KEY, and with them "
+            raise ServeError(f"PROXY_ADDRESS is {Instance.current().front}: https needs TLS_CERT and TLS_KEY, and with them "
                              "the address is https")
-        management = urlparse(front_management_address())
+        management = urlparse(Instance.current().front_management)
         if management.hostname not in LOOPBACK:
             raise ServeError(f"the management API stays on loopback, not {management.hostname}")
-        return cls(_host_port(front_address()), f"{management.hostname}:{management.port}",
-                   _host_port(front_metrics_address()), Path(cert).resolve() if cert else None,
+        return cls(_host_port(Instance.current().front), f"{management.hostname}:{management.port}",
+                   _host_port(Instance.current().front_metrics), Path(cert).resolve() if cert else None,
                    Path(key).resolve() if key else None)
 
     def tls_lines(self) -> str:
@@ -391,7 +377,7 @@ def _host_port(url: str) -> str:
 
 def max_body() -> int:
     """TorchServe's max_request_size, as nginx's client_max_body_size: one limit for both."""
-    return int(read_properties().get("max_request_size", 6553500))
+    return int(Instance.current().properties().get("max_request_size", 6553500))
 
 
 def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, logs: Path) -> str:
@@ -408,12 +394,12 @@ def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, lo
         "logs": str(logs),
         "max_body": str(limit_bytes),
         "client_timeout": f"{CLIENT_TIMEOUT}s",
-        "inference": _host_port(address("inference")),
-        "management": _host_port(address("management")),
-        "metrics": _host_port(address("metrics")),
-        "health": _host_port(health_address()),
-        "v2": _host_port(v2_address()),
-        "retry": _host_port(retry_address()),
+        "inference": _host_port(Instance.current().torchserve("inference")),
+        "management": _host_port(Instance.current().torchserve("management")),
+        "metrics": _host_port(Instance.current().torchserve("metrics")),
+        "health": _host_port(Instance.current().health),
+        "v2": _host_port(Instance.current().v2),
+        "retry": _host_port(Instance.current().retry),
         "listen": listen.inference + (" ssl" if listen.cert else ""),
         "tls": listen.tls_lines(),
         "management_listen": listen.management,
@@ -471,9 +457,9 @@ class Proxy:
     """The front door of this SERVE_HOME: nginx's rendered config, pid, routing table and logs."""
 
     def __init__(self, timeout: float = 60.0):
-        self.home = serve_home() / "proxy"
+        self.home = Instance.current().home / "proxy"
         self.logs = Path(os.environ.get("LOG_DIR", REPO / "logs")).resolve()
-        self.address = front_management_address()
+        self.address = Instance.current().front_management
         self.timeout = timeout
         self.conf = self.home / "nginx.conf"
         self.pid_file = self.home / "nginx.pid"
@@ -562,7 +548,7 @@ class Proxy:
             action = "reloaded"
         self._wait(lambda: self._serves(routes.generation), f"the front door to serve generation {routes.generation}")
         self._wait(lambda: not any(_alive(pid) for pid in old_workers), "the old nginx workers to finish")
-        return f"front door {action} at {front_address()} (generation {routes.generation})"
+        return f"front door {action} at {Instance.current().front} (generation {routes.generation})"
 
     def stop(self) -> str:
         master = self.master()

@@ -26,7 +26,7 @@ It also keeps the front door's keys current: when TorchServe's key file changes 
 is rendered again and reloaded (``Proxy.sync_keys``); it counts what the front door answered, from its access log
 (``DoorLog``), for Prometheus: ``GET /metrics`` here, ``/metrics/front_door`` on the front door's metrics port; and,
 every ``ROTATE_SECONDS`` in a thread of its own (whether TorchServe answers or not), it rotates the logs nobody else
-bounds (``manage/logs.py``): nginx's two, renamed and reopened (USR1), and ``torchserve.out``, copied and truncated.
+bounds (``serving/logs.py``): nginx's two, renamed and reopened (USR1), and ``torchserve.out``, copied and truncated.
 """
 
 from __future__ import annotations
@@ -45,19 +45,8 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from manage.client import (
-    READY,
-    QuietHandler,
-    ServeError,
-    TorchServe,
-    health_address,
-    loopback_server,
-    minimum_workers,
-    ready_workers,
-    serve_home,
-    server_alive,
-)
-from manage.logs import (
+from serving.instance import Instance, ServeError
+from serving.logs import (
     ACCESS_LOG,
     CONSOLE_LOG,
     ERROR_LOG,
@@ -68,10 +57,12 @@ from manage.logs import (
     toolkit_caps,
     truncate_stuck,
 )
+from serving.loopback import QuietHandler, loopback_server
+from serving.torchserve import READY, TorchServe, minimum_workers, ready_workers
 
 logger = logging.getLogger("health")
 # Set by the front door's /health/ location to nginx's $inference_key_ok: "1" when the caller's key passed, "0" when
-# not (proxy/nginx.conf); absent when a caller on loopback asks the checker directly.
+# not (serving/nginx.conf); absent when a caller on loopback asks the checker directly.
 KEY_HEADER = "X-Inference-Key-Ok"
 
 
@@ -110,11 +101,11 @@ class VersionHealth:
         self.states = [w["status"] for w in workers]
 
 
-# One line of the front door's access log (proxy/nginx.conf's log_format "front"). upstream is "-/-" when nginx
+# One line of the front door's access log (serving/nginx.conf's log_format "front"). upstream is "-/-" when nginx
 # answered itself (a 401, 405 or 413, a client that stalled), else the status and time of what it passed it on to.
 LOG_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>/\S*) [^"]*" (?P<status>\d{3}) (?P<seconds>[\d.]+) '
                       r'version=(?P<version>\S*) upstream=(?P<upstream>.*?) retried=(?P<retried>\S*)')
-# v2: the Open Inference Protocol (manage/v2.py); each element of a v2 infer is also one of its predictions lines
+# v2: the Open Inference Protocol (serving/v2.py); each element of a v2 infer is also one of its predictions lines
 APIS = ("predictions", "explanations", "v2", "ping", "health", "ab", "metrics", "models")
 LABELS = ("api", "model", "version", "status", "retried")
 
@@ -245,7 +236,7 @@ def held() -> str | None:
     """Why serve.sh holds this instance not ready, if it does: ``serve.sh drain`` (a pod's preStop hook: stopping),
     or a start that has A/B splits still to apply. The reason is the text of ``SERVE_HOME/not-ready``."""
     try:
-        return (serve_home() / "not-ready").read_text().strip() or "held not ready by serve.sh"
+        return (Instance.current().home / "not-ready").read_text().strip() or "held not ready by serve.sh"
     except FileNotFoundError:
         return None
 
@@ -255,7 +246,7 @@ class Checker:
 
     def __init__(self, interval: float = 0.5, window: float = 30.0, flapping: int = 2, stale: float = 10.0,
                  defaults_every: int = 5):
-        from manage.proxy import Proxy
+        from serving.front_door import Proxy
 
         self.ts = TorchServe(timeout=5)
         self.proxy = Proxy()
@@ -378,7 +369,7 @@ class Checker:
         """``detailed``: with TorchServe's last error (it can name a model); for a caller with the inference key."""
         with self.lock:
             age = None if self.answered_at is None else time.monotonic() - self.answered_at
-            alive = server_alive() and age is not None and age <= self.stale
+            alive = Instance.current().alive() and age is not None and age <= self.stale
             body = {"live": alive, "last_answer_s": None if age is None else round(age, 1)}
             if detailed:
                 body["error"] = self.error or None
@@ -460,13 +451,13 @@ def serve(checker: Checker, address: str) -> ThreadingHTTPServer:
 
 def main() -> None:
     """Run until SIGTERM: poll in one thread, tend the logs in another, answer in the others. Its own log is set up
-    by ``python -m manage health`` (``manage.logs.log_to_file``)."""
+    by ``python -m manage health`` (``serving.logs.log_to_file``)."""
     checker = Checker()
     stop = threading.Event()
-    server = serve(checker, health_address())
+    server = serve(checker, Instance.current().health)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     threading.Thread(target=checker.keep_logs, args=(stop,), daemon=True, name="logs").start()
-    logger.info("answering at %s", health_address())
+    logger.info("answering at %s", Instance.current().health)
     checker.run(stop)
     server.shutdown()

@@ -12,7 +12,7 @@ construction. Health and metadata need no key, like ``/health/*``.
 
 This process (``python -m manage v2``, started and stopped by serve.sh beside the health checker) answers:
 
-* REST on ``V2_ADDRESS`` (loopback, default :8185), behind the front door's ``/v2/`` (``proxy/nginx.conf``: nginx
+* REST on ``V2_ADDRESS`` (loopback, default :8185), behind the front door's ``/v2/`` (``serving/nginx.conf``: nginx
   checks the key of an ``infer`` before its body reaches us): ``GET /v2`` (server metadata), ``/v2/health/live`` and
   ``/v2/health/ready`` (the health checker's ``/live`` and ``/ready``), ``GET /v2/models/<m>[/versions/<v>]``
   (metadata), ``/v2/models/<m>[/versions/<v>]/ready`` and ``POST /v2/models/<m>[/versions/<v>]/infer`` with JSON
@@ -104,19 +104,18 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from archives.store import Manifest, default_store
-from manage.client import (
-    QuietHandler,
-    ServeError,
-    TorchServe,
-    front_address,
-    health_address,
-    loopback_server,
-    minimum_workers,
-    ready_workers,
-    v2_address,
-    v2_grpc_address,
+from serving.front_door import (
+    NAME,
+    READ_TIMEOUT,
+    Listen,
+    client_keys,
+    cpu_limit,
+    max_body,
+    valid_keys,
 )
-from manage.proxy import NAME, READ_TIMEOUT, Listen, client_keys, cpu_limit, max_body, valid_keys
+from serving.instance import Instance, ServeError
+from serving.loopback import QuietHandler, loopback_server
+from serving.torchserve import TorchServe, minimum_workers, ready_workers
 
 logger = logging.getLogger(__name__)
 
@@ -446,8 +445,8 @@ class Gateway:
     """Everything both protocols answer, in the protocols' terms."""
 
     def __init__(self, front: str | None = None, health: str | None = None):
-        self.front = loopback(front or front_address())
-        self.health_url = health or health_address()
+        self.front = loopback(front or Instance.current().front)
+        self.health_url = health or Instance.current().health
         self.catalog = Catalog()
         self.session = requests.Session()
         self.session.mount(self.front, requests.adapters.HTTPAdapter(pool_maxsize=CALLS))
@@ -462,7 +461,7 @@ class Gateway:
     # --- health and metadata ------------------------------------------------------------------------------------
 
     def health(self, probe: str) -> tuple[bool, dict[str, Any]]:
-        """The health checker's answer to /live or /ready (manage/health.py)."""
+        """The health checker's answer to /live or /ready (serving/health.py)."""
         try:
             response = requests.get(f"{self.health_url}/{probe}", timeout=5)
             return response.status_code == 200, response.json()
@@ -835,7 +834,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 class Keys:
-    """The inference keys the front door takes (``manage.proxy.render``): TorchServe's own until it expires, and
+    """The inference keys the front door takes (``serving.front_door.render``): TorchServe's own until it expires, and
     ``CLIENT_KEYS_FILE``'s. Each file is read again when it changes, the expiry judged at every call; a file that
     cannot be read gives no key (the call is refused, the reason logged)."""
 
@@ -964,10 +963,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     gateway = Gateway()
     try:
-        rest = serve_rest(gateway, v2_address())
-        rpc = serve_grpc(gateway, v2_grpc_address())
+        rest = serve_rest(gateway, Instance.current().v2)
+        rpc = serve_grpc(gateway, Instance.current().v2_grpc)
     except OSError as error:
-        logger.error("cannot listen at %s: %s", v2_address(), error.strerror or error)
+        logger.error("cannot listen at %s: %s", Instance.current().v2, error.strerror or error)
         raise SystemExit(1) from None
     except ServeError as error:
         logger.error("%s", error)
@@ -976,8 +975,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=rest.serve_forever, daemon=True).start()
     rpc.start()
-    logger.info("answering v2 REST at %s and gRPC at %s, for the front door at %s", v2_address(),
-                v2_grpc_address(), gateway.front)
+    logger.info("answering v2 REST at %s and gRPC at %s, for the front door at %s", Instance.current().v2,
+                Instance.current().v2_grpc, gateway.front)
     while not stop.wait(1):
         pass
     rpc.stop(grace=5).wait()

@@ -1,31 +1,22 @@
-"""A small client for a TorchServe started by serve.sh: addresses, tokens and one-line errors.
+"""A client for a TorchServe started by serve.sh: its management API, tokens, predictions through the front door,
+and one-line errors.
 
-Two sets of addresses. The front door (nginx, ``manage/proxy.py``) is what clients call: inference on
-127.0.0.1:8080, management on 127.0.0.1:8081, metrics on 127.0.0.1:8082, moved by ``PROXY_ADDRESS``,
-``PROXY_MANAGEMENT_ADDRESS`` and ``PROXY_METRICS_ADDRESS``. TorchServe's own APIs listen behind it on the loopback
-addresses of config.properties, overridden like TorchServe itself does by ``TS_INFERENCE_ADDRESS``,
-``TS_MANAGEMENT_ADDRESS`` and ``TS_METRICS_ADDRESS``; this toolkit's own commands manage TorchServe there.
-Tokens come from the key file TorchServe writes into ``$SERVE_HOME`` (default ``.serve/``); an expired token is
-renewed with the API key, so long sessions keep working.
+Tokens come from the key file TorchServe writes into the instance's home; an expired token is renewed with the API
+key (the health checker sees the key file change and has the front door take the new key), so long sessions keep
+working.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import socket
 import time
-from contextlib import ExitStack
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = Path(os.environ.get("TS_CONFIG_FILE") or REPO / "config.properties")  # serve.sh exports the one it uses
+from serving.instance import Instance, ServeError
+
 TOKEN_MARGIN = dt.timedelta(seconds=30)  # renew a token this long before it expires
 API_KEYS = ("inference", "management")
 KEY_FILE_READS = 20
@@ -33,154 +24,15 @@ KEY_SYNC_SECONDS = 5.0  # the longest the front door may take to accept a renewe
 READY = "READY"
 
 
-class ServeError(RuntimeError):
-    """Something a user can act on, in one line: not running, no key file, unknown model, refused request."""
-
-
-def read_properties(path: Path = CONFIG) -> dict[str, str]:
-    properties = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            properties[key.strip()] = value.strip()
-    return properties
-
-
-def address(api: str) -> str:
-    """Base URL of the inference, management or metrics API."""
-    key = f"{api}_address"
-    return os.environ.get(f"TS_{key.upper()}") or read_properties()[key]
-
-
-def front_address() -> str:
-    """Base URL of the front door (predictions, explanations, health): ``PROXY_ADDRESS``, default 127.0.0.1:8080,
-    https when TLS_CERT is set."""
-    scheme = "https" if os.environ.get("TLS_CERT") else "http"
-    return os.environ.get("PROXY_ADDRESS", f"{scheme}://127.0.0.1:8080")
-
-
-def front_management_address() -> str:
-    """Base URL of the front door's management port (loopback only): ``PROXY_MANAGEMENT_ADDRESS`` or :8081."""
-    return os.environ.get("PROXY_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081")
-
-
-def front_metrics_address() -> str:
-    """Base URL of the front door's metrics port: ``PROXY_METRICS_ADDRESS`` or 127.0.0.1:8082."""
-    return os.environ.get("PROXY_METRICS_ADDRESS", "http://127.0.0.1:8082")
-
-
-def retry_address() -> str:
-    """The front door's retry hop, on loopback (``proxy/nginx.conf``): ``RETRY_ADDRESS`` or :8184."""
-    return os.environ.get("RETRY_ADDRESS", "http://127.0.0.1:8184")
-
-
-def health_address() -> str:
-    """Where the health checker (``manage/health.py``) answers the front door: ``HEALTH_ADDRESS`` or :8183."""
-    return os.environ.get("HEALTH_ADDRESS", "http://127.0.0.1:8183")
-
-
-def v2_address() -> str:
-    """Where the Open Inference Protocol gateway (``manage/v2.py``) answers the front door's ``/v2/``, on loopback:
-    ``V2_ADDRESS`` or :8185."""
-    return os.environ.get("V2_ADDRESS", "http://127.0.0.1:8185")
-
-
-def v2_grpc_address() -> str:
-    """Where the gateway speaks KServe v2 gRPC, host:port: ``V2_GRPC_ADDRESS`` or 127.0.0.1:8083 (a container
-    listens on 0.0.0.0:8083)."""
-    return os.environ.get("V2_GRPC_ADDRESS", "127.0.0.1:8083")
-
-
-class QuietHandler(BaseHTTPRequestHandler):
-    """A request handler of the loopback servers behind the front door, which log nothing themselves: the front
-    door's access log has every request."""
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-
-def loopback_server(address: str, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
-    """A threaded HTTP server on ``address`` (a URL), one daemon thread per request."""
-    parsed = urlparse(address)
-    server = ThreadingHTTPServer((parsed.hostname, parsed.port), handler)
-    server.daemon_threads = True
-    return server
-
-
-def serve_home() -> Path:
-    return Path(os.environ.get("SERVE_HOME", REPO / ".serve"))
-
-
-# The processes serve.sh starts for a SERVE_HOME, by their pid files: TorchServe's frontend (its workers are its
-# children), the helpers of its start_helper (the health checker, the v2 gateway) and the front door's nginx master
-# (its workers are its children).
-PID_FILES = {"frontend": "tmp/.model_server.pid", "health checker": "health.pid", "v2 gateway": "v2.pid",
-             "nginx master": "proxy/nginx.pid"}
-
-
-def read_pid(path: Path) -> int | None:
-    """The pid in a pid file, if that process runs."""
-    try:
-        pid = int(path.read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
-
-
-def serve_pids(home: Path | None = None) -> dict[str, int]:
-    """name (as in PID_FILES) → pid, for each of serve.sh's processes that runs."""
-    home = home or serve_home()
-    return {name: pid for name, file in PID_FILES.items() if (pid := read_pid(home / file))}
-
-
-def server_alive() -> bool:
-    """Whether the TorchServe of this SERVE_HOME runs (its pid file names a live process)."""
-    return read_pid(serve_home() / PID_FILES["frontend"]) is not None
-
-
-def free_ports(count: int) -> list[int]:
-    """Loopback ports nobody listens on right now."""
-    sockets = [socket.socket() for _ in range(count)]
-    with ExitStack() as stack:
-        for s in sockets:
-            stack.enter_context(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
-def instance_env(home: Path) -> dict[str, str]:
-    """The environment of one more TorchServe (and its front door) beside any other: its own state folder, logs and
-    free ports. serve.sh, the client and ``python -m manage`` all read it."""
-    (inference, management, metrics, grpc_inference, grpc_management, front, front_management, front_metrics,
-     health, retry, v2, v2_grpc) = free_ports(12)
-    return {
-        "SERVE_HOME": str(home),
-        "LOG_DIR": str(home / "logs"),
-        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{inference}",
-        "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{management}",
-        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics}",
-        "TS_GRPC_INFERENCE_PORT": str(grpc_inference),
-        "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
-        "PROXY_ADDRESS": f"http://127.0.0.1:{front}",
-        "PROXY_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{front_management}",
-        "PROXY_METRICS_ADDRESS": f"http://127.0.0.1:{front_metrics}",
-        "HEALTH_ADDRESS": f"http://127.0.0.1:{health}",
-        "RETRY_ADDRESS": f"http://127.0.0.1:{retry}",
-        "V2_ADDRESS": f"http://127.0.0.1:{v2}",
-        "V2_GRPC_ADDRESS": f"127.0.0.1:{v2_grpc}",
-    }
-
-
 class TorchServe:
     """TorchServe's management API at its own address; predictions through the front door, as a client sends them."""
 
-    def __init__(self, timeout: float = 30.0):
-        self.inference_url = front_address()
-        self.management_url = address("management")
-        self.metrics_url = front_metrics_address()
-        self.key_file = serve_home() / "key_file.json"
+    def __init__(self, instance: Instance | None = None, timeout: float = 30.0):
+        self.instance = instance or Instance.current()
+        self.inference_url = self.instance.front
+        self.management_url = self.instance.torchserve("management")
+        self.metrics_url = self.instance.front_metrics
+        self.key_file = self.instance.key_file
         self.timeout = timeout
         self.session = requests.Session()
 
@@ -208,12 +60,10 @@ class TorchServe:
         return entry["key"]
 
     def renew(self, kind: str) -> None:
-        """Ask TorchServe for a new key (it rewrites the key file), and have the front door take it."""
-        from manage.proxy import Proxy
-
+        """Ask TorchServe for a new key; it rewrites the key file, which the health checker watches: the front door
+        takes the new key within its poll (``request`` waits up to KEY_SYNC_SECONDS for it)."""
         api_key = self.keys()["API"]["key"]
         self._send("POST", self.management_url, f"/token?type={kind}", token=api_key)
-        Proxy().sync_keys(wait=False)
 
     # --- requests -----------------------------------------------------------------------------------------------
 

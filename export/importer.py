@@ -37,10 +37,16 @@ from typing import Any
 
 import yaml
 
-from archives import SPECS_DIR, SpecError, check_model_name, check_version, load_spec, load_specs
+from archives import (
+    SPECS_DIR,
+    SpecError,
+    check_model_name,
+    check_version,
+    load_spec,
+    load_specs,
+)
 from archives.store import REPO, Manifest, locked, replace_file
 from handlers import IMAGE_TASKS, TASK_HANDLERS
-from manage.client import ServeError, TorchServe, server_alive
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,10 @@ SHOWN_SETTINGS = ("resize", "interpolation", "crop", "mean", "std")  # written e
 SERVER_SETTINGS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 30}
 EXPLAINED_METHODS = ["embed_tokens", "encode_embeddings"]  # Hugging Face models: explanations attribute between
 
+
+
+class Refused(RuntimeError):
+    """An import this toolkit will not do, in one line the user can act on (the command line prints it)."""
 
 @dataclass
 class Request:
@@ -112,11 +122,11 @@ def kind_of(path: Path) -> str:
     from export.checkpoint import CHECKPOINT_SUFFIXES
 
     if not path.exists():
-        raise ServeError(f"FROM {path} does not exist")
+        raise Refused(f"FROM {path} does not exist")
     if path.is_dir():
         if (path / "config.json").is_file():
             return "huggingface"
-        raise ServeError(f"FROM {path} is a folder without config.json: a folder must be a Hugging Face model saved "
+        raise Refused(f"FROM {path} is a folder without config.json: a folder must be a Hugging Face model saved "
                          "with save_pretrained")
     if path.suffix == ".onnx":
         return "onnx"
@@ -126,7 +136,7 @@ def kind_of(path: Path) -> str:
                 return "torchscript"
     if path.suffix in CHECKPOINT_SUFFIXES:
         return "checkpoint"
-    raise ServeError(f"FROM {path.name}: not a file we can import; FROM is a checkpoint "
+    raise Refused(f"FROM {path.name}: not a file we can import; FROM is a checkpoint "
                      f"({' '.join(CHECKPOINT_SUFFIXES)}) with ARCH, a TorchScript file, an .onnx file or a Hugging "
                      "Face folder")
 
@@ -147,14 +157,14 @@ def image_task(request: Request) -> str:
 
     task = request.task or task_of_arch(request.arch) or "classification"
     if task not in IMAGE_TASKS:
-        raise ServeError(f"TASK {task!r} is not one of {', '.join(IMAGE_TASKS)}")
+        raise Refused(f"TASK {task!r} is not one of {', '.join(IMAGE_TASKS)}")
     if request.eval:
         layout = eval_kind(request.eval)
         if layout != task:
-            raise ServeError(f"EVAL {request.eval.name} is laid out for {layout}, but the model is imported for "
+            raise Refused(f"EVAL {request.eval.name} is laid out for {layout}, but the model is imported for "
                              f"{task}: {EVAL_LAYOUTS[task]}")
     if task == "detection" and request.transform:
-        raise ServeError("TRANSFORM: a torchvision detector resizes and normalises inside the model (its transform "
+        raise Refused("TRANSFORM: a torchvision detector resizes and normalises inside the model (its transform "
                          "is part of the weights); import it without TRANSFORM")
     return task
 
@@ -187,7 +197,7 @@ def image_plan(request: Request, kind: str, task: str) -> tuple[Plan, int | None
             model = checkpoint.module.eval()
         else:
             if not request.arch:
-                raise ServeError(f"{request.source.name} holds weights without an architecture: name it with ARCH="
+                raise Refused(f"{request.source.name} holds weights without an architecture: name it with ARCH="
                                  "torchvision:<name>, timm:<name> or <module>:<Class>")
             users = None if request.arch.startswith(LIBRARIES) else code  # the user's own class comes from CODE
             classes = head_size(checkpoint.state) if task != "detection" else detector_classes(request)
@@ -213,7 +223,7 @@ def image_plan(request: Request, kind: str, task: str) -> tuple[Plan, int | None
         settings = settings_from_transform(load_transform(request.transform, code), task == "segmentation")
         if task == "segmentation":  # the whole image: a crop would cut the class map
             if settings.get("crop") is not None:
-                raise ServeError("TRANSFORM: a segmenter's transform crops the image; the class map answers every "
+                raise Refused("TRANSFORM: a segmenter's transform crops the image; the class map answers every "
                                  "pixel of the image as sent: pass the transform without its CenterCrop")
             settings.pop("crop", None)
         notes = {k: f"from TRANSFORM {request.transform}" for k in settings}
@@ -251,7 +261,7 @@ def detector_classes(request: Request) -> int:
 
         return len(read_labels(request.labels))
     if labels is None:
-        raise ServeError("a detector's number of classes comes from its labels: pass LABELS= (background first, "
+        raise Refused("a detector's number of classes comes from its labels: pass LABELS= (background first, "
                          "as torchvision counts it) or an EVAL folder with annotations.json")
     return len(labels)
 
@@ -317,9 +327,9 @@ def text_plan(request: Request) -> tuple[Plan, int | None]:
     plan.export = {"method": "trace", "freeze": True, "preserve": EXPLAINED_METHODS}
     plan.runtime = request.runtime or "onnxruntime"
     if request.transform:
-        raise ServeError("TRANSFORM is for image models; a Hugging Face model's preprocessing is its tokenizer")
+        raise Refused("TRANSFORM is for image models; a Hugging Face model's preprocessing is its tokenizer")
     if request.task:
-        raise ServeError(f"TASK is for image models; {request.source.name}/ is a Hugging Face {task.replace('_', ' ')}"
+        raise Refused(f"TASK is for image models; {request.source.name}/ is a Hugging Face {task.replace('_', ' ')}"
                          " model")
     labels = huggingface.labels_of(request.source)
     if labels is not None:
@@ -347,7 +357,7 @@ def decide_labels(request: Request, plan: Plan, outputs: int | None, task: str |
     elif outputs == IMAGENET_CLASSES:
         plan.labels, plan.labels_note, count = IMAGENET_LABELS, "assumed: a 1000-class head is ImageNet-1k", outputs
     if count is not None and outputs is not None and count != outputs:
-        raise ServeError(f"the labels ({plan.labels_note}) name {count} classes but the model has {outputs} outputs")
+        raise Refused(f"the labels ({plan.labels_note}) name {count} classes but the model has {outputs} outputs")
     if count is None and plan.handler != "sentence_embedding":
         plan.labels_note = "none given: answers name class indices; pass LABELS= or an EVAL folder"
 
@@ -356,7 +366,7 @@ def plan_import(request: Request) -> Plan:
     kind = kind_of(request.source)
     if kind == "huggingface":
         if request.eval and request.eval.suffix not in (".csv", ".jsonl"):
-            raise ServeError(f"EVAL {request.eval.name}: a text model is evaluated on a .csv or .jsonl file of text "
+            raise Refused(f"EVAL {request.eval.name}: a text model is evaluated on a .csv or .jsonl file of text "
                              "and label")
         plan, outputs = text_plan(request)
         task = None
@@ -369,7 +379,7 @@ def plan_import(request: Request) -> Plan:
         plan.extra["eval"] = reference(request.eval)
     if request.min_accuracy is not None:
         if not request.eval:
-            raise ServeError("MIN_ACCURACY needs EVAL: the held-out set it is measured on")
+            raise Refused("MIN_ACCURACY needs EVAL: the held-out set it is measured on")
         plan.extra["min_accuracy"] = request.min_accuracy
     return plan
 
@@ -463,18 +473,18 @@ def write_spec(request: Request, plan: Plan, specs_dir: Path) -> Written:
     """Write the spec, or add the version to it, under the lock on the folder of specs: the version is chosen from
     the spec as it is then, and the spec is replaced only by text that loads."""
     if not specs_dir.is_dir():
-        raise ServeError(f"the folder of specs {specs_dir} does not exist")
+        raise Refused(f"the folder of specs {specs_dir} does not exist")
     with locked(specs_dir):
         try:
             specs = load_specs(specs_dir)
         except SpecError as error:
-            raise ServeError(str(error)) from None
+            raise Refused(str(error)) from None
         existing = specs.get(request.name)
         if existing is None:
             version = request.version or FIRST_VERSION
             path = specs_dir / f"{request.name}.yaml"
             if path.exists():
-                raise ServeError(f"{path} exists but defines another model; choose another NAME")
+                raise Refused(f"{path} exists but defines another model; choose another NAME")
             block = version_block(request, version, plan, {})
             replace_spec(path, model_text(request, version, plan, block))
             return Written(path, version, block, created=True)
@@ -485,14 +495,14 @@ def add_to_spec(request: Request, plan: Plan, existing) -> Written:
     """The version added to an existing model's spec (``existing``, as loaded under the lock)."""
     version = request.version or next_version(list(existing.versions))
     if version in existing.versions:
-        raise ServeError(f"{request.name} already has version {version} ({existing.path.name}); a built version is "
+        raise Refused(f"{request.name} already has version {version} ({existing.path.name}); a built version is "
                          f"immutable: leave VERSION out for the next one, {next_version(list(existing.versions))}")
     default = existing.versions[existing.default_version]
     if default.handler != plan.handler:
-        raise ServeError(f"{request.name} is served by {default.handler}; this model needs {plan.handler}: import it "
+        raise Refused(f"{request.name} is served by {default.handler}; this model needs {plan.handler}: import it "
                          "under another NAME")
     if plan.labels is not None and plan.labels != default.labels:
-        raise ServeError(f"{request.name}'s labels are {flow(default.labels)[:120]}; this version's would be "
+        raise Refused(f"{request.name}'s labels are {flow(default.labels)[:120]}; this version's would be "
                          f"{flow(plan.labels)[:120]}: labels belong to the model, import it under another NAME")
     current = default.handler_settings
     overrides = {k: v for k, v in plan.settings.items() if current.get(k) != v}
@@ -502,12 +512,12 @@ def add_to_spec(request: Request, plan: Plan, existing) -> Written:
 
 
 def replace_spec(path: Path, text: str) -> None:
-    """``path`` replaced by ``text`` once ``text`` loads as a spec; else ServeError, and ``path`` as it was."""
+    """``path`` replaced by ``text`` once ``text`` loads as a spec; else Refused, and ``path`` as it was."""
     def loads(written: Path) -> None:
         try:
             load_spec(written)
         except SpecError as error:
-            raise ServeError(f"{path}: not written: {str(error).removeprefix(f'{written}: ')}") from None
+            raise Refused(f"{path}: not written: {str(error).removeprefix(f'{written}: ')}") from None
 
     replace_file(path, text, check=loads)
 
@@ -521,7 +531,7 @@ def withdraw(written: Written) -> None:
         lines = path.read_text().splitlines() if path.exists() else []
         start = next((i for i in range(len(lines)) if lines[i:i + len(block)] == block), None)
         if start is None:
-            raise ServeError(f"{path}: version {version} was changed or removed since this import wrote it; "
+            raise Refused(f"{path}: version {version} was changed or removed since this import wrote it; "
                              "check the spec by hand")
         lines = lines[:start] + lines[start + len(block):]
         raw = yaml.safe_load("\n".join(lines))
@@ -538,21 +548,22 @@ def withdraw(written: Written) -> None:
 # --- the command -------------------------------------------------------------------------------------------------
 
 
-def import_model(request: Request, specs_dir: Path = SPECS_DIR, register: bool = True) -> dict:
-    """Write the spec, build the version, register it where TorchServe runs; returns the build record."""
+def import_model(request: Request, specs_dir: Path = SPECS_DIR) -> tuple[dict, bool]:
+    """Write the spec and build the version: its build record, and whether the model is new (then the version is
+    its default). Registering it with a running TorchServe is the command line's step."""
     try:
         check_model_name(request.name)
         if request.version is not None:
             check_version(request.version)
     except SpecError as error:
-        raise ServeError(str(error)) from None
+        raise Refused(str(error)) from None
     import build_mar
 
     request.source = request.source.expanduser().resolve()
     try:
         plan = plan_import(request)
     except build_mar.USER_ERRORS as error:
-        raise ServeError(str(error)) from None
+        raise Refused(str(error)) from None
     while True:
         written = write_spec(request, plan, specs_dir)
         try:
@@ -562,8 +573,8 @@ def import_model(request: Request, specs_dir: Path = SPECS_DIR, register: bool =
         except BaseException as error:  # an interrupted build takes its version back too
             try:
                 withdraw(written)
-            except ServeError as stuck:
-                raise ServeError(f"{error}; and {stuck}") from None
+            except Refused as stuck:
+                raise Refused(f"{error}; and {stuck}") from None
             if not isinstance(error, (build_mar.BuildError, SpecError)):
                 raise
             if isinstance(error, build_mar.BuildError) and error.found_labels and request.label_order == "found":
@@ -571,14 +582,8 @@ def import_model(request: Request, specs_dir: Path = SPECS_DIR, register: bool =
                 plan.labels, plan.labels_note = error.found_labels, "the order found on EVAL (LABEL_ORDER=found)"
                 continue
             if plan.runtime_given or plan.runtime != "onnxruntime" or "torch.export could not capture" not in str(error):
-                raise ServeError(str(error)) from None
+                raise Refused(str(error)) from None
             logger.warning("ONNX export failed (%s); importing on TorchScript instead", str(error)[:200])
             plan.runtime = "torchscript"
             plan.runtime_reason = f"the ONNX export failed: {str(error).partition('refused: ')[2][:300]}"
-    if register and server_alive():
-        ts = TorchServe(timeout=300)
-        ts.register(Manifest().unpacked(request.name, written.version).name)
-        if written.created:
-            ts.set_default(request.name, written.version)
-        record["registered"] = "default" if written.created else "registered, not default"
-    return record
+    return record, written.created
