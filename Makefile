@@ -84,7 +84,7 @@ status:
 	./serve.sh status
 
 samples: install
-	@$(PY) -m export.samples samples >/dev/null
+	@$(PY) -m export.sample_files samples >/dev/null
 
 predict: samples
 	$(PY) -m manage samples

@@ -84,7 +84,7 @@ def check_command(args) -> int:
     run("kubectl kustomize", checks.kustomize_problems, out / "kubernetes", options.namespace)
     kserve_objects = [(p, o) for p, o in checks.objects(out / "kserve")]
     notes["kserve admission"] = f"{len(kserve_objects)} KServe objects against KServe's admission rules"
-    run("kserve admission", checks.kserve_problems, out / "kserve")
+    run("kserve admission", checks.kserve_problems, out / "kserve", plans)
     notes["kserve SDK models"] = "every field known to the kserve SDK's models, with its type"
     run("kserve SDK models", lambda: [f"{p.relative_to(out)}: {problem}" for p, o in kserve_objects
                                       for problem in kserve.sdk_problems(o)])

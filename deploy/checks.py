@@ -416,12 +416,9 @@ def isvc_problems(isvc: dict[str, Any], runtimes: dict[str, dict[str, Any]]) -> 
     return problems
 
 
-def kserve_problems(folder: Path, plans: list | None = None) -> dict[str, list[str]]:
-    """``plans``: those the folder was rendered with (default: its ``plans.json``)."""
-    from deploy.render import load_plans
-
+def kserve_problems(folder: Path, plans: list) -> dict[str, list[str]]:
+    """``plans``: those the folder was rendered with (``render.load_plans``)."""
     found = objects(folder)
-    plans = plans if plans is not None else load_plans(folder.parent)[0]
     extracted = max(map(contract.extracted_bytes, plans), default=0)
     runtimes = {o["metadata"]["name"]: o for _, o in found if o["kind"] == "ServingRuntime"}
     problems = {f"ServingRuntime/{name}": runtime_problems(o, extracted) for name, o in runtimes.items()}
@@ -442,12 +439,10 @@ def promtool(*args: str, cwd: Path) -> tuple[int, str]:
     return result.returncode, (result.stdout + result.stderr).strip()
 
 
-def promtool_problems(folder: Path, plans: list | None = None) -> tuple[list[str], list[str]]:
+def promtool_problems(folder: Path, plans: list) -> tuple[list[str], list[str]]:
     """(problems, promtool's lines) for every PrometheusRule under ``folder``: check rules, then a unit test per
-    alert."""
-    from deploy.render import load_plans
-
-    plans = {p.model: p for p in (plans or load_plans(folder.parent)[0])}
+    alert. ``plans``: those the folder was rendered with (``render.load_plans``)."""
+    plans = {p.model: p for p in plans}
     problems, lines = [], []
     for path, rule in objects(folder):
         if rule["kind"] != "PrometheusRule":

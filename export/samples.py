@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -80,32 +79,3 @@ def samples_for(handler) -> dict[str, bytes]:
     if isinstance(handler, TextHandler):
         return {name: text.encode() for name, text in SENTENCES.items()}
     return {**photo_files(), **image_modes()}
-
-
-def write_samples(folder: Path) -> list[Path]:
-    """The photos as JPEG files, one held-out digit as digit.png, sentences (sentences.json, {"texts": [...]}) and a
-    held-out photo at half size for super-resolution (chelsea_small.png), for trying the server with curl."""
-    import json
-
-    from export import digits, super_resolution
-
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, payload in photo_files().items():
-        written.append(folder / f"{name}.jpg")
-        written[-1].write_bytes(payload)
-    images, _ = digits.held_out()
-    written.append(folder / "digit.png")
-    written[-1].write_bytes(encode(images[0], "PNG"))
-    written.append(folder / "sentences.json")
-    written[-1].write_text(json.dumps({"texts": [text for name, text in SENTENCES.items() if name != "long"]}))
-    written.append(folder / "chelsea_small.png")
-    written[-1].write_bytes(super_resolution.held_out(2)["chelsea"][1])
-    return written
-
-
-if __name__ == "__main__":
-    import sys
-
-    for path in write_samples(Path(sys.argv[1] if len(sys.argv) > 1 else "samples")):
-        print(path)
