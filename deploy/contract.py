@@ -61,7 +61,7 @@ TMP = "/tmp"  # LOG_DIR and SERVE_HOME (base_env), an emptyDir sized by tmp_budg
 STATE_BYTES = 16 * logs.MIB
 # nginx's temp folders stay empty: a request body is held in memory up to the body limit (client_body_buffer_size
 # = client_max_body_size) and answers are not buffered (proxy_buffering off); tests/test_logs.py holds
-# serving/nginx.conf to that.
+# serving/nginx.conf.j2 to that.
 NGINX_TEMP_BYTES = 0
 TMP_HEADROOM = 0.10  # over the sum: what no item counts (a Python traceback, the JVM's hsperfdata)
 TMP_STEP_MI = 64

@@ -1,4 +1,4 @@
-"""The front door: nginx in front of TorchServe (``serving/nginx.conf``), and the A/B splits it holds.
+"""The front door: nginx in front of TorchServe (``serving/nginx.conf.j2``), and the A/B splits it holds.
 
 Clients call the front door, never TorchServe itself: it checks the key (401), the method (405) and the body's size
 (413, TorchServe's own ``max_request_size``) before TorchServe sees a byte, gives every request an ``X-Request-Id``,
@@ -17,7 +17,7 @@ its split (version → weight), the TorchServe default it was set with, and the 
 returns to. Requests for ``/predictions/<model>`` (and ``/explanations/<model>``) go to the chosen version's own URL,
 so TorchServe's metrics carry the real version; every other model's requests go to TorchServe as they are.
 
-Every change is: check the versions are registered with READY workers → render ``serving/nginx.conf`` → ``nginx -t`` →
+Every change is: check the versions are registered with READY workers → render ``serving/nginx.conf.j2`` → ``nginx -t`` →
 start or reload → wait until the front door serves the new table and every old worker has finished and exited. After
 that no request is still on its way to a version the new split dropped, so unregistering it is safe.
 """
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import jinja2
 import requests
 import yaml
 
@@ -50,7 +51,10 @@ from archives.store import default_store
 from serving.instance import REPO, Instance, ServeError
 from serving.torchserve import TorchServe, parse_expiry, ready_workers
 
-TEMPLATE = REPO / "serving" / "nginx.conf"
+# nginx.conf as a Jinja2 template; undefined names fail the render rather than leave a hole in the configuration
+TEMPLATE = jinja2.Environment(loader=jinja2.FileSystemLoader(REPO / "serving"), undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                              autoescape=False).get_template("nginx.conf.j2")
 HISTORY = 20  # earlier states kept per model for rollback
 CLIENT_TIMEOUT = 10  # seconds a client may stall while sending its request or reading its answer
 READ_TIMEOUT = 300  # seconds TorchServe may take to answer where no archive says (each model's location says less)
@@ -62,7 +66,6 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REGISTER_PARAMETERS = ("url", "model_name", "initial_workers", "synchronous", "batch_size", "max_batch_delay",
                        "response_timeout", "startup_timeout")
 PLAIN_VALUE = "[A-Za-z0-9_.-]{1,64}"
-PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
 def parse_split(terms: list[str]) -> dict[str, float]:
@@ -163,7 +166,7 @@ def cpu_limit() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _user_line() -> str:
+def _user() -> str:
     """As root, nginx's workers need an unprivileged user; as anyone else they run as that user."""
     if os.geteuid() != 0:
         return ""
@@ -171,54 +174,30 @@ def _user_line() -> str:
     import pwd
 
     nobody = pwd.getpwnam("nobody")
-    return f"user {nobody.pw_name} {grp.getgrgid(nobody.pw_gid).gr_name};"
+    return f"{nobody.pw_name} {grp.getgrgid(nobody.pw_gid).gr_name}"
 
 
-def _split_block(model: str, split: dict[str, float]) -> str:
-    """The ``split_clients``/``map`` block (http level) that picks a routed model's version per request."""
-    var = re.sub(r"\W", "_", model)
-    total = sum(split.values())
-    versions = list(split)
-    lines = []
-    for version in versions[:-1]:
-        lines.append(f'        {100 * split[version] / total:.2f}% "{version}";')
-    lines.append(f'        * "{versions[-1]}";')
-    buckets = "\n".join(lines)
-    return (
-        f"    # {model}: {describe_split(split)}\n"
-        f'    split_clients "${{http_x_client_id}}:{model}" $ab_keyed_{var} {{\n{buckets}\n    }}\n'
-        f'    split_clients "${{request_id}}" $ab_random_{var} {{\n{buckets}\n    }}\n'
-        f"    map $http_x_client_id $ab_{var} {{\n"
-        f'        "" $ab_random_{var};\n'
-        f"        default $ab_keyed_{var};\n"
-        f"    }}\n"
-    )
+def _split(model: str, split: dict[str, float]) -> dict[str, Any]:
+    """What the template's ``split_clients``/``map`` blocks (http level) need to pick a routed model's version per
+    request: each version's share, the last one taking the rest (``*``)."""
+    total, versions = sum(split.values()), list(split)
+    buckets = [(f"{100 * split[version] / total:.2f}%", version) for version in versions[:-1]]
+    return {"model": model, "var": re.sub(r"\W", "_", model), "describe": describe_split(split),
+            "buckets": buckets + [("*", versions[-1])]}
 
 
-def _model_locations(model: str, routed: bool, response_timeout: int | None) -> str:
-    """The ``location`` blocks (server level) of one model: its default URL, sent to the split's version when the
-    model is routed, and its explicit versions. Each waits for TorchServe 1 s less than the model's shortest
-    responseTimeout: a request that takes longer is answered 504 here and never sent again (when TorchServe's own
-    timeout expires first, it kills the worker and answers 500 "Worker died.", which the retry hop would send to
-    the next worker)."""
+def _model_location(model: str, routed: bool, response_timeout: int | None) -> dict[str, Any]:
+    """What the template's ``location`` blocks (server level) of one model need: its default URL, sent to the split's
+    version when the model is routed, and its explicit versions. Each waits for TorchServe 1 s less than the model's
+    shortest responseTimeout: a request that takes longer is answered 504 here and never sent again (when
+    TorchServe's own timeout expires first, it kills the worker and answers 500 "Worker died.", which the retry hop
+    would send to the next worker)."""
     check_model_name(model)
     seconds = READ_TIMEOUT if response_timeout is None else max(1, response_timeout - 1)
     limit = (f"{seconds} s (the model's responseTimeout, {response_timeout} s, less 1 s)" if response_timeout
              else f"{seconds} s")
-    common = (f'            set $allowed "POST, PUT";\n'
-              f"            if ($request_method !~ ^(?:POST|PUT)$) {{ return 405; }}\n"
-              f"            if ($inference_key_ok = 0) {{ return 401; }}\n"
-              f'            set $answer_limit "{limit}";\n'
-              f"            proxy_read_timeout {seconds}s;\n")
-    pattern = re.escape(model).replace("\\-", "-")
-    blocks = []
-    if routed:
-        var = re.sub(r"\W", "_", model)
-        blocks.append(f"        location ~ ^/(?<api>predictions|explanations)/{pattern}/?$ {{\n{common}"
-                      f"            proxy_pass http://retry_hop/$api/{model}/$ab_{var}$is_args$args;\n        }}\n")
-    blocks.append(f"        location ~ ^/(?:predictions|explanations)/{pattern}(?:/|$) {{\n{common}"
-                  f"            proxy_pass http://retry_hop;\n        }}\n")
-    return "".join(blocks)
+    return {"model": model, "pattern": re.escape(model).replace("\\-", "-"), "routed": routed,
+            "var": re.sub(r"\W", "_", model), "seconds": seconds, "limit": limit}
 
 
 def archive_pattern() -> str:
@@ -267,13 +246,13 @@ ERRORS = {
 UNAVAILABLE = 503  # what a client sees for nginx's own 502 (no backend): retry later
 
 
-def _error_blocks(codes: tuple[int, ...], limit: str) -> tuple[str, str]:
-    """``error_page`` lines and the named locations that answer them with a JSON body, X-Request-Id kept."""
-    pages, locations = [], []
+def _errors(codes: tuple[int, ...], limit: str) -> list[dict[str, Any]]:
+    """The errors the template's ``error_page`` lines and named locations answer with a JSON body, X-Request-Id
+    kept."""
+    errors = []
     for code in codes:
         reason, message = ERRORS[code]
         status = UNAVAILABLE if code == 502 else code
-        body = json.dumps({"code": status, "error": reason, "message": message.format(limit=limit)})
         headers = ["add_header X-Request-Id $req_id always;"]
         if code == 401:
             headers.append("add_header WWW-Authenticate 'Bearer realm=\"torchserve\"' always;")
@@ -281,11 +260,9 @@ def _error_blocks(codes: tuple[int, ...], limit: str) -> tuple[str, str]:
             headers.append("add_header Allow $allowed always;")
         if status == UNAVAILABLE:
             headers.append('add_header Retry-After "1" always;')
-        pages.append(f"        error_page {code} = @error_{code};")
-        locations.append(f"        location @error_{code} {{\n"
-                         + "".join(f"            {line}\n" for line in headers)
-                         + f"            return {status} '{body}\\n';\n        }}")
-    return "\n".join(pages), "\n".join(locations)
+        body = json.dumps({"code": status, "error": reason, "message": message.format(limit=limit)})
+        errors.append({"code": code, "status": status, "headers": headers, "body": body})
+    return errors
 
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -301,11 +278,11 @@ def valid_keys(keys: dict[str, Any], kind: str, now: dt.datetime | None = None) 
     return [key]
 
 
-def _key_lines(keys: list[str]) -> str:
-    """One ``map`` line per key, a case-sensitive regular expression: nginx compares a map's plain strings without
-    regard to case, which would take "Bearer ABCD..." for "Bearer AbCd..." (a bit less of a key per letter). The
-    scheme's name is case-insensitive (RFC 7235), the key is not."""
-    return "\n".join(f'        "~^(?i:bearer) {re.escape(key)}$" 1;' for key in keys)
+def _key_patterns(keys: list[str]) -> list[str]:
+    """Each key as the template's ``map`` line takes it, a case-sensitive regular expression: nginx compares a map's
+    plain strings without regard to case, which would take "Bearer ABCD..." for "Bearer AbCd..." (a bit less of a
+    key per letter). The scheme's name is case-insensitive (RFC 7235), the key is not."""
+    return [re.escape(key) for key in keys]
 
 
 CLIENT_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
@@ -360,12 +337,6 @@ class Listen:
                    _host_port(Instance.current().front_metrics), Path(cert).resolve() if cert else None,
                    Path(key).resolve() if key else None)
 
-    def tls_lines(self) -> str:
-        if self.cert is None:
-            return ""
-        return (f"        ssl_certificate {self.cert};\n        ssl_certificate_key {self.key};\n"
-                f"        ssl_protocols TLSv1.2 TLSv1.3;")
-
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -381,47 +352,33 @@ def max_body() -> int:
 
 
 def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, logs: Path) -> str:
+    """nginx.conf for this instance, from ``serving/nginx.conf.j2``."""
+    instance = Instance.current()
     timeouts = response_timeouts(default_store())
-    models = sorted(set(timeouts) | set(routes.models))
     limit_bytes = max_body()
     limit = f"{limit_bytes / 2**20:g} MiB ({limit_bytes} bytes)"
-    pages, locations = _error_blocks((401, 404, 405, 408, 413, 502, 504), limit)
-    management_pages, management_locations = _error_blocks((401, 403, 404, 405, 413, 502, 504), limit)
-    values = {
-        "user": _user_line(),
-        "workers": str(cpu_limit()),
-        "state": str(state),
-        "logs": str(logs),
-        "max_body": str(limit_bytes),
-        "client_timeout": f"{CLIENT_TIMEOUT}s",
-        "inference": _host_port(Instance.current().torchserve("inference")),
-        "management": _host_port(Instance.current().torchserve("management")),
-        "metrics": _host_port(Instance.current().torchserve("metrics")),
-        "health": _host_port(Instance.current().health),
-        "v2": _host_port(Instance.current().v2),
-        "retry": _host_port(Instance.current().retry),
-        "listen": listen.inference + (" ssl" if listen.cert else ""),
-        "tls": listen.tls_lines(),
-        "management_listen": listen.management,
-        "metrics_listen": listen.metrics,
-        "inference_keys": _key_lines(valid_keys(keys, "inference") + client_keys()),
+    return TEMPLATE.render(
+        user=_user(), workers=cpu_limit(), state=state, logs=logs, max_body=limit_bytes,
+        client_timeout=f"{CLIENT_TIMEOUT}s", read_timeout=f"{READ_TIMEOUT}s",
+        inference=_host_port(instance.torchserve("inference")),
+        management=_host_port(instance.torchserve("management")),
+        metrics=_host_port(instance.torchserve("metrics")),
+        health=_host_port(instance.health), v2=_host_port(instance.v2), retry=_host_port(instance.retry),
+        listen=listen.inference + (" ssl" if listen.cert else ""), management_listen=listen.management,
+        metrics_listen=listen.metrics, tls=listen if listen.cert else None,
+        inference_keys=_key_patterns(valid_keys(keys, "inference") + client_keys()),
         # what TorchServe itself is sent: its own current key, whichever key the client passed the door with
-        "torchserve_key": (keys.get("inference") or {}).get("key", ""),
-        "management_keys": _key_lines(valid_keys(keys, "management")),
-        "api_keys": _key_lines(valid_keys(keys, "API")),
-        "archive_name": archive_pattern(),
-        "register_query": "{0}(?:&{0})*".format(f"(?:{'|'.join(REGISTER_PARAMETERS)})={PLAIN_VALUE}"),
-        "error_pages": pages,
-        "error_locations": locations,
-        "routes": "".join(_split_block(model, route["split"]) for model, route in sorted(routes.models.items())),
-        "locations": "".join(_model_locations(model, model in routes.models, timeouts.get(model))
-                             for model in models),
-        "read_timeout": f"{READ_TIMEOUT}s",
-        "routes_json": json.dumps(routes.served(), separators=(",", ":")),
-        "management_error_pages": management_pages,
-        "management_error_locations": management_locations,
-    }
-    return PLACEHOLDER.sub(lambda m: values[m.group(1)], TEMPLATE.read_text())
+        torchserve_key=(keys.get("inference") or {}).get("key", ""),
+        management_keys=_key_patterns(valid_keys(keys, "management")),
+        api_keys=_key_patterns(valid_keys(keys, "API")),
+        archive_name=archive_pattern(),
+        register_query="{0}(?:&{0})*".format(f"(?:{'|'.join(REGISTER_PARAMETERS)})={PLAIN_VALUE}"),
+        errors=_errors((401, 404, 405, 408, 413, 502, 504), limit),
+        management_errors=_errors((401, 403, 404, 405, 413, 502, 504), limit),
+        splits=[_split(model, route["split"]) for model, route in sorted(routes.models.items())],
+        locations=[_model_location(model, model in routes.models, timeouts.get(model))
+                   for model in sorted(set(timeouts) | set(routes.models))],
+        routes_json=json.dumps(routes.served(), separators=(",", ":")))
 
 
 def children(pid: int) -> list[int]:

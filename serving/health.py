@@ -43,7 +43,11 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from serving.instance import Instance, ServeError
 from serving.logs import (
@@ -62,7 +66,7 @@ from serving.torchserve import READY, TorchServe, minimum_workers, ready_workers
 
 logger = logging.getLogger("health")
 # Set by the front door's /health/ location to nginx's $inference_key_ok: "1" when the caller's key passed, "0" when
-# not (serving/nginx.conf); absent when a caller on loopback asks the checker directly.
+# not (serving/nginx.conf.j2); absent when a caller on loopback asks the checker directly.
 KEY_HEADER = "X-Inference-Key-Ok"
 
 
@@ -101,7 +105,7 @@ class VersionHealth:
         self.states = [w["status"] for w in workers]
 
 
-# One line of the front door's access log (serving/nginx.conf's log_format "front"). upstream is "-/-" when nginx
+# One line of the front door's access log (serving/nginx.conf.j2's log_format "front"). upstream is "-/-" when nginx
 # answered itself (a 401, 405 or 413, a client that stalled), else the status and time of what it passed it on to.
 LOG_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>/\S*) [^"]*" (?P<status>\d{3}) (?P<seconds>[\d.]+) '
                       r'version=(?P<version>\S*) upstream=(?P<upstream>.*?) retried=(?P<retried>\S*)')
@@ -154,6 +158,8 @@ class DoorLog:
         self.requests: Counter = Counter()
         self.seconds: Counter = Counter()
         self.forwarded: Counter = Counter()
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
 
     def _open(self, at_end: bool) -> Tail | None:
         try:
@@ -216,20 +222,21 @@ class DoorLog:
         version = match["version"] if (model, match["version"]) in known else ""
         return api, model, version, match["status"], "true" if match["retried"] == "true" else "false"
 
-    def exposition(self) -> str:
-        lines = []
-        for metric, kind, help_text, values in (
-                ("frontdoor_requests_total", "counter", "Requests the front door answered.", self.requests),
-                ("frontdoor_request_seconds_total", "counter", "Seconds the front door took to answer them.",
-                 self.seconds),
-                ("frontdoor_forwarded_requests_total", "counter",
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """prometheus_client's collector protocol: the counts as counters, labels escaped by the library."""
+        for metric, help_text, values in (
+                ("frontdoor_requests", "Requests the front door answered.", self.requests),
+                ("frontdoor_request_seconds", "Seconds the front door took to answer them.", self.seconds),
+                ("frontdoor_forwarded_requests",
                  "Requests the front door passed on, after the key check where one is needed (not its own 401, "
                  "405, 413).", self.forwarded)):
-            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+            family = CounterMetricFamily(metric, help_text, labels=LABELS)
             for labels, value in sorted(values.items()):
-                label_text = ",".join(f'{name}="{label}"' for name, label in zip(LABELS, labels))
-                lines.append(f"{metric}{{{label_text}}} {value:g}")
-        return "\n".join(lines) + "\n"
+                family.add_metric(labels, value)
+            yield family
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()
 
 
 def held() -> str | None:

@@ -37,7 +37,7 @@ ADDRESSES = {
     "front_management": ("PROXY_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081"),
     "front_metrics": ("PROXY_METRICS_ADDRESS", "http://127.0.0.1:8082"),
     "health": ("HEALTH_ADDRESS", "http://127.0.0.1:8183"),  # the health checker, behind the front door's /health/
-    "retry": ("RETRY_ADDRESS", "http://127.0.0.1:8184"),  # the front door's retry hop (serving/nginx.conf)
+    "retry": ("RETRY_ADDRESS", "http://127.0.0.1:8184"),  # the front door's retry hop (serving/nginx.conf.j2)
     "v2": ("V2_ADDRESS", "http://127.0.0.1:8185"),  # the Open Inference Protocol gateway, behind /v2/
     "v2_grpc": ("V2_GRPC_ADDRESS", "127.0.0.1:8083"),  # its gRPC, host:port (a container listens on 0.0.0.0)
 }

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 LOG4J_CONFIG = REPO / "log4j2.xml"
 MIB = 2**20
 
-ACCESS_LOG = "proxy-access.log"  # nginx's access log (serving/nginx.conf), which the health checker also counts
-ERROR_LOG = "proxy-error.log"  # nginx's error log (serving/nginx.conf, and nginx -e)
+ACCESS_LOG = "proxy-access.log"  # nginx's access log (serving/nginx.conf.j2), which the health checker also counts
+ERROR_LOG = "proxy-error.log"  # nginx's error log (serving/nginx.conf.j2, and nginx -e)
 CONSOLE_LOG = "torchserve.out"  # TorchServe's launcher and the JVM's stdout and stderr (serve.sh)
 HELPERS = ("health", "v2")  # serve.sh's start_helper: python -m manage <name>, its log LOG_DIR/<name>.log
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 from typing import Any
 
 import requests
 
-from serving.instance import Instance, ServeError
+from serving.instance import Instance, ServeError, wait_until
+
+logger = logging.getLogger(__name__)
 
 TOKEN_MARGIN = dt.timedelta(seconds=30)  # renew a token this long before it expires
 API_KEYS = ("inference", "management")
@@ -60,10 +63,25 @@ class TorchServe:
         return entry["key"]
 
     def renew(self, kind: str) -> None:
-        """Ask TorchServe for a new key; it rewrites the key file, which the health checker watches: the front door
-        takes the new key within its poll (``request`` waits up to KEY_SYNC_SECONDS for it)."""
+        """Ask TorchServe for a new key; it rewrites the key file, which the health checker watches and hands to the
+        front door. Returns once the front door takes the new key (at most KEY_SYNC_SECONDS)."""
         api_key = self.keys()["API"]["key"]
         self._send("POST", self.management_url, f"/token?type={kind}", token=api_key)
+        try:
+            wait_until(lambda: self._door_takes(kind), KEY_SYNC_SECONDS, "the front door taking the renewed key")
+        except TimeoutError as error:  # the next request says 401 if the door never takes it
+            logger.warning("%s", error)
+
+    def _door_takes(self, kind: str) -> bool:
+        """Whether the front door answers a request with the current key of ``kind`` as anything but 401."""
+        base, path = ((self.inference_url, "/ping") if kind == "inference"
+                      else (self.instance.front_management, "/models?limit=1"))
+        try:
+            answer = self.session.get(base + path, headers={"Authorization": f"Bearer {self.keys()[kind]['key']}"},
+                                      timeout=self.timeout)
+        except requests.RequestException:
+            return False
+        return answer.status_code != 401
 
     # --- requests -----------------------------------------------------------------------------------------------
 

@@ -186,11 +186,11 @@ def test_the_front_doors_own_counts_are_metrics_by_version_status_and_retry(serv
                   timeout=30)  # 404 from TorchServe: counted, not labelled with the made-up name
     default = served.client.default_version("digits")
     expected = {
-        f'frontdoor_requests_total{{api="predictions",model="digits",version="{default}",status="200",'
-        f'retried="false"}}': 1,
-        'frontdoor_requests_total{api="predictions",model="digits",version="",status="401",retried="false"}': 1,
-        'frontdoor_requests_total{api="predictions",model="digits",version="",status="405",retried="false"}': 1,
-        'frontdoor_requests_total{api="predictions",model="other",version="",status="404",retried="false"}': 1,
+        f'frontdoor_requests_total{{api="predictions",model="digits",retried="false",status="200",'
+        f'version="{default}"}}': 1,
+        'frontdoor_requests_total{api="predictions",model="digits",retried="false",status="401",version=""}': 1,
+        'frontdoor_requests_total{api="predictions",model="digits",retried="false",status="405",version=""}': 1,
+        'frontdoor_requests_total{api="predictions",model="other",retried="false",status="404",version=""}': 1,
     }
     deadline = time.monotonic() + 10  # the access log is flushed every second, read every half second
     while time.monotonic() < deadline:

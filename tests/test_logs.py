@@ -86,7 +86,7 @@ def counts(env: dict[str, str]) -> Counter:
 
 
 def series(api: str, version: str, status: str) -> str:
-    return f'api="{api}",model="digits",version="{version}",status="{status}",retried="false"'
+    return f'api="{api}",model="digits",retried="false",status="{status}",version="{version}"'
 
 
 def inode(path: Path) -> int | None:
@@ -229,10 +229,10 @@ def test_every_log_is_budgeted_and_the_state_fits_its_allowance(tiny):
 
 
 def test_the_budget_names_every_log_the_configurations_write():
-    """The names of the logs in serving/nginx.conf, serve.sh and log4j2.xml, as those files write them."""
-    nginx = (REPO / "serving" / "nginx.conf").read_text()
+    """The names of the logs in serving/nginx.conf.j2, serve.sh and log4j2.xml, as those files write them."""
+    nginx = (REPO / "serving" / "nginx.conf.j2").read_text()
     serve = (REPO / "serve.sh").read_text()
-    written = set(re.findall(r"(?:access_log|error_log) \$\{logs\}/(\S+?)[ ;]", nginx))
+    written = set(re.findall(r"(?:access_log|error_log) \{\{ logs \}\}/(\S+?)[ ;]", nginx))
     written |= set(re.findall(r'"\$LOG_DIR/([\w.-]+)"', serve)) - {"model_log.log", "ts_log.log"}  # read, not written
     written |= {f"{helper}.log" for helper in re.findall(r"^\s*start_helper (\w+)$", serve, re.MULTILINE)}
     written |= {Path(name).name for name in re.findall(r'fileName="\$\{dir\}/([^"]+)"',
