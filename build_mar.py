@@ -46,7 +46,8 @@ from export.datasets import DataError, as_mapping, read_eval, read_labels
 from export.huggingface import HuggingFaceError
 from export.onnx import OnnxExportError, export_onnx, model_call
 from export.parity import ParityError, arrays_of, check_parity
-from export.preprocessing import PreprocessingError, compare, load_transform
+from export.preprocessing import PreprocessingError, load_transform
+from export.preprocessing_parity import compare
 from export.sources import SourceError, source_for
 from export.tasks import TaskError, served_module, task_of_handler
 from export.torchscript import export_torchscript

@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from handlers.base import InputError, ModelHandler, Reply
+from handlers.base import ModelHandler, Reply
+from handlers.inputs import InputError
 from handlers.vision import MAX_ASPECT_RATIO, load_image, open_image
 
 SIZE_HEADER = "X-Output-Size"

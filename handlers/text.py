@@ -45,7 +45,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from handlers.base import InputError, ModelHandler, Reply, request_value, some_keys
+from handlers.base import ModelHandler, Reply
+from handlers.inputs import InputError, request_value, some_keys
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from handlers.base import InputError, ModelHandler
+from handlers.base import ModelHandler
+from handlers.inputs import InputError
 
 logger = logging.getLogger(__name__)
 

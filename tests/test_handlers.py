@@ -16,7 +16,7 @@ from ts.context import Context
 
 import ts
 from export.samples import encode, photo
-from handlers.base import InputError, payload_of
+from handlers.inputs import InputError, payload_of
 from handlers.image_classifier import ImageClassifier
 from handlers.vision import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from tests.conftest import REPO, bad_inputs, run_batch, start_handler

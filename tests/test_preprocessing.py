@@ -20,8 +20,9 @@ import torchvision.transforms as T
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from export.preprocessing import (PreprocessingError, compare, describe_steps, first_difference, load_transform,
-                                  settings_from_timm, settings_from_transform)
+from export.preprocessing import (PreprocessingError, describe_steps, load_transform, settings_from_timm,
+                                  settings_from_transform)
+from export.preprocessing_parity import compare, first_difference
 from export.samples import PHOTOS, encode, photo, photo_files
 from handlers.image_classifier import ImageClassifier
 from handlers.vision import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
