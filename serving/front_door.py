@@ -43,6 +43,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import jinja2
+import psutil
 import requests
 import yaml
 
@@ -382,23 +383,18 @@ def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, lo
 
 
 def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (nginx's workers of its master, TorchServe's workers), from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:  # exited while we looked
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return sorted(found)
+    """The processes whose parent is ``pid`` (nginx's workers of its master, TorchServe's workers)."""
+    try:
+        return sorted(child.pid for child in psutil.Process(pid).children())
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, already exited but not yet reaped by its parent, does not)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 

@@ -26,8 +26,8 @@ import yaml
 import build_mar
 from archives import load_spec
 from archives.store import MANIFEST, Manifest, sha256_file
-from export.importer import Plan, Request, plan_import, withdraw, write_spec
-from serving.instance import ServeError
+from export.importer import Plan, Refused, Request, plan_import, withdraw, write_spec
+
 from tests.conftest import one_line_error, refusal_line
 from tests.test_build import SPEC as DIGITS_SPEC
 
@@ -228,7 +228,7 @@ def test_a_spec_that_would_not_load_is_never_written(files, place):
     specs = place["specs"]
     write_spec(*plan_for(files, files.trained), specs)
     before = (specs / "twin.yaml").read_text()
-    with pytest.raises(ServeError, match="min_accuracy 90.0 must be a number from 0 to 1"):
+    with pytest.raises(Refused, match="min_accuracy 90.0 must be a number from 0 to 1"):
         write_spec(*plan_for(files, files.trained, eval=files.eval_dir, min_accuracy=90.0), specs)
     assert (specs / "twin.yaml").read_text() == before and sorted(p.name for p in specs.iterdir()) == ["twin.yaml"]
 
