@@ -22,6 +22,7 @@
 #                                               update under load (requests lost: must be 0), a crash
 #   make footprint                              start-up timeline, every process's memory, register → READY, frontend CPU
 #   make bench-before                           efficientnet_lite0 1.1 now against its handlers before torch-free workers
+#   make docs                                   the documentation site (mkdocs.yml, docs/), built strictly into .site/
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -53,7 +54,7 @@ option = $${ARG_$(1):+--$(2) "$$ARG_$(1)"}
 
 .PHONY: help install import archive serve stop status samples predict test demo clean \
         models describe register unregister scale set-default ab promote rollback routes routes-reset \
-        monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes deploy deploy-check rehearse
+        monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes deploy deploy-check rehearse docs
 
 help:
 	@sed -n '/^[^#]/q;s/^# \{0,1\}//p' Makefile
@@ -165,6 +166,9 @@ rehearse: archive
 
 test: archive
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+docs: install
+	$(PY) -m mkdocs build --strict
 
 demo: serve predict
 	@echo
