@@ -1,7 +1,7 @@
 # The pipeline's entry points. From a fresh clone: `make demo`, then `make test`.
 #   make import NAME=.. FROM=.. [ARCH=..] [EVAL=..] [LABELS=..] [TRANSFORM=..] [CODE=..] [VERSION=..]
 #               [RUNTIME=onnxruntime|torchscript] [MIN_ACCURACY=0..1] [ALLOW_PICKLE=1] [SPECS=archives]
-#                                               bring your own model: spec, build, checks, register (README)
+#                                               bring your own model: spec, build, checks, register (docs/importing.md)
 #   make archive [MODEL=digits [VERSION=2.0]] [FORCE=1]   build archives into model_store/
 #   make serve | stop | status                  TorchServe with every built archive, behind its front door (nginx):
 #                                               :8080 inference and /health/*, :8081 management, :8082 metrics

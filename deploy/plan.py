@@ -7,7 +7,7 @@ Everything a manifest says about a model comes from here, and from the archives 
 Sizing. TorchServe and torch see the node's cores, not the pod's CPU limit: a worker runs ``handler.threads``
 intra-op threads, so a pod serving versions v needs Σ_v minWorkers_v × threads_v cores for its workers, plus one
 for the frontend (netty), nginx and the health checker. Requests equal limits (Guaranteed QoS: with integer CPUs the
-static CPU manager can pin them). Memory is an estimate from the build's measurements (README, "Footprint"): the
+static CPU manager can pin them). Memory is an estimate from the build's measurements (docs/performance.md, "Footprint and start-up"): the
 frontend's JVM (capped at -Xmx1g by config.properties) and nginx, then per worker its runtime's base plus its
 weights; ``--memory`` overrides it.
 

@@ -1,6 +1,6 @@
 """A user's project, as people arrive with one: ``python -m export.example_project <folder>``.
 
-Writes, offline and in about a minute on 2 cores, what the README's "Add your own model" imports:
+Writes, offline and in about a minute on 2 cores, what docs/importing.md's worked example imports:
 
 * ``train.py``: the user's own code, with their evaluation transform (``eval_transform``), a training transform
   with random augmentations (``train_transform``) and a model class of their own (``TinyNet``);
