@@ -44,7 +44,7 @@ import requests
 from deploy import contract
 from load_test import inputs
 from serving.front_door import nginx_binary
-from serving.instance import Instance, free_ports
+from serving.instance import Instance, free_ports, wait_until
 
 IMAGE_ROOT = "/opt/toolkit"
 RESTARTS = 2  # restarts of a container that exits while starting, before the rehearsal gives up
@@ -163,6 +163,7 @@ class Replica:
         for key, value in container.env.items():
             env[key] = self.mapped(value, image)
         self.env = {**os.environ, **env, "TINI_SUBREAPER": "1"}  # tini is not PID 1 here
+        self.instance = Instance.current(env)  # the stack serve.sh starts in the container, as it reads its environment
         self.command = [self.mapped(arg, image) for arg in container.command]
         self.process: subprocess.Popen | None = None
         self.restarts = 0  # the kubelet's restarts of the container before it became ready
@@ -190,10 +191,12 @@ class Replica:
         the kubelet would restart the container after it; readiness has no limit of its own)."""
         probe: Probe = getattr(self.container, which)
         startup = self.container.startup
-        limit = startup.failures * startup.period + startup.delay
         started = time.monotonic()
         time.sleep(probe.delay)
-        while not self.probe(which):
+
+        def passes() -> bool:
+            if self.probe(which):
+                return True
             if self.process is not None and self.process.poll() is not None:
                 # the kubelet restarts a container that exits (restartPolicy: Always), a few times here
                 self.restarts += 1
@@ -201,9 +204,9 @@ class Replica:
                     raise RuntimeError(f"{self.name} exited with {self.process.returncode} before its {which} "
                                        f"probe passed, {RESTARTS + 1} times: see {self.home / 'container.log'}")
                 self.start()
-            if time.monotonic() - started > limit:
-                raise RuntimeError(f"{self.name}: {which} probe still failing after {limit:g} s")
-            time.sleep(probe.period)
+            return False
+
+        wait_until(passes, startup.failures * startup.period, f"{self.name}: its {which} probe passing", probe.period)
         return time.monotonic() - started
 
     def pre_stop(self) -> int:
@@ -256,15 +259,16 @@ class Service:
             if self.master is None:
                 self.master = subprocess.Popen([nginx_binary(), "-c", str(self.home / "nginx.conf"), "-p",
                                                 str(self.home)], stderr=subprocess.DEVNULL)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    try:
-                        requests.get(f"http://127.0.0.1:{self.port}/", timeout=1)
-                        return
-                    except requests.ConnectionError:
-                        time.sleep(0.05)
-                raise RuntimeError("the Service's nginx did not start")
+                wait_until(self.answers, 10, "the Service's nginx answering", 0.05)
+                return
             self.master.send_signal(signal.SIGHUP)
+
+    def answers(self) -> bool:
+        try:
+            requests.get(f"http://127.0.0.1:{self.port}/", timeout=1)
+            return True
+        except requests.ConnectionError:
+            return False
 
     def stop(self) -> None:
         if self.master is not None:
@@ -412,18 +416,13 @@ class Rehearsal:
     def crash(self, replica: Replica) -> dict[str, Any]:
         """TorchServe killed (SIGKILL) inside a replica: its readiness probe must fail and the container exit with
         an error, for the kubelet to restart it; restarted in place, its probes pass again. The seconds each took."""
-        deadline = time.monotonic() + 60  # serve.sh run has finished starting (its probes may pass before)
-        while b"serving in the foreground" not in (replica.home / "container.log").read_bytes():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{replica.name}: serve.sh run did not finish starting")
-            time.sleep(0.1)
-        pid = int((Path(replica.env["SERVE_HOME"]) / "tmp" / ".model_server.pid").read_text())
+        wait_until(lambda: b"serving in the foreground" in (replica.home / "container.log").read_bytes(), 60,
+                   f"{replica.name}: serve.sh run finishing its start")  # its probes may pass before
+        pid = replica.instance.frontend_pid()
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        while replica.probe("readiness"):
-            if time.monotonic() - killed > 30:
-                raise RuntimeError(f"{replica.name}: readiness still passes 30 s after TorchServe was killed")
-            time.sleep(0.1)
+        wait_until(lambda: not replica.probe("readiness"), 30, f"{replica.name}: readiness failing after TorchServe "
+                   "was killed")
         unready = time.monotonic() - killed
         assert replica.process is not None
         status = replica.process.wait(timeout=self.container.grace)

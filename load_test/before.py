@@ -15,12 +15,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 from archives.store import Manifest, store_of
 from load_test import inputs, servers
 from load_test.bench import drive
+from load_test.measure import rewritten
 from serving.instance import REPO
 
 BEFORE = "462b7ab"  # the last commit whose handlers imported torch in every worker
@@ -35,15 +35,12 @@ def old_source(commit: str, path: str) -> bytes | None:
 def before_archive(archive: Path, folder: Path, commit: str = BEFORE) -> Path:
     """A copy of ``archive`` whose handler code (``handlers/*.py`` and the entry module beside them) is the
     repository's at ``commit``."""
-    target = folder / f"before_{archive.name}"
-    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(target, "w") as copy:
-        for item in source.infolist():
-            data = source.read(item)
-            if item.filename.endswith(".py"):
-                name = item.filename if item.filename.startswith("handlers/") else f"handlers/{item.filename}"
-                data = old_source(commit, name) or data
-            copy.writestr(item, data)
-    return target
+    def old_code(name: str, data: bytes) -> bytes:
+        if not name.endswith(".py"):
+            return data
+        return old_source(commit, name if name.startswith("handlers/") else f"handlers/{name}") or data
+
+    return rewritten(archive, folder / f"before_{archive.name}", old_code)
 
 
 def compare(rounds: int, seconds: float, out: Path) -> dict[str, dict[str, list[float]]]:
@@ -55,7 +52,7 @@ def compare(rounds: int, seconds: float, out: Path) -> dict[str, dict[str, list[
     results = {name: {"rps_c16": [], "p50_c1_ms": []} for name in ("now", "before")}
     with servers.torchserve(store, out / "serve") as (ts, _):
         servers.register(ts, before_archive(archive, store), "before", initial_workers=2)
-        headers = {"Authorization": f"Bearer {ts.token('inference')}"}
+        headers = servers.bearer(ts)
         urls = {"now": f"{ts.inference_url}/predictions/{MODEL}", "before": f"{ts.inference_url}/predictions/before"}
         for number in range(1, rounds + 1):
             for name, url in urls.items():

@@ -67,8 +67,7 @@ def run_batches(handler, model, payloads: list[bytes], batch: int, seconds: floa
     """Images through the whole pipeline in batches of ``batch`` for ``seconds``: (images, elapsed)."""
     for _ in range(3):  # warm-up: TorchScript optimises on its first calls
         through(handler, model, payloads[:batch])
-    while time.time() < start_at:
-        time.sleep(0.01)
+    time.sleep(max(0.0, start_at - time.time()))  # every process starts its clock at once
     done, position, begin = 0, 0, time.perf_counter()
     while time.perf_counter() - begin < seconds:
         chunk = [payloads[(position + i) % len(payloads)] for i in range(batch)]

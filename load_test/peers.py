@@ -28,10 +28,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,15 +130,9 @@ def serve(peer: str, settings: Settings, archive: Path, folder: Path, probe: byt
            "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
            # no network here: their usage reports off; BentoML's home in the scratch folder
            "BENTOML_HOME": str(scratch / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "RAY_USAGE_STATS_ENABLED": "0"}
-    url = f"http://127.0.0.1:{port}/predict"
-    log = folder / f"{peer}.log"
-    with open(log, "w") as out:
-        began = time.perf_counter()
-        process = subprocess.Popen(command(peer, port), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, preexec_fn=servers.die_with_parent)
-        try:
-            seconds = servers.first_answer(url, probe, expected, began, process.poll, START_TIMEOUT, log)
-            yield servers.Running(PEERS[peer], url, [process.pid], seconds)
-        finally:
-            servers.stop_tree(process)
-            shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        with servers.spawned(PEERS[peer], command(peer, port), f"http://127.0.0.1:{port}/predict",
+                             folder / f"{peer}.log", probe, expected, START_TIMEOUT, env=env) as running:
+            yield running
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

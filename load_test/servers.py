@@ -11,26 +11,31 @@ PSS of its whole process tree.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
+import psutil
 import requests
-import yaml
 
-from archives.store import Manifest
-from serving.instance import REPO, free_ports
-from serving.instance import Instance as Stack
+from load_test.measure import memory, reconfigured, tree
+from serving.instance import (
+    REPO,
+    Instance,
+    free_ports,
+    process_tree,
+    read_pid,
+    wait_until,
+)
 from serving.torchserve import TorchServe, ready_workers
 
 RAW = {"Content-Type": "application/octet-stream"}  # what wrk sends (load_test/wrk.lua)
@@ -47,30 +52,30 @@ class Running:
     start_seconds: float
     headers: dict[str, str] = field(default_factory=dict)
 
-    def post(self, body: bytes) -> requests.Response:
-        return requests.post(self.url, data=body, headers={**RAW, **self.headers}, timeout=120)
+    def post(self, body: bytes, timeout: float = 120) -> requests.Response:
+        return requests.post(self.url, data=body, headers={**RAW, **self.headers}, timeout=timeout)
 
 
-def first_answer(url: str, body: bytes, expected: str, began: float, exited: Callable[[], int | None],
-                 timeout: float, log: Path, headers: dict[str, str] | None = None) -> float:
+def first_answer(server: Running, body: bytes, expected: str, began: float, exited: Callable[[], int | None],
+                 timeout: float, log: Path) -> float:
     """Post ``body`` until the server answers: the seconds since ``began`` (``time.perf_counter``) when the answer's
     top class contains ``expected``. Fails on a wrong answer, when ``exited()`` says the server's process is gone, or
-    after ``timeout``."""
-    while True:
+    ``timeout`` seconds after ``began``."""
+    def answered() -> bool:
         try:
-            response = requests.post(url, data=body, headers={**RAW, **(headers or {})}, timeout=60)
+            response = server.post(body, timeout=60)
         except requests.RequestException:
             response = None
         if response is not None and response.status_code == 200:
-            label = top1(response)
-            if expected not in label:
-                raise RuntimeError(f"{url}: answered {label!r} first, expected a {expected} (see {log})")
-            return time.perf_counter() - began
+            if expected not in (label := top1(response)):
+                raise RuntimeError(f"{server.url}: answered {label!r} first, expected a {expected} (see {log})")
+            return True
         if exited() is not None:
-            raise RuntimeError(f"{url}: the server exited before answering (see {log})")
-        if time.perf_counter() - began > timeout:
-            raise RuntimeError(f"{url}: no correct answer after {timeout:.0f} s (see {log})")
-        time.sleep(0.05)
+            raise RuntimeError(f"{server.url}: the server exited before answering (see {log})")
+        return False
+
+    wait_until(answered, timeout - (time.perf_counter() - began), f"{server.url}: a correct answer (see {log})", 0.05)
+    return time.perf_counter() - began
 
 
 def die_with_parent() -> None:
@@ -81,33 +86,12 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
-def _parents() -> dict[int, int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):  # exited while we looked
-            continue
-    return parents
-
-
-def process_tree(roots: list[int]) -> list[int]:
-    """``roots`` and every process descended from them, from /proc."""
-    parents = _parents()
-    found, todo = [], [root for root in roots if root in parents]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(child for child, parent in parents.items() if parent == pid)
-    return found
-
-
 def describe(pid: int) -> str:
     """A process by its command line, without paths: the program's and a script's last part only, other arguments
     that name a file left out (Ray names its processes ``ray::...``)."""
     try:
-        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split()
-    except OSError:
+        words = " ".join(psutil.Process(pid).cmdline()).split()
+    except psutil.Error:
         return "?"
     kept = [word.rsplit("/", 1)[1] if "/" in word and (index == 0 or word.endswith(".py")) else word
             for index, word in enumerate(words) if "/" not in word or index == 0 or word.endswith(".py")]
@@ -115,106 +99,61 @@ def describe(pid: int) -> str:
 
 
 def tree_memory(roots: list[int]) -> dict:
-    """PSS (MB, from /proc/<pid>/smaps_rollup) of every process of the trees under ``roots``: the total and each."""
-    from load_test.soak import memory
-
-    processes = []
-    for pid in process_tree(roots):
-        sample = memory(pid)
-        if sample is not None:
-            processes.append({"pid": pid, "name": describe(pid), "pss_mb": sample["pss_mb"]})
+    """PSS (MB) of every process of the trees under ``roots``: the total and each."""
+    processes = [{"pid": pid, "name": describe(pid), "pss_mb": round(found.pss / 1e6, 2)}
+                 for pid in tree(roots) if (found := memory(pid))]
     return {"total_mb": round(sum(p["pss_mb"] for p in processes), 1), "processes": processes}
 
 
-def _started(pid: int) -> str | None:
-    """When a live process started (to tell it from a later one with its pid); None once it is gone or a zombie."""
+def running(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``processes`` that still run (a zombie has exited; its parent has not reaped it yet)."""
+    alive = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+    return alive
+
+
+def gone(processes: list[psutil.Process], seconds: float, reap: Callable[[], object] = lambda: None) -> bool:
+    """Whether every one of ``processes`` exited within ``seconds`` (``reap`` reaps our own child meanwhile)."""
+    def stopped() -> bool:
+        reap()
+        return not running(processes)
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else fields[19]
+        return wait_until(stopped, seconds, "the server's processes exiting", 0.2)
+    except TimeoutError:
+        return False
+
+
+def send(processes: list[psutil.Process], sig: int) -> None:
+    """``sig`` to each of ``processes`` that still runs: never to a later process that took a pid of theirs."""
+    for process in running(processes):
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(sig)
 
 
 def stop_tree(process: subprocess.Popen, timeout: float = 20.0) -> None:
     """Stop a server started in its own session: SIGINT to it (Ctrl+C: each of them shuts its own processes down on
     it), then SIGTERM to its group and every process of its tree still there (some leave the group), then SIGKILL to
     any of those same processes still there."""
-    tree = {pid: _started(pid) for pid in process_tree([process.pid])}
-    _signal({process.pid: tree.get(process.pid)}, signal.SIGINT)
-    if not _gone(tree, timeout, process.poll):
-        try:
+    processes = process_tree(process.pid)
+    send(processes[:1], signal.SIGINT)
+    if not gone(processes, timeout, process.poll):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-        _signal(tree, signal.SIGTERM)
-        _gone(tree, 10.0, process.poll)
-    _signal(tree, signal.SIGKILL)
-    try:
+        send(processes, signal.SIGTERM)
+        gone(processes, 10.0, process.poll)
+    send(processes, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _signal(tree: dict[int, str | None], sig: int) -> None:
-    """``sig`` to each process of ``tree`` (pid → start time) that is still the same process."""
-    for pid, started in tree.items():
-        if started is not None and _started(pid) == started:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-
-def _gone(tree: dict[int, str | None], timeout: float, poll: Callable[[], object] = lambda: None) -> bool:
-    """Whether every process of ``tree`` exited within ``timeout`` (``poll`` reaps our own child meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        poll()
-        if not any(started is not None and _started(pid) == started for pid, started in tree.items()):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def bench_store(folder: Path, source: Manifest) -> Path:
-    """A model store for the benchmark: every built archive (hard links) and the manifest, beside which the
-    variants and the stock archive are written."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for entry in source.entries():
-        link_or_copy(source.store / entry["archive"], folder / entry["archive"])
-    shutil.copy2(source.store / "manifest.json", folder / "manifest.json")
-    return folder
 
 
 def variant(archive: Path, folder: Path, name: str, workers: int, threads: int, batch: int, delay: int) -> Path:
     """A copy of ``archive`` whose model-config.yaml has other worker, thread and batching settings."""
     return reconfigured(archive, folder / f"{name}.mar", minWorkers=workers, maxWorkers=workers, batchSize=batch,
                         maxBatchDelay=delay, handler={"threads": threads})
-
-
-def reconfigured(archive: Path, target: Path, **settings) -> Path:
-    """A copy of ``archive`` at ``target`` whose model-config.yaml has ``settings`` over its own (``handler``'s
-    merged key by key). Written beside ``target``, then renamed over it: a hard link to the source stays intact."""
-    partial = target.with_name(f".{target.name}.partial")
-    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(partial, "w") as copy:
-        for item in source.infolist():
-            data = source.read(item)
-            if item.filename == "model-config.yaml":
-                config = yaml.safe_load(data)
-                handler = {**(config.get("handler") or {}), **settings.get("handler", {})}
-                config.update({**settings, "handler": handler})
-                data = yaml.safe_dump(config, sort_keys=False).encode()
-            copy.writestr(item, data)
-    partial.replace(target)
-    return target
 
 
 def stock_archive(archive: Path, folder: Path, name: str = "stock") -> Path:
@@ -233,15 +172,20 @@ def stock_archive(archive: Path, folder: Path, name: str = "stock") -> Path:
 
 
 def register(ts: TorchServe, archive: Path, name: str, **params: int) -> None:
-    """Register an archive of the store under ``name``; returns when its workers are up."""
+    """Register an archive of the store under ``name``; returns when its workers are READY (a synchronous
+    registration returns with them started, not READY)."""
     ts.register(archive.name, model_name=name, **params)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # synchronous registration returns with the workers started, not READY
+
+    def ready() -> bool:
         info = ts.versions(name)[0]
-        if info.get("workers") and ready_workers(info) == len(info["workers"]):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{name}: workers not READY after 120 s")
+        return bool(info.get("workers")) and ready_workers(info) == len(info["workers"])
+
+    wait_until(ready, 120, f"{name}: every worker READY", 0.2)
+
+
+def bearer(ts: TorchServe) -> dict[str, str]:
+    """The headers a client sends TorchServe's inference API (or the front door) with."""
+    return {"Authorization": f"Bearer {ts.token('inference')}"}
 
 
 def unregister(ts: TorchServe, name: str) -> None:
@@ -249,54 +193,35 @@ def unregister(ts: TorchServe, name: str) -> None:
 
 
 @contextmanager
-def torchserve(store: Path, home: Path, **env: str) -> Iterator[tuple[TorchServe, float]]:
-    """TorchServe started by serve.sh with ``store`` on free ports: (client, seconds until every model was READY)."""
-    environment = {**Stack.fresh(home, store=str(store)).environment(), **env}
-    with mock.patch.dict(os.environ, environment):  # serve.sh, the client and python -m manage all read it
-        began = time.perf_counter()
-        started = subprocess.run([str(REPO / "serve.sh"), "start"], capture_output=True, text=True, check=False)
-        seconds = time.perf_counter() - began
-        if started.returncode != 0:
-            raise RuntimeError(f"serve.sh start failed:\n{started.stdout}\n{started.stderr}")
-        try:
-            yield TorchServe(timeout=120), seconds
-        finally:
-            subprocess.run([str(REPO / "serve.sh"), "stop"], capture_output=True, check=False)
+def torchserve(store: Path, home: Path, **settings: str) -> Iterator[tuple[TorchServe, float]]:
+    """TorchServe started by serve.sh with ``store`` on free ports (``settings``: more of its environment): its
+    client, and the seconds until every model was READY."""
+    with (instance := Instance.fresh(home, store=store, **settings)).started() as start:
+        yield TorchServe(instance, timeout=120), start.seconds
 
 
 @contextmanager
-def flask_app(log: Path, probe: bytes, expected: str) -> Iterator[Running]:
-    """The Flask baseline on a free port, yielded once it answered ``probe`` correctly (its start-up: from spawning
-    it to that answer)."""
-    [port] = free_ports(1)
-    url = f"http://127.0.0.1:{port}/predict"
+def spawned(name: str, command: list[str], url: str, log: Path, probe: bytes, expected: str, timeout: float,
+            **popen) -> Iterator[Running]:
+    """``command`` started in its own session, its output in ``log``: yields it once it answered ``probe`` with
+    ``expected`` in its top class (its start-up: from the spawn to that answer); stops its process tree after."""
     with open(log, "w") as out:
         began = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "load_test.flask_app", "--port", str(port)], cwd=REPO,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=die_with_parent)
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=die_with_parent, **popen)
         try:
-            seconds = first_answer(url, probe, expected, began, process.poll, 120, log)
-            yield Running("Flask app", url, [process.pid], seconds)
+            server = Running(name, url, [process.pid], 0.0)
+            server.start_seconds = first_answer(server, probe, expected, began, process.poll, timeout, log)
+            yield server
         finally:
             stop_tree(process)
 
 
-def single_store(folder: Path, source: Manifest, model: str, version: str) -> Path:
-    """A model store holding one built version (a hard link) and a manifest of that version alone."""
-    folder.mkdir(parents=True, exist_ok=True)
-    entry = source.get(model, version)
-    link_or_copy(source.store / entry["archive"], folder / entry["archive"])
-    Manifest(folder).record(entry)
-    return folder
-
-
-def ours_roots() -> list[int]:
-    """The processes serve.sh started for the current SERVE_HOME (``serving.instance.PID_FILES``); TorchServe's workers
-    and nginx's are their children."""
-    from serving.instance import Instance as Stack
-
-    return list(Stack.current().pids().values())
+def flask_app(log: Path, probe: bytes, expected: str) -> AbstractContextManager[Running]:
+    """The Flask baseline on a free port."""
+    [port] = free_ports(1)
+    return spawned("Flask app", [sys.executable, "-m", "load_test.flask_app", "--port", str(port)],
+                   f"http://127.0.0.1:{port}/predict", log, probe, expected, 120)
 
 
 @contextmanager
@@ -304,8 +229,6 @@ def stock_torchserve(archive: Path, home: Path, probe: bytes, expected: str) -> 
     """TorchServe's stock handler as a new user starts it: ``torchserve --start`` with this one archive and
     TorchServe's defaults (a worker per core, batch size 1, no token), on free loopback ports. Yielded once it answered
     ``probe`` correctly, its start-up timed from the command."""
-    from serving.instance import read_pid
-
     inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     (home / "tmp").mkdir(parents=True, exist_ok=True)
     config = home / "config.properties"
@@ -318,8 +241,7 @@ def stock_torchserve(archive: Path, home: Path, probe: bytes, expected: str) -> 
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TS_")}, "JAVA_HOME": java,
            "TMPDIR": str(home / "tmp"), "TEMP": str(home / "tmp"), "LOG_LOCATION": str(home / "logs"),
            "METRICS_LOCATION": str(home / "logs")}
-    torchserve_cli = str(Path(sys.executable).parent / "torchserve")
-    url = f"http://127.0.0.1:{inference}/predictions/stock"
+    torchserve_cli, pid_file = str(Path(sys.executable).parent / "torchserve"), home / "tmp" / ".model_server.pid"
     (home / "logs").mkdir(exist_ok=True)
     with open(home / "logs" / "torchserve.out", "w") as out:  # Java keeps the CLI's output open: a file, not a pipe
         began = time.perf_counter()
@@ -328,20 +250,19 @@ def stock_torchserve(archive: Path, home: Path, probe: bytes, expected: str) -> 
                        stderr=subprocess.STDOUT, check=True)
     pid = None
     try:
-        deadline = time.monotonic() + 30
-        while (pid := read_pid(home / "tmp" / ".model_server.pid")) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid is None:
-            raise RuntimeError(f"TorchServe (stock handler) did not start: see {home / 'logs'}")
-        seconds = first_answer(url, probe, expected, began, lambda: None if read_pid(
-            home / "tmp" / ".model_server.pid") else 1, 300, home / "logs")
-        yield Running("stock handler, TorchServe defaults", url, [pid], seconds)
+        pid = wait_until(lambda: read_pid(pid_file), 30, f"TorchServe (stock handler) starting (see {home / 'logs'})",
+                         0.05)
+        server = Running("stock handler, TorchServe defaults", f"http://127.0.0.1:{inference}/predictions/stock",
+                         [pid], 0.0)
+        server.start_seconds = first_answer(server, probe, expected, began, lambda: None if read_pid(pid_file) else 1,
+                                            300, home / "logs")
+        yield server
     finally:
-        tree = {p: _started(p) for p in process_tree([pid])} if pid else {}
+        processes = process_tree(pid) if pid else []
         subprocess.run([torchserve_cli, "--stop"], cwd=home, env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, check=False)
-        if not _gone(tree, 30.0):
-            _signal(tree, signal.SIGKILL)
+        if not gone(processes, 30.0):
+            send(processes, signal.SIGKILL)
 
 
 def top1(response: requests.Response) -> str:

@@ -20,11 +20,11 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psutil
 
@@ -57,6 +57,14 @@ T = TypeVar("T")
 
 class ServeError(RuntimeError):
     """Something a user can act on, in one line: not running, no key file, unknown model, refused request."""
+
+
+class Started(NamedTuple):
+    """What ``Instance.started`` yields: the seconds ``serve.sh start`` took (every version READY, the front door
+    ready) and what it printed."""
+
+    seconds: float
+    output: str
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -100,6 +108,16 @@ def read_pid(path: Path) -> int | None:
         return pid
     except (OSError, ValueError):
         return None
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (TorchServe's workers, nginx's); empty once it is gone. Each
+    ``psutil.Process`` knows its start time, so a later process that reuses a pid is never taken for it."""
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _address(name: str) -> property:
@@ -200,14 +218,7 @@ class Instance:
 
     def processes(self) -> dict[str, list[psutil.Process]]:
         """name → that process and all its descendants (the frontend's workers, nginx's workers)."""
-        tree = {}
-        for name, pid in self.pids().items():
-            try:
-                parent = psutil.Process(pid)
-                tree[name] = [parent, *parent.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
-        return tree
+        return {name: tree for name, pid in self.pids().items() if (tree := process_tree(pid))}
 
     # --- serve.sh -----------------------------------------------------------------------------------------------
 
@@ -230,3 +241,14 @@ class Instance:
 
     def stop(self, timeout: float = 300, root: Path = REPO) -> subprocess.CompletedProcess:
         return self.serve("stop", timeout=timeout, root=root)
+
+    @contextmanager
+    def started(self, timeout: float = 600, root: Path = REPO) -> Iterator[Started]:
+        """``serve.sh start`` for the block, timed from its spawn, and ``serve.sh stop`` after it, also when the
+        start fails (a failed start may leave processes behind)."""
+        began = time.perf_counter()
+        try:
+            output = self.start(timeout, root)
+            yield Started(time.perf_counter() - began, output)
+        finally:
+            self.stop(root=root)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 
 import pytest
+import yaml
 from PIL import Image
 
-from archives.store import Manifest
+from archives.store import Manifest, sha256_file
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -58,3 +60,23 @@ def test_a_quick_footprint_run_reports_every_target_version_and_worker(tmp_path)
     for plot in ("footprint_timeline.png", "footprint_pss.png"):
         with Image.open(tmp_path / plot) as image:
             assert image.format == "PNG" and image.width > 500
+
+
+def test_a_tools_store_and_its_reconfigured_copies_leave_the_built_archives_as_they_are(tmp_path):
+    """``load_test.measure``: a tool's own store links model_store/'s files, so a copy reconfigured in it (an
+    unpacked folder, an archive in place) must be a new file, never one written through a link."""
+    from load_test.measure import model_store, reconfigured
+
+    source = Manifest()
+    store = model_store(tmp_path / "store", lambda entry: entry["model"] == "digits", unpacked=True)
+    own = Manifest(store)
+    assert own.entries() == [entry for entry in source.entries() if entry["model"] == "digits"]
+    entry = own.get("digits", "2.0")
+    folder = reconfigured(own.unpacked("digits", "2.0"), store / "copy", batchSize=3)
+    archive = reconfigured(store / entry["archive"], store / entry["archive"], batchSize=3)
+    with zipfile.ZipFile(archive) as mar:
+        copies = [yaml.safe_load(text) for text in (mar.read("model-config.yaml"),
+                                                     (folder / "model-config.yaml").read_text())]
+    built = yaml.safe_load((source.unpacked("digits", "2.0") / "model-config.yaml").read_text())
+    assert copies == [{**built, "batchSize": 3}] * 2 and built["batchSize"] != 3
+    assert sha256_file(source.store / entry["archive"]) == entry["sha256"]
