@@ -18,6 +18,12 @@
 #   make deploy [MODEL=..] [SPLIT="1.0=90 2.0=10"] [IMAGE=..]   Kubernetes, KServe, Dockerfile into deploy/out/
 #   make deploy-check                           prove deploy/out/ offline: kubernetes-validate, KServe's rules,
 #                                               promtool, kubectl kustomize, hadolint
+#   make image [MODEL=a,b] [VERSION=..] [RUNTIME=onnxruntime|torchscript] [EXPLAIN=1] [IMAGE=..] [COMPARE=1]
+#                                               the serving image, built here with podman from Debian packages and
+#                                               uv.lock (no registry); torch only when a version needs it; prints its
+#                                               size and layers. COMPARE=1: the same versions with torch beside it
+#   make image-check [MODEL=a,b] [IMAGE=..]     run it as its Deployment says (podman): cold start, probes,
+#                                               /predictions and v2 against outside, preStop + SIGTERM, kill -9
 #   make rehearse [MODEL=digits] [SPLIT=..]     the Deployment on loopback: 3 replicas behind nginx, a rolling
 #                                               update under load (requests lost: must be 0), a crash
 #   make footprint                              start-up timeline, every process's memory, register → READY, frontend CPU
@@ -54,7 +60,8 @@ option = $${ARG_$(1):+--$(2) "$$ARG_$(1)"}
 
 .PHONY: help install import archive serve stop status samples predict test demo clean \
         models describe register unregister scale set-default ab promote rollback routes routes-reset \
-        monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes deploy deploy-check rehearse docs
+        monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes deploy deploy-check \
+        rehearse image image-check docs
 
 help:
 	@sed -n '/^[^#]/q;s/^# \{0,1\}//p' Makefile
@@ -160,6 +167,15 @@ deploy: archive
 
 deploy-check: deploy
 	$(PY) -m deploy check
+
+# make image: EXPLAIN=1 and COMPARE=1 are read from the environment (make exports what its command line gives), like
+# the ARG_ variables: quoted, never spliced into the command line.
+image: archive
+	$(PY) -m deploy image $(call option,MODEL,model) $(call option,VERSION,version) $(call option,RUNTIME,runtime) \
+	    $(call option,IMAGE,image) $${EXPLAIN:+--explanations} $${COMPARE:+--compare}
+
+image-check: image
+	$(PY) -m deploy image-check $(call option,MODEL,model) $(call option,IMAGE,image)
 
 rehearse: archive
 	$(PY) -m deploy.rehearsal --model "$${ARG_MODEL:-digits}" $(call option,SPLIT,split)

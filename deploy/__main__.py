@@ -1,7 +1,11 @@
-"""``python -m deploy``: render the deployment folder (``make deploy``), or prove it offline (``make deploy-check``).
+"""``python -m deploy``: render the deployment folder (``make deploy``), prove it offline (``make deploy-check``), build
+the serving image here (``make image``) and run it as its Deployment says (``make image-check``).
 
     python -m deploy [--model digits] [--split "1.0=90 2.0=10"] [--out deploy/out] [--image ...] [--namespace ...]
     python -m deploy check [--out deploy/out]
+    python -m deploy image [--model M[,M..]] [--runtime onnxruntime|torchscript] [--version V] [--explanations]
+                           [--image NAME:TAG] [--compare]
+    python -m deploy image-check [--model M[,M..]] [--image NAME:TAG]
 
 This is the process where importing kserve is safe (``deploy/__init__.py``). Failures are one line on stderr, exit
 status 1; ``check`` prints each validator's verdict and exits 1 when any found a problem.
@@ -114,11 +118,25 @@ def check_command(args) -> int:
     return 1 if failed else 0
 
 
+def image_command(args) -> int:
+    from deploy import build
+
+    return build.main(args)
+
+
+def image_check_command(args) -> int:
+    from deploy import container
+
+    return container.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="render", choices=("render", "check", "kserve"))
+    parser.add_argument("command", nargs="?", default="render",
+                        choices=("render", "check", "kserve", "image", "image-check"))
     parser.add_argument("--out", default=str(deploy.OUT), help="output folder (default deploy/out, replaced)")
-    parser.add_argument("--model", help="only this model (default: every built model)")
+    parser.add_argument("--model", help="only this model (default: every built model); image, image-check: a comma "
+                                        "list")
     parser.add_argument("--split", help='the A/B split when no front door runs with one: "1.0=90 2.0=10"')
     parser.add_argument("--ignore-running", action="store_true", help="do not read the running front door's split")
     parser.add_argument("--image", help="the serving image (default torchserve-toolkit:<version>-torchserve<ts>)")
@@ -132,9 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-rps", type=int, default=TARGET_RPS, help="requests per second per pod to scale at")
     parser.add_argument("--min-replicas", type=int, default=MIN_REPLICAS)
     parser.add_argument("--max-replicas", type=int, default=MAX_REPLICAS)
+    image = parser.add_argument_group("image", "make image and make image-check (deploy/build.py, deploy/container.py)")
+    image.add_argument("--runtime", choices=("onnxruntime", "torchscript"), help="only the versions on this runtime")
+    image.add_argument("--version", help="only this version of each model")
+    image.add_argument("--explanations", action="store_true",
+                       help="carry torch and captum for /explanations, also when every version runs on ONNX Runtime")
+    image.add_argument("--compare", action="store_true",
+                       help="also build the same versions with torch, and compare the sizes")
     args = parser.parse_args(argv)
+    commands = {"render": render_command, "check": check_command, "kserve": kserve_command,
+                "image": image_command, "image-check": image_check_command}
     try:
-        return {"render": render_command, "check": check_command, "kserve": kserve_command}[args.command](args)
+        return commands[args.command](args)
     except (DeployError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

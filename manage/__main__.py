@@ -16,7 +16,7 @@ from pathlib import Path
 from archives import SPECS_DIR, SpecError, check_model_name, check_version, load_specs
 from archives.store import Manifest
 from handlers import IMAGE_TASKS
-from serving import front_door
+from serving import front_door, splits
 from serving.instance import Instance, ServeError
 from serving.torchserve import TorchServe, minimum_workers, ready_workers
 
@@ -172,7 +172,7 @@ def register(args) -> None:
 
 
 def unregister(args) -> None:
-    share = front_door.share_of(args.model, args.version)
+    share = splits.share_of(args.model, args.version)
     if share > 0:
         raise ServeError(f"refused: {args.model} {args.version} still takes {share:.0%} of the front door's traffic; "
                          f"make promote or make ab MODEL={args.model} SPLIT=... without it first")
@@ -191,7 +191,7 @@ def set_default(args) -> None:
 
 
 def ab(args) -> None:
-    print(front_door.set_split(args.model, front_door.parse_split(args.split)))
+    print(splits.set_split(args.model, front_door.parse_split(args.split)))
 
 
 def apply_splits(args) -> None:
@@ -204,7 +204,7 @@ def apply_splits(args) -> None:
         raise ServeError(f'{args.file}: expected {{"<model>": {{"<version>": weight, ...}}, ...}}')
     for model, split in splits.items():
         check_model_name(model)
-        print(front_door.set_split(model, front_door.parse_split([f"{v}={w}" for v, w in split.items()])))
+        print(splits.set_split(model, front_door.parse_split([f"{v}={w}" for v, w in split.items()])))
 
 
 def promote(args) -> None:
@@ -214,11 +214,11 @@ def promote(args) -> None:
         name, mine, theirs = compared
         raise ServeError(f"refused: {args.model} {args.version} scores top-1 {mine:.4f} on {name}, under the default "
                          f"{default}'s {theirs:.4f}; promote it anyway with --force (make promote ... FORCE=1)")
-    print(front_door.promote(args.model, args.version))
+    print(splits.promote(args.model, args.version))
 
 
 def rollback(args) -> None:
-    print(front_door.rollback(args.model))
+    print(splits.rollback(args.model))
 
 
 def routes(args) -> None:
@@ -240,7 +240,7 @@ def front_stop(args) -> None:
 
 
 def routes_reset(args) -> None:
-    print(front_door.reset())
+    print(splits.reset())
 
 
 def health_checker(args) -> None:
