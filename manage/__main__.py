@@ -197,12 +197,12 @@ def ab(args) -> None:
 def apply_splits(args) -> None:
     """Each model's A/B split from a JSON file ``{"<model>": {"<version>": weight, ...}}`` (a pod's ConfigMap)."""
     try:
-        splits = json.loads(Path(args.file).read_text())
+        wanted = json.loads(Path(args.file).read_text())
     except (OSError, ValueError) as error:
         raise ServeError(f"{args.file}: {error}") from None
-    if not isinstance(splits, dict) or not all(isinstance(s, dict) for s in splits.values()):
+    if not isinstance(wanted, dict) or not all(isinstance(s, dict) for s in wanted.values()):
         raise ServeError(f'{args.file}: expected {{"<model>": {{"<version>": weight, ...}}, ...}}')
-    for model, split in splits.items():
+    for model, split in wanted.items():
         check_model_name(model)
         print(splits.set_split(model, front_door.parse_split([f"{v}={w}" for v, w in split.items()])))
 
