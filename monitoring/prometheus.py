@@ -139,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "start":
             running = prometheus.pid()
-            prometheus.start(Instance.current().front_metrics)
+            metrics = Instance.current().front_metrics
+            prometheus.start(metrics)
             print(f"Prometheus {'is already running' if running else 'ready'} at {prometheus.url}, scraping "
-                  f"{Instance.current().front_metrics}/metrics; data in {prometheus.data}")
+                  f"{metrics}/metrics; data in {prometheus.data}")
             print(f"  try: {prometheus.url}/graph?g0.expr=sum+by+(model_version)+(rate(handler_request_seconds_count[1m]))")
         elif args.command == "stop":
             print("Prometheus stopped" if prometheus.stop() else "Prometheus is not running")

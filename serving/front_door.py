@@ -49,7 +49,7 @@ import yaml
 
 from archives import MODEL_NAME, VERSION, SpecError, check_model_name, check_version
 from archives.store import default_store
-from serving.instance import REPO, Instance, ServeError
+from serving.instance import REPO, Instance, ServeError, process_tree
 from serving.torchserve import TorchServe, parse_expiry
 
 # nginx.conf as a Jinja2 template; undefined names fail the render rather than leave a hole in the configuration
@@ -327,15 +327,15 @@ class Listen:
         for name, path in (("TLS_CERT", cert), ("TLS_KEY", key)):
             if path and not Path(path).is_file():
                 raise ServeError(f"{name}={path} is not a file")
-        scheme = urlparse(Instance.current().front).scheme
-        if (scheme == "https") != bool(cert):
-            raise ServeError(f"PROXY_ADDRESS is {Instance.current().front}: https needs TLS_CERT and TLS_KEY, and with them "
+        instance = Instance.current()
+        if (urlparse(instance.front).scheme == "https") != bool(cert):
+            raise ServeError(f"PROXY_ADDRESS is {instance.front}: https needs TLS_CERT and TLS_KEY, and with them "
                              "the address is https")
-        management = urlparse(Instance.current().front_management)
+        management = urlparse(instance.front_management)
         if management.hostname not in LOOPBACK:
             raise ServeError(f"the management API stays on loopback, not {management.hostname}")
-        return cls(_host_port(Instance.current().front), f"{management.hostname}:{management.port}",
-                   _host_port(Instance.current().front_metrics), Path(cert).resolve() if cert else None,
+        return cls(_host_port(instance.front), f"{management.hostname}:{management.port}",
+                   _host_port(instance.front_metrics), Path(cert).resolve() if cert else None,
                    Path(key).resolve() if key else None)
 
 
@@ -380,14 +380,6 @@ def render(routes: Routes, listen: Listen, keys: dict[str, Any], state: Path, lo
         locations=[_model_location(model, model in routes.models, timeouts.get(model))
                    for model in sorted(set(timeouts) | set(routes.models))],
         routes_json=json.dumps(routes.served(), separators=(",", ":")))
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (nginx's workers of its master, TorchServe's workers)."""
-    try:
-        return sorted(child.pid for child in psutil.Process(pid).children())
-    except psutil.NoSuchProcess:
-        return []
 
 
 def _alive(pid: int) -> bool:
@@ -496,7 +488,7 @@ class Proxy:
             action = "started"
             old_workers: set[int] = set()
         else:
-            old_workers = set(children(master))
+            old_workers = {worker.pid for worker in process_tree(master)[1:]}
             os.kill(master, signal.SIGHUP)
             action = "reloaded"
         self._wait(lambda: self._serves(routes.generation), f"the front door to serve generation {routes.generation}")

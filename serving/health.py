@@ -239,11 +239,11 @@ class DoorLog:
         return generate_latest(self.registry).decode()
 
 
-def held() -> str | None:
+def held(instance: Instance) -> str | None:
     """Why serve.sh holds this instance not ready, if it does: ``serve.sh drain`` (a pod's preStop hook: stopping),
     or a start that has A/B splits still to apply. The reason is the text of ``SERVE_HOME/not-ready``."""
     try:
-        return (Instance.current().home / "not-ready").read_text().strip() or "held not ready by serve.sh"
+        return (instance.home / "not-ready").read_text().strip() or "held not ready by serve.sh"
     except FileNotFoundError:
         return None
 
@@ -376,7 +376,7 @@ class Checker:
         """``detailed``: with TorchServe's last error (it can name a model); for a caller with the inference key."""
         with self.lock:
             age = None if self.answered_at is None else time.monotonic() - self.answered_at
-            alive = Instance.current().alive() and age is not None and age <= self.stale
+            alive = self.ts.instance.alive() and age is not None and age <= self.stale
             body = {"live": alive, "last_answer_s": None if age is None else round(age, 1)}
             if detailed:
                 body["error"] = self.error or None
@@ -409,7 +409,7 @@ class Checker:
                 if len(health.deaths) >= self.flapping:
                     missing.append(f"{model} {version}: {len(health.deaths)} workers died in the last "
                                    f"{self.window:g} s")
-        reason = held()
+        reason = held(self.ts.instance)
         general = [reason] if reason else []  # serve.sh's words: draining, applying the splits
         ready = alive and not missing and not general
         if not alive:
@@ -461,10 +461,11 @@ def main() -> None:
     by ``python -m manage health`` (``serving.logs.log_to_file``)."""
     checker = Checker()
     stop = threading.Event()
-    server = serve(checker, Instance.current().health)
+    address = checker.ts.instance.health
+    server = serve(checker, address)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     threading.Thread(target=checker.keep_logs, args=(stop,), daemon=True, name="logs").start()
-    logger.info("answering at %s", Instance.current().health)
+    logger.info("answering at %s", address)
     checker.run(stop)
     server.shutdown()

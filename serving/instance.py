@@ -173,9 +173,6 @@ class Instance:
         """The stack whose state is in ``home`` (its pids and key file), other settings as in this environment."""
         return cls.current({**os.environ, "SERVE_HOME": str(home)})
 
-    def with_settings(self, **settings: str) -> Instance:
-        return Instance(self.home, self.log_dir, self.store, self.config, {**self.settings, **settings})
-
     # --- where it answers ---------------------------------------------------------------------------------------
 
     def address(self, name: str) -> str:

@@ -489,12 +489,12 @@ def main() -> None:
     import signal
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    gateway = Gateway()
+    gateway, instance = Gateway(), Instance.current()
     try:
-        rest = serve_rest(gateway, Instance.current().v2)
-        rpc = serve_grpc(gateway, Instance.current().v2_grpc)
+        rest = serve_rest(gateway, instance.v2)
+        rpc = serve_grpc(gateway, instance.v2_grpc)
     except OSError as error:
-        logger.error("cannot listen at %s: %s", Instance.current().v2, error.strerror or error)
+        logger.error("cannot listen at %s: %s", instance.v2, error.strerror or error)
         raise SystemExit(1) from None
     except ServeError as error:
         logger.error("%s", error)
@@ -503,8 +503,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=rest.serve_forever, daemon=True).start()
     rpc.start()
-    logger.info("answering v2 REST at %s and gRPC at %s, for the front door at %s", Instance.current().v2,
-                Instance.current().v2_grpc, gateway.front)
+    logger.info("answering v2 REST at %s and gRPC at %s, for the front door at %s", instance.v2, instance.v2_grpc,
+                gateway.front)
     while not stop.wait(1):
         pass
     rpc.stop(grace=5).wait()

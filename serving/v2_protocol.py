@@ -368,8 +368,9 @@ class Gateway:
     """Everything both protocols answer, in the protocols' terms."""
 
     def __init__(self, front: str | None = None, health: str | None = None):
-        self.front = loopback(front or Instance.current().front)
-        self.health_url = health or Instance.current().health
+        instance = Instance.current()
+        self.front = loopback(front or instance.front)
+        self.health_url = health or instance.health
         self.catalog = Catalog()
         self.session = requests.Session()
         self.session.mount(self.front, requests.adapters.HTTPAdapter(pool_maxsize=CALLS))

@@ -126,7 +126,7 @@ def photos() -> dict[str, bytes]:
 
 @dataclass
 class Served:
-    client: object  # serving.torchserve.TorchServe
+    client: TorchServe
     env: dict[str, str]
     start_output: str
 
@@ -135,8 +135,6 @@ class Served:
 def served(tmp_path_factory) -> Served:
     """Our own TorchServe and its front door, started by serve.sh on free loopback ports and its own SERVE_HOME, so
     they run beside a demo; it serves the archives `make archive` built into model_store/."""
-    from serving.torchserve import TorchServe
-
     env = Instance.fresh(tmp_path_factory.mktemp("serve")).environment()
     with instance(env) as output:
         yield Served(TorchServe(), env, output)

@@ -109,7 +109,7 @@ def imported(project, text_models, tmp_path_factory) -> Imported:
     home = tmp_path_factory.mktemp("import_serve")
     specs = home / "specs"
     specs.mkdir()
-    env = {**Instance.fresh(home, store=str(home / "store")).environment()}
+    env = Instance.fresh(home, store=str(home / "store")).environment()
     root = project.root
     odd_name = root / "tiny net's $HOME `id`.pt"
     shutil.copy(root / "tinynet_scripted.pt", odd_name)

@@ -191,7 +191,7 @@ def test_onnx_runtime_workers_never_import_torch_until_they_explain(tmp_path, ph
     torch loaded (TorchServe's worker module imports it at its top; handlers/site defers it); an explanation, which
     needs torch's gradients, loads it in the worker that explains, and only there."""
     store = store_of(tmp_path / "store", [("efficientnet_lite0", "1.1")])
-    with instance({**Instance.fresh(tmp_path / "serve", store=str(store)).environment()}):
+    with instance(Instance.fresh(tmp_path / "serve", store=str(store)).environment()):
         client = TorchServe()
         pids = ready_pids(client, "efficientnet_lite0", "1.1")
         assert len(pids) == 2

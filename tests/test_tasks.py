@@ -62,7 +62,7 @@ def tasks(tmp_path_factory, detection_project, segmentation_project, multilabel_
     home = tmp_path_factory.mktemp("tasks")
     specs = home / "specs"
     specs.mkdir()
-    env = {**Instance.fresh(home / "serve", store=str(home / "store")).environment()}
+    env = Instance.fresh(home / "serve", store=str(home / "store")).environment()
     detection, segmentation, multilabel = detection_project, segmentation_project, multilabel_project
     imports = {
         "shapes": {"FROM": detection.checkpoint, "ARCH": detection.arch,
