@@ -1,7 +1,11 @@
 # The pipeline's entry points. From a fresh clone: `make demo`, then `make test`.
 #   make import NAME=.. FROM=.. [ARCH=..] [EVAL=..] [LABELS=..] [TRANSFORM=..] [CODE=..] [VERSION=..]
 #               [RUNTIME=onnxruntime|torchscript] [MIN_ACCURACY=0..1] [ALLOW_PICKLE=1] [SPECS=archives]
+#               [QUANTIZE=int8 [MAX_DROP=0.01] [CALIBRATION=<dir>]]
 #                                               bring your own model: spec, build, checks, register (docs/importing.md)
+#   make quantize MODEL=.. [VERSION=..] [MAX_DROP=0.01] [CALIBRATION=<dir>] [SPECS=archives]
+#                                               a new INT8 version of VERSION (default: the default), refused when its
+#                                               top-1 drops over MAX_DROP or strays from fp32's; registered, not default
 #   make archive [MODEL=digits [VERSION=2.0]] [FORCE=1]   build archives into model_store/
 #   make serve | stop | status                  TorchServe with every built archive, behind its front door (nginx):
 #                                               :8080 inference and /health/*, :8081 management, :8082 metrics
@@ -15,6 +19,7 @@
 #                                               sampled: growth per hour and errors (load_test/results/soak.*)
 #   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/
 #   make bench-runtimes                         every model on TorchScript and on ONNX Runtime, in-process
+#   make bench-quantize                         fp32 against INT8 in-process: size, speed, agreement or cosine, top-1
 #   make deploy [MODEL=..] [SPLIT="1.0=90 2.0=10"] [IMAGE=..]   Kubernetes, KServe, Dockerfile into deploy/out/
 #   make deploy-check                           prove deploy/out/ offline: kubernetes-validate, KServe's rules,
 #                                               promtool, kubectl kustomize, hadolint
@@ -52,15 +57,16 @@ MANAGE := $(PY) -m manage
 # ($(value): make expands no $ in it), and every recipe quotes it: "$$ARG_NAME". Nothing typed is spliced into a
 # command line, so a quote, a space, a $ or a backtick in a name or a file name is never read by the shell.
 USER_VARIABLES := NAME FROM ARCH ARGS TASK EVAL LABELS LABEL_ORDER TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY ALLOW_PICKLE SPECS \
+                  QUANTIZE MAX_DROP CALIBRATION \
                   MODEL SPLIT \
                   IMAGE MIN MAX FORCE SCENARIO USERS RATE DURATION SECONDS MINUTES SOAK_RATE
 $(foreach v,$(USER_VARIABLES),$(eval export ARG_$(v) := $$(value $(v))))
 # "$${ARG_X:+--x "$$ARG_X"}": the option and its value when X is set, nothing when it is not
 option = $${ARG_$(1):+--$(2) "$$ARG_$(1)"}
 
-.PHONY: help install import archive serve stop status samples predict test demo clean \
+.PHONY: help install import quantize archive serve stop status samples predict test demo clean \
         models describe register unregister scale set-default ab promote rollback routes routes-reset \
-        monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes deploy deploy-check \
+        monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes bench-quantize deploy deploy-check \
         rehearse image image-check docs
 
 help:
@@ -72,12 +78,19 @@ install:
 	@./install.sh
 
 # make import: every optional variable becomes the command line's option of the same name, when given.
-IMPORT_OPTIONS := $(foreach v,ARCH ARGS TASK EVAL LABELS LABEL_ORDER TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY SPECS,\
+IMPORT_OPTIONS := $(foreach v,ARCH ARGS TASK EVAL LABELS LABEL_ORDER TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY SPECS \
+                    QUANTIZE MAX_DROP CALIBRATION,\
                     $(call option,$(v),$(subst _,-,$(shell echo $(v) | tr A-Z a-z)))) \
                   $${ARG_ALLOW_PICKLE:+--allow-pickle}
 import: install
 	@test -n "$$ARG_NAME" -a -n "$$ARG_FROM" || { echo "usage: make import NAME=<model> FROM=<path> [ARCH=..] [EVAL=..] ..." >&2; exit 2; }
 	$(MANAGE) import "$$ARG_NAME" "$$ARG_FROM" $(IMPORT_OPTIONS)
+
+# make quantize: the model's VERSION (default: its default version) quantized to INT8 as a new version (export/quantize.py).
+quantize: install
+	@test -n "$$ARG_MODEL" || { echo "usage: make quantize MODEL=<model> [VERSION=..] [MAX_DROP=0.01] [CALIBRATION=<dir>]" >&2; exit 2; }
+	$(MANAGE) quantize "$$ARG_MODEL" $(call option,VERSION,version) $(call option,MAX_DROP,max-drop) \
+	    $(call option,CALIBRATION,calibration) $(call option,SPECS,specs)
 
 archive: install
 	$(PY) build_mar.py $(call option,MODEL,model) $(call option,VERSION,version) $${ARG_FORCE:+--force}
@@ -160,6 +173,9 @@ bench-before: archive
 
 bench-runtimes: install
 	$(PY) -m load_test.runtimes
+
+bench-quantize: archive
+	$(PY) -m export.quantize
 
 # The split comes from the running front door when it routes the model, else from SPLIT (with MODEL).
 deploy: archive

@@ -3,10 +3,11 @@
 
 For each version: get the weights (its ``source``), export to TorchScript, and to ONNX for a version whose
 ``runtime`` is ``onnxruntime``; check parity of each export, loaded as the server loads it, with the eager model on
-real inputs (refused above 1e-4 max abs); measure held-out accuracy where the source has a held-out set; package the
-served file (model.pt or model.onnx), the handlers, labels and model-config with torch-model-archiver, and record the
-archive in model_store/manifest.json. An ONNX archive of a model that explains its outputs also carries model.pt:
-explanations need gradients, which ONNX Runtime does not compute.
+real inputs (refused above 1e-4 max abs); for a version that is another one quantized, quantize that one's fp32 ONNX
+file and gate it against fp32 on the same held-out set (export/quantize.py); measure held-out accuracy where the source
+has a held-out set; package the served file (model.pt or model.onnx), the handlers, labels and model-config with
+torch-model-archiver, and record the archive in model_store/manifest.json. An ONNX archive of a model that explains
+its outputs also carries model.pt: explanations need gradients, which ONNX Runtime does not compute.
 
 A built version is immutable: rebuilding unchanged input is a no-op; a version whose input (spec, handler code,
 weights) changed is refused unless --force. Builds may run at the same time into one store: each archive is written
@@ -48,6 +49,7 @@ from export.onnx import OnnxExportError, export_onnx, model_call
 from export.parity import ParityError, arrays_of, check_parity
 from export.preprocessing import PreprocessingError, load_transform
 from export.preprocessing_parity import compare
+from export import quantize
 from export.sources import SourceError, source_for
 from export.tasks import TaskError, served_module, task_of_handler
 from export.torchscript import export_torchscript
@@ -63,7 +65,7 @@ EVAL_SAMPLES = 8  # images of the user's eval set (one per class) that join the 
 ANSWER_TOLERANCE = 1e-5  # the worker's answers against the build's own, same runtime and threads
 # What a user's input or files can get wrong: refused with one line, never a traceback.
 USER_ERRORS = (SourceError, DataError, CheckpointError, ArchitectureError, HuggingFaceError, PreprocessingError,
-               OnnxExportError, TaskError)
+               OnnxExportError, TaskError, quantize.QuantizeError)
 
 
 class BuildError(RuntimeError):
@@ -110,6 +112,9 @@ def input_fingerprint(spec: VersionSpec) -> str:
                                                 "transform")}
     digest.update(json.dumps(described, sort_keys=True, default=list).encode())
     digest.update(source.identity(**params).encode())
+    if spec.quantize:  # its settings, the quantizer's version and the calibration files
+        digest.update(json.dumps(spec.quantize, sort_keys=True).encode())
+        digest.update(quantize.identity(spec.handler, spec.quantize).encode())
     labels = [resolve_file(spec.labels)] if isinstance(spec.labels, str) else []
     for path in handler_files() + labels + list(source_files(spec).values()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -421,15 +426,17 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
         eager = numpy_model(built.model)  # called with numpy arrays, as the served runtimes are
         check_labels(spec, labels, handler.forward(eager, next(iter(cases.values()))))
         first = None
-        if not built.shipped:  # the eager model first: a version the gates refuse is refused before its export
+        if not built.shipped and not spec.quantize:  # the eager model first: what the gates refuse, before its export
             try:
                 first = measure(spec, eager, handler, labels, built.evaluation)
             except USER_ERRORS as error:
                 raise refused(spec, error) from None
             gate(spec, first, "eager model")
 
+        shipped = {**(built.shipped or {}), **(quantize.fp32_from_store(manifest, spec.model, spec.quantize["version"],
+                                                                        spec.source, work) if spec.quantize else {})}
         exported = export_model(built.model, handler, spec, handler.collate(list(items.values())[:2]), work,
-                                runtimes_to_ship(spec, handler, built.model), built.shipped)
+                                runtimes_to_ship(spec, handler, built.model), shipped)
         serialized = exported[spec.runtime]
 
         logger.info("%s: [3/6] parity with eager on %d real inputs (%s)", name, len(cases), ", ".join(exported))
@@ -443,6 +450,14 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
             logger.info("%s: %s parity ok, max |exported - eager| = %.2e (%s)", name, runtime,
                         parities[runtime].max_abs_diff, parities[runtime].worst_input)
         parity = parities[spec.runtime]
+        if spec.quantize:  # the fp32 ONNX file, its parity checked, quantized into the served file (export/quantize.py)
+            fp32_file = serialized.replace(work / "fp32.onnx")
+            try:
+                evaluation = evaluation_of(spec, labels, built.evaluation)
+                held_out = None if evaluation is None else (evaluation[0], evaluation[2])  # inputs, the set's name
+                quantization = quantize.quantize(spec, handler, fp32_file, serialized, held_out, samples)
+            except USER_ERRORS as error:
+                raise refused(spec, error) from None
         served = load_served(serialized, handler)
 
         logger.info("%s: [4/6] preprocessing and held-out accuracy through the served pipeline", name)
@@ -451,6 +466,11 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
             preprocessing = check_preprocessing(spec, handler, served, images)
             accuracy = measure(spec, served, handler, labels, built.evaluation)
             compared = against_default(spec, default, manifest, served, handler, labels, accuracy)
+            if spec.quantize:
+                fp32 = load_served(fp32_file, handler)
+                quantization.update(quantize.judge(spec, handler, fp32, served, measure(
+                    spec, fp32, handler, labels, built.evaluation), accuracy, held_out, samples,
+                    (fp32_file, serialized)))
         except USER_ERRORS as error:
             raise refused(spec, error) from None
         if accuracy is not None and first is not None:
@@ -475,6 +495,7 @@ def build_version(spec: VersionSpec, manifest: Manifest, force: bool = False,
             "parity": parity.as_dict(),
             "accuracy": accuracy,
             "against_default": compared,
+            **({"quantization": quantization} if spec.quantize else {}),
             "quality": built.quality,
             "input_fingerprint": fingerprint,
             "torch": torch.__version__,

@@ -15,6 +15,12 @@ A version may also name what proves it (``make import`` writes these for a user'
 build measures top-1 and top-5 through the served preprocessing), ``min_accuracy`` (the build refuses a version below
 it) and ``transform`` (``{name: "module:attribute", code: folder}``, the torchvision evaluation transform the model
 was trained with; the build checks the served preprocessing against it).
+
+A version may be another version quantized to INT8 (``make quantize`` writes these; export/quantize.py builds them):
+``source: {type: version, version: "1.1"}`` and ``quantize: {mode: static|dynamic, max_drop: 0.01, calibration:
+folder}``. It is that version (its source, export, eval, min_accuracy, transform and model_config, each of which it
+may override) served on ``onnxruntime`` from its fp32 ONNX file quantized; ``mode`` defaults by handler (static for
+image classifiers, dynamic for text models), ``max_drop`` to ``DEFAULT_MAX_DROP`` and ``calibration`` to the eval set.
 """
 
 from __future__ import annotations
@@ -36,9 +42,13 @@ VERSION = re.compile(r"^[0-9]{1,9}(?:\.[0-9]{1,9}){0,3}$")
 MODEL_KEYS = {"name", "description", "handler", "default_version", "versions", "labels", "extra_files", "export",
               "model_config", "runtime"}
 VERSION_KEYS = {"source", "description", "export", "model_config", "runtime", "runtime_reason", "eval", "min_accuracy",
-                "transform"}
+                "transform", "quantize"}
 RUNTIMES = ("torchscript", "onnxruntime")
 EXPORT_DEFAULTS = {"method": "trace", "freeze": True}
+QUANTIZE_KEYS = {"mode", "max_drop", "calibration"}
+QUANTIZE_MODES = ("static", "dynamic")
+DEFAULT_MAX_DROP = 0.01  # the most an INT8 version's first figure may drop below its fp32 version's on the same set
+INHERITED = ("export", "model_config", "eval", "min_accuracy", "transform")  # what a quantized version takes over
 
 
 def resolve_file(reference: str | Path) -> Path:
@@ -87,6 +97,7 @@ class VersionSpec:
     min_accuracy: float | None = None  # top-1 on ``eval`` below this refuses the build
     transform: dict[str, str] | None = None  # {name: "module:attribute", code: folder}: the training eval transform
     runtime_reason: str | None = None  # why this runtime (the import says so where ONNX could not be used)
+    quantize: dict[str, Any] | None = None  # {version, mode, max_drop, calibration}: that version quantized to INT8
 
     @property
     def archive_name(self) -> str:
@@ -140,6 +151,7 @@ def load_spec(path: Path) -> ModelSpec:
         unknown = set(entry) - VERSION_KEYS
         if unknown:
             raise SpecError(f"{path}: version {version}: unknown keys {sorted(unknown)}; known: {sorted(VERSION_KEYS)}")
+        entry, quantize = _made_from(path, version, entry, raw["versions"])
         if "source" not in entry or "type" not in (entry["source"] or {}):
             raise SpecError(f"{path}: version {version}: missing 'source: {{type: ...}}'")
         runtime = entry.get("runtime", raw.get("runtime", RUNTIMES[0]))
@@ -171,11 +183,71 @@ def load_spec(path: Path) -> ModelSpec:
             min_accuracy=None if minimum is None else float(minimum),
             transform=None if transform is None else {k: str(v) for k, v in transform.items()},
             runtime_reason=None if entry.get("runtime_reason") is None else str(entry["runtime_reason"]),
+            quantize=quantize,
         )
     if str(raw["default_version"]) not in versions:
         raise SpecError(f"{path}: default_version {raw['default_version']!r} is not one of {sorted(versions)}")
     return ModelSpec(name=name, path=path, handler=raw["handler"], default_version=str(raw["default_version"]),
                      description=raw.get("description", ""), versions=versions)
+
+
+def next_version(versions: list[str]) -> str:
+    """After the highest version, its last number plus one: 1.0 → 1.1, 2.9 → 2.10."""
+    highest = max(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
+    *head, last = highest.split(".")
+    return ".".join([*head, str(int(last) + 1)])
+
+
+def add_version(text: str, block: list[str]) -> str:
+    """The spec's text with a version block added at the end of its ``versions:`` mapping, comments kept."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("versions:"))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i].startswith((" ", "#"))),
+               len(lines))
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1
+    return "\n".join(lines[:end] + block + lines[end:]) + "\n"
+
+
+def _made_from(path: Path, version: str, entry: dict, versions: dict) -> tuple[dict, dict | None]:
+    """A version made from another (``source: {type: version, version: X}`` with ``quantize``): X's entry with this
+    one's keys over it (model_config merged key by key), served on onnxruntime, and its quantize settings. Any other
+    version as it is, and None."""
+    where, source, settings = f"{path}: version {version}", entry.get("source") or {}, entry.get("quantize")
+    if source.get("type") != "version":
+        if settings is not None:
+            raise SpecError(f"{where}: quantize: needs source: {{type: version, version: \"<the fp32 version>\"}}")
+        return entry, None
+    if settings is None:
+        raise SpecError(f"{where}: source: a version made from another says how: quantize: {{mode: static|dynamic, "
+                        "max_drop: 0.01}")
+    if set(source) != {"type", "version"}:
+        raise SpecError(f"{where}: source: a version made from another is {{type: version, version: \"1.0\"}}, not "
+                        f"{source}")
+    base = versions.get(str(source["version"]))
+    if not isinstance(base, dict):
+        raise SpecError(f"{where}: source: version {source['version']!r} is not one of {sorted(versions)}")
+    if (base.get("source") or {}).get("type") == "version":
+        raise SpecError(f"{where}: source: version {source['version']} is itself made from another version; name "
+                        "the fp32 version")
+    if not isinstance(settings, dict) or set(settings) - QUANTIZE_KEYS:
+        raise SpecError(f"{where}: quantize: expected a mapping of {sorted(QUANTIZE_KEYS)}, not {settings!r}")
+    mode, max_drop = settings.get("mode"), settings.get("max_drop", DEFAULT_MAX_DROP)
+    calibration = settings.get("calibration")
+    if mode is not None and mode not in QUANTIZE_MODES:
+        raise SpecError(f"{where}: quantize: mode {mode!r} is not one of {', '.join(QUANTIZE_MODES)}")
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop <= 1:
+        raise SpecError(f"{where}: quantize: max_drop {max_drop!r} must be a number from 0 to 1")
+    if calibration is not None and (not isinstance(calibration, str) or mode == "dynamic"):
+        raise SpecError(f"{where}: quantize: calibration must be a folder or file of inputs, for mode static only")
+    if entry.get("runtime", "onnxruntime") != "onnxruntime":
+        raise SpecError(f"{where}: runtime: a quantized version is served on onnxruntime, not {entry['runtime']!r}")
+    merged = {key: base[key] for key in INHERITED if key in base}
+    merged.update({key: value for key, value in entry.items() if key != "model_config"},
+                  source=dict(base.get("source") or {}), runtime="onnxruntime",
+                  model_config=_merge_model_config(base.get("model_config") or {}, entry.get("model_config") or {}))
+    return merged, {"version": str(source["version"]), "mode": mode, "max_drop": float(max_drop),
+                    **({"calibration": calibration} if calibration else {})}
 
 
 def _merge_model_config(base: dict, override: dict) -> dict:

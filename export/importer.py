@@ -17,6 +17,9 @@ One command from a user's file to a served, accuracy-gated version, with no code
    out of the spec (``withdraw``);
 5. **register** it if TorchServe is running: a new model becomes its own default, a new version does not.
 
+``quantize_version`` (``make quantize``, ``QUANTIZE=int8`` on ``make import``) adds a version the same way: one of the
+model's versions quantized to INT8 (export/quantize.py), built, gated against that version, withdrawn if refused.
+
 NAME and VERSION are checked by the one rule (``archives.check_model_name``, ``check_version``) before anything is
 read or written. Imports may run at the same time: the next version is chosen and its block added under a lock on
 the folder of specs (``archives.store.locked``), and a spec is replaced whole, and only once the new text loads as a
@@ -37,14 +40,8 @@ from typing import Any
 
 import yaml
 
-from archives import (
-    SPECS_DIR,
-    SpecError,
-    check_model_name,
-    check_version,
-    load_spec,
-    load_specs,
-)
+from archives import SPECS_DIR, SpecError, add_version, check_model_name, check_version, load_spec, load_specs
+from archives import next_version
 from archives.store import REPO, Manifest, locked, replace_file
 from handlers import IMAGE_TASKS, TASK_HANDLERS
 
@@ -73,7 +70,6 @@ TOP_K = 5
 SHOWN_SETTINGS = ("resize", "interpolation", "crop", "mean", "std")  # written even where they are the defaults
 SERVER_SETTINGS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 30}
 EXPLAINED_METHODS = ["embed_tokens", "encode_embeddings"]  # Hugging Face models: explanations attribute between
-
 
 
 class Refused(RuntimeError):
@@ -441,24 +437,6 @@ def model_text(request: Request, version: str, plan: Plan, block: list[str]) -> 
     return "\n".join(lines) + "\n"
 
 
-def next_version(versions: list[str]) -> str:
-    """After the highest version, its last number plus one: 1.0 → 1.1, 2.9 → 2.10."""
-    highest = max(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
-    *head, last = highest.split(".")
-    return ".".join([*head, str(int(last) + 1)])
-
-
-def add_version(text: str, block: list[str]) -> str:
-    """The spec's text with a version block added at the end of its ``versions:`` mapping, comments kept."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("versions:"))
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i].startswith((" ", "#"))),
-               len(lines))
-    while end > start + 1 and not lines[end - 1].strip():
-        end -= 1
-    return "\n".join(lines[:end] + block + lines[end:]) + "\n"
-
-
 @dataclass(frozen=True)
 class Written:
     """A version an import wrote into a spec: what withdrawing it takes out again."""
@@ -587,3 +565,33 @@ def import_model(request: Request, specs_dir: Path = SPECS_DIR) -> tuple[dict, b
             plan.runtime = "torchscript"
             plan.runtime_reason = f"the ONNX export failed: {str(error).partition('refused: ')[2][:300]}"
     return record, written.created
+
+
+def quantize_version(name: str, version: str | None = None, max_drop: float | None = None,
+                     calibration: Path | None = None, specs_dir: Path = SPECS_DIR) -> dict:
+    """A new version of NAME: VERSION (default: the default version) quantized to INT8 under the next free version
+    number, written, built and gated like any version (not made the default), withdrawn where its build fails."""
+    import build_mar
+    from export.quantize import version_block
+
+    with locked(specs_dir):
+        try:
+            spec = load_specs(specs_dir).get(check_model_name(name))
+            fp32 = spec and spec.versions.get(check_version(version) if version else spec.default_version)
+            if fp32 is None or fp32.quantize:
+                raise Refused(f"{name} {fp32.version} is already INT8: name its fp32 version" if fp32 else
+                              f"{name} {version or ''}: no such model, or no such version, in {specs_dir}")
+            new = next_version(list(spec.versions))
+            block = version_block(new, fp32, max_drop, calibration and reference(calibration))
+            written = Written(spec.path, new, block, created=False)
+        except (SpecError, *build_mar.USER_ERRORS) as error:
+            raise Refused(str(error)) from None
+        replace_spec(spec.path, add_version(spec.path.read_text(), block))
+    try:
+        model = load_spec(spec.path)
+        return build_mar.build({name: model}, [model.versions[written.version]], Manifest())[0]
+    except BaseException as error:  # an interrupted build takes its version back too
+        withdraw(written)
+        if isinstance(error, (build_mar.BuildError, SpecError)):
+            raise Refused(str(error)) from None
+        raise

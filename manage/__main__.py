@@ -141,7 +141,7 @@ def describe(args) -> None:
         entry = manifest.get(args.model, info["modelVersion"]) or {}
         info["isDefault"] = info["modelVersion"] == default
         keys = ("archive", "sha256", "size_bytes", "source", "weights", "runtime", "handler_settings", "parity",
-                "preprocessing_check", "accuracy", "against_default", "worker_check", "built_at")
+                "preprocessing_check", "accuracy", "against_default", "quantization", "worker_check", "built_at")
         described.append({**info, "build": {k: entry.get(k) for k in keys}})
     if not described:
         raise ServeError(f"{args.model} has no registered version {args.version}")
@@ -324,11 +324,11 @@ def samples(args) -> None:
 
 
 def import_model(args) -> None:
-    """Bring your own model: write its spec, build the version, register it (export/importer.py)."""
+    """Bring your own model: write its spec, build the version, register it (export/importer.py); with --quantize,
+    its INT8 version too (``quantize``)."""
     from export import configure_logging
 
     configure_logging()
-    from build_mar import summary
     from export.importer import Refused, Request
     from export.importer import import_model as run_import
     paths = {key: Path(getattr(args, key)) if getattr(args, key) else None for key in ("eval", "labels", "code")}
@@ -340,17 +340,43 @@ def import_model(args) -> None:
                                     allow_pickle=args.allow_pickle, **paths), specs_dir=Path(args.specs))
     except Refused as error:
         raise ServeError(str(error)) from None
+    registered(args.name, record, default=new_model)  # a new model becomes its own default, a new version does not
+    if args.quantize:
+        args.model, args.version = args.name, record["version"]
+        quantize(args)
+
+
+def quantize(args) -> None:
+    """A new INT8 version of MODEL's VERSION (default: its default version), gated against it on its held-out set
+    (export/quantize.py), registered, not made the default."""
+    from export import configure_logging
+    from export.importer import Refused, quantize_version
+
+    configure_logging()
+    try:
+        record = quantize_version(args.model, args.version, args.max_drop,
+                                  Path(args.calibration) if args.calibration else None, Path(args.specs))
+    except Refused as error:
+        raise ServeError(str(error)) from None
+    registered(args.model, record, default=False)
+
+
+def registered(model: str, record: dict, default: bool) -> None:
+    """A version just built, registered with TorchServe where it runs (made the default where ``default``), and
+    its build record printed."""
+    from build_mar import summary
+
     instance = Instance.current()
-    if instance.alive():  # a new model becomes its own default, a new version does not
+    if instance.alive():
         ts = TorchServe(instance, timeout=300)
-        ts.register(Manifest().unpacked(args.name, record["version"]).name)
-        if new_model:
-            ts.set_default(args.name, record["version"])
-        record["registered"] = "default" if new_model else "registered, not default"
+        ts.register(Manifest().unpacked(model, record["version"]).name)
+        if default:
+            ts.set_default(model, record["version"])
+        record["registered"] = "default" if default else "registered, not default"
     print(json.dumps(record, indent=2))
     print("\n" + summary([record]))
     if "registered" in record:
-        print(f"TorchServe: {args.name} {record['version']} {record['registered']}")
+        print(f"TorchServe: {model} {record['version']} {record['registered']}")
 
 
 def json_object(text: str) -> dict:
@@ -383,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         sub.set_defaults(run=run)
         return sub
 
+    quantize_options = dict(
+        max_drop={"type": float, "help": "the most the INT8 version's top-1 may drop below fp32's (default 0.01)"},
+        calibration={"help": "a folder of inputs to calibrate static INT8 on (default: EVAL, else the samples)"},
+        specs={"default": str(SPECS_DIR), "help": "the folder of specs to write into (default: archives/)"})
     command("import", import_model, "bring your own model: write archives/NAME.yaml, build the version, register it",
             "name", "source", arch={"help": "torchvision:<name>, timm:<name> or <module>:<Class> (checkpoints)"},
             args={"type": json_object, "help": "the architecture's constructor arguments as JSON, as you built it "
@@ -400,7 +430,12 @@ def main(argv: list[str] | None = None) -> int:
             min_accuracy={"type": float, "help": "refuse a build whose first figure on EVAL (top-1, mAP@0.5, mean "
                                                  "IoU, macro AUROC) is under this (0..1)"},
             allow_pickle={"action": "store_true", "help": "load a pickled whole module: this runs code in the file"},
-            specs={"default": str(SPECS_DIR), "help": "the folder of specs to write into (default: archives/)"})
+            quantize={"choices": ["int8"], "help": "add its INT8 version too (see the quantize command)"},
+            **quantize_options)
+    command("quantize", quantize, "add an INT8 version of MODEL's VERSION (default: its default version), refused "
+            "when it drops more than --max-drop on the held-out set or strays from its answers; registered, not "
+            "the default", "model", version={"help": "the fp32 version (default: the model's default version)"},
+            **quantize_options)
     command("list", list_models, "registered models and versions, default, workers, accuracy")
     command("describe", describe, "TorchServe's description of a model plus its build record", "model", "version?")
     command("register", register, "register a built version (sha256 checked against the manifest)", "model", "version")
