@@ -177,13 +177,18 @@ class Manifest:
                 return record["eval_set"]["name"], mine, record["held_out"]
         return None
 
-    def verify(self, model: str, version: str) -> tuple[Path, dict[str, Any]]:
-        """The archive of a built version, after checking its sha256; ValueError says what is wrong."""
+    def built(self, model: str, version: str) -> dict[str, Any]:
+        """The manifest entry of a built version; ValueError when it is not built."""
         entry = self.get(model, version)
         if entry is None:
             known = sorted(self.models.get(model, {}))
             raise ValueError(f"{model} {version} is not built (manifest {self.path} knows "
                              f"{'versions ' + ', '.join(known) if known else 'no versions of it'})")
+        return entry
+
+    def verify(self, model: str, version: str) -> tuple[Path, dict[str, Any]]:
+        """The archive of a built version, after checking its sha256; ValueError says what is wrong."""
+        entry = self.built(model, version)
         archive = self.store / entry["archive"]
         if not archive.exists():
             raise ValueError(f"{archive} is missing; rebuild it with: make archive MODEL={model} VERSION={version}")
@@ -195,10 +200,15 @@ class Manifest:
 
     def unpacked(self, model: str, version: str) -> Path:
         """The verified archive of a built version unpacked beside it (``<model>_<version>/``), for TorchServe to
-        load without extracting; unpacked again if it is missing or was unpacked from another archive."""
-        archive, entry = self.verify(model, version)
-        folder = archive.with_suffix("")
+        load without extracting; unpacked again if it is missing or was unpacked from another archive. A sealed
+        store (the serving image's, read-only) holds the unpacked folders alone: a folder whose stamp names the
+        manifest's sha256 is served as it is, without an archive to hash again at every start."""
+        entry = self.built(model, version)
+        folder = (self.store / entry["archive"]).with_suffix("")
         stamp = folder / UNPACKED_STAMP
+        if not (self.store / entry["archive"]).exists() and stamp.exists() and stamp.read_text() == entry["sha256"]:
+            return folder
+        archive, entry = self.verify(model, version)
         if stamp.exists() and stamp.read_text() == entry["sha256"]:
             return folder
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=self.store))

@@ -20,7 +20,7 @@ Four layers, each cached so that a rebuild with unchanged inputs takes seconds:
    source (the root filesystem is read-only, so nothing could be written back). Tagged by the hash of the packages'
    pins with their wheel hashes (``uv export``), the base and the recipe.
 3. the runtime files, compiled the same way;
-4. the model store: the chosen versions' archives and their unpacked folders.
+4. the model store: the chosen versions unpacked, verified and sealed (no archives: ``image.stage_models``).
 
 Layers 3 and 4 are copied again on every build; podman reuses them when their content did not change.
 
@@ -426,7 +426,7 @@ def stage_context(context: Path, selection: Selection, python_image: str) -> Non
 def layers(name: str, selection: Selection) -> list[dict[str, Any]]:
     """The image's layers that hold files, bottom first, each with what it holds (by where it was copied)."""
     history = json.loads(podman("history", "--format", "json", name, what="podman history"))
-    models = ", ".join(f"{m} {v}" for m, v in selection.versions) + " (archives and their unpacked folders)"
+    models = ", ".join(f"{m} {v}" for m, v in selection.versions) + " (unpacked and verified; no archives)"
     holds = {image.VENV: f"Python packages ({', '.join(selection.groups)}) in {image.VENV}",
              f"{contract.IMAGE_MODEL_STORE}/": f"the model store: {models}",
              f"{contract.WORKDIR}/": "the runtime files: serve.sh, serving/, handlers/, manage/, archives/, "

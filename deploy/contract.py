@@ -4,8 +4,8 @@ serve.sh implements it (``serve.sh run`` and ``serve.sh drain``); the manifests 
 it, so the three cannot disagree:
 
 * the image's working directory ``/opt/toolkit`` holds the toolkit's runtime files (``deploy/image.py``) and its
-  ``.venv``; the model store ``/opt/toolkit/model_store`` holds the archives and their unpacked folders, prepared at
-  build time, so the root filesystem can be read-only; everything written goes under ``/tmp`` (an emptyDir), whose
+  ``.venv``; the model store ``/opt/toolkit/model_store`` holds the versions unpacked (and, from the rendered
+  Dockerfile, their archives), prepared at build time, so the root filesystem can be read-only; everything written goes under ``/tmp`` (an emptyDir), whose
   size limit is what may be written there at worst (``tmp_budget``): every log at its cap (``serving/logs.py``,
   ``log4j2.xml``), SERVE_HOME's state and, where TorchServe loads archives itself, what it extracts;
 * the command is ``tini -- /opt/toolkit/serve.sh run``: tini (PID 1) forwards SIGTERM to serve.sh, which stops the

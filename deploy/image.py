@@ -370,9 +370,10 @@ def stage_runtime(dest: Path, root: Path = REPO) -> Path:
 
 
 def stage_models(dest: Path, versions: list[tuple[str, str]], torch: bool, source: Manifest | None = None) -> Path:
-    """``dest`` as the image's model store: the archives of ``versions`` (hard links) and their manifest entries,
-    each unpacked (``Manifest.unpacked``, as serve.sh does); without ``torch``, the unpacked folders leave out the
-    TorchScript copy an ONNX Runtime version keeps for explanations. Everything readable by anyone."""
+    """``dest`` as the image's model store, sealed: the manifest entries of ``versions`` and each archive unpacked
+    (``Manifest.unpacked``, as serve.sh does), verified here and then left out (a second copy of every weight, and a
+    hash at every start; the read-only image keeps the folders as they were verified). Without ``torch``, the folders
+    leave out the TorchScript copy an ONNX Runtime version keeps for explanations. Everything readable by anyone."""
     from archives.store import store_of
 
     dest = Path(dest)
@@ -380,6 +381,7 @@ def stage_models(dest: Path, versions: list[tuple[str, str]], torch: bool, sourc
     manifest = Manifest(dest)
     for model, version in versions:
         folder = manifest.unpacked(model, version)
+        (dest / manifest.get(model, version)["archive"]).unlink()
         if not torch and manifest.get(model, version).get("runtime") == "onnxruntime":
             (folder / TORCHSCRIPT_FILE).unlink(missing_ok=True)
     for path in [dest, *dest.rglob("*")]:

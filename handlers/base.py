@@ -67,15 +67,14 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from urllib.parse import parse_qs
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import parse_qs
 
 import numpy as np
 from ts.utils.util import load_label_mapping
 
-from handlers.metrics import HandlerMetrics
 from handlers.inputs import (
     FORM_HEADER,
     InputError,
@@ -83,7 +82,16 @@ from handlers.inputs import (
     payload_of,
     request_header,
 )
-from handlers.runtime import TORCHSCRIPT_FILE, as_args, load_model, load_torchscript, runtime_of, torch_device
+from handlers.metrics import HandlerMetrics
+from handlers.runtime import (
+    TORCHSCRIPT_FILE,
+    as_args,
+    load_model,
+    load_torchscript,
+    runtime_of,
+    torch_device,
+    torch_installed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -352,18 +360,29 @@ class ModelHandler:
         """The TorchScript export without optimize_for_inference (its fused kernels have no gradients, and ONNX
         Runtime computes none): loaded on the first explanation, a second copy of the weights in memory from then on.
         Archives of a model that explains ship it beside an ONNX file for this, except where the model came as an
-        ONNX file: nothing to take gradients of, 400 ``no_explanations``."""
+        ONNX file: nothing to take gradients of, 400 ``no_explanations``. Where torch is not installed (a serving
+        image whose versions all run on ONNX Runtime), 501 ``no_explanations``: this server cannot, another could."""
         if self.explainer_model is None:
+            name = self.require_torch()
             if not (self.files / TORCHSCRIPT_FILE).exists():
-                raise InputError("no_explanations", f"{self.manifest['model']['modelName']} "
-                                 f"{self.version} was built from an ONNX file: explanations need the model's "
-                                 "gradients, which only torch weights give")
+                raise InputError("no_explanations", f"{name} was built from an ONNX file: explanations need the "
+                                 "model's gradients, which only torch weights give")
             self.explainer_model = load_torchscript(self.files / TORCHSCRIPT_FILE, self.device,
                                                     optimize_for_inference=False)
         return self.explainer_model
 
+    def require_torch(self) -> str:
+        """This version's name, where torch is installed; else 501 ``no_explanations`` (a serving image built without
+        the torch group answers predictions only: another server could explain, this one cannot)."""
+        name = f"{self.manifest['model']['modelName']} {self.version}"
+        if not torch_installed():
+            raise InputError("no_explanations", f"{name}: this server has no torch, which explanations need "
+                             "(an image built without the torch group); ask /predictions", status=501)
+        return name
+
     def as_tensors(self, *arrays) -> tuple:
         """Arrays as torch tensors on the explanations' device (explanations only: this imports torch)."""
+        self.require_torch()
         import torch
 
         device = torch_device(self.device)

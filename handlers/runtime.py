@@ -36,6 +36,19 @@ def as_args(inputs: Any) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+def torch_installed() -> bool:
+    """Whether torch is installed here, read from the installed packages' metadata without importing it (a serving
+    image without the torch group has none; its worker protocol's stand-in, ``deploy/torch_placeholder.py``, is not
+    a package)."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("torch")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def load_torchscript(path: str | Path, device: str = "cpu", optimize_for_inference: bool = True):
     """A TorchScript file loaded as a torch module (tensors in and out), as the server runs it.
     ``optimize_for_inference`` (CPU only: it folds and converts convolutions for oneDNN) cannot be saved, so it is

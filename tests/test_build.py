@@ -13,7 +13,7 @@ import yaml
 
 import build_mar
 from archives import load_spec
-from archives.store import Manifest, sha256_file
+from archives.store import UNPACKED_STAMP, Manifest, sha256_file
 from export.samples import encode
 from export.sources import SOURCES, Built, Source
 
@@ -91,6 +91,18 @@ def test_altered_archive_is_refused(built, store):
         build_mar.build_version(spec, store)
     with pytest.raises(ValueError, match="altered"):
         store.verify("tinydigits", "1.0")
+
+
+def test_a_sealed_store_serves_its_verified_folders_without_the_archives(built, store):
+    """The serving image's store: unpacked from verified archives, then the archives left out. A folder is served
+    while its stamp names the manifest's sha256, and refused once it was unpacked from another archive."""
+    spec, entry = built
+    folder = store.unpacked("tinydigits", "1.0")
+    (store.store / spec.archive_name).unlink()
+    assert store.unpacked("tinydigits", "1.0") == folder
+    (folder / UNPACKED_STAMP).write_text("0" * 64)
+    with pytest.raises(ValueError, match="is missing"):
+        store.unpacked("tinydigits", "1.0")
 
 
 class BrightnessSwitch(torch.nn.Module):

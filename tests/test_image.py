@@ -131,6 +131,7 @@ def test_an_onnx_runtime_worker_answers_the_same_without_torch(serve_env):
     specs = load_specs()
     worker_check = str(REPO / "export" / "worker_check.py")
     entries = [e for e in onnx_entries() if e["model"] in CHECKED] or onnx_entries()[:1]  # a photo, a text
+    jobs = []
     for entry in entries:
         model, version = entry["model"], entry["version"]
         bodies = requests_for(model, specs[model].handler)[:answers.PREDICTIONS]  # as image-check sends them
@@ -144,6 +145,17 @@ def test_an_onnx_runtime_worker_answers_the_same_without_torch(serve_env):
         answered = json.loads(result.stdout)
         assert [a["status"] for a in answered] == [200] * len(bodies), (model, version, answered)
         assert answered == expected, (model, version)
+        jobs.append(job)
+    # an explanation (of the photo) needs torch: refused with 501 and its reason, not a 500
+    job = {**jobs[0], "requests": [{**jobs[0]["requests"][0],
+                                    "headers": {**jobs[0]["requests"][0]["headers"], "explain": "True"}}]}
+    result = subprocess.run([str(serve_env / "bin" / "python"), "-I", worker_check], input=json.dumps(job),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [explained] = json.loads(result.stdout)
+    refusal = json.loads(base64.b64decode(explained["body"]))
+    assert explained["status"] == 501 and refusal["error"] == "no_explanations", refusal
+    assert "no torch" in refusal["message"], refusal
 
 
 def test_torch_goes_in_only_when_a_version_needs_it():
@@ -242,6 +254,7 @@ def test_the_image_runs_as_its_deployment_says(onnx_image):
         assert set(pod["v2"]) == {"rest", "grpc"}
     assert first["stop"]["exit_code"] == 0 and first["stop"]["readiness_while_draining"] == 503
     assert first["stop"]["total_seconds"] <= first["stop"]["grace_seconds"]
+    assert first["explanation"]["status"] == 501 and first["explanation"]["error"] == "no_explanations"
     assert first["explanation"]["predictions_after"] == 200
     assert last["kill"]["exit_code"] != 0
     print("\ncold start (podman run → ready): " + ", ".join(
