@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: a worker serving an ONNX file never imports torch
+    import torch
 
 TORCHSCRIPT_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
