@@ -175,7 +175,7 @@ bench-runtimes: install
 	$(PY) -m load_test.runtimes
 
 bench-quantize: archive
-	$(PY) -m export.quantize
+	$(PY) -m load_test.quantized
 
 # The split comes from the running front door when it routes the model, else from SPLIT (with MODEL).
 deploy: archive

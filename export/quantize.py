@@ -36,7 +36,7 @@ second through decode, collate, forward and answer at the served batch size and 
 alternate rounds of one run, the best round of each) and their ratio. The version's ``parity`` is its fp32 file's,
 checked against the eager model before quantizing; the INT8 file's distance from fp32 is ``max_abs_diff`` here.
 
-``python -m export.quantize`` (``make bench-quantize``) prints these figures for efficientnet_lite0, minilm and the
+``make bench-quantize`` (``load_test/quantized.py``) measures these figures for efficientnet_lite0, minilm and the
 example project's ResNet-18 (export/example_project.py) in one run.
 """
 
@@ -46,8 +46,6 @@ import csv
 import hashlib
 import json
 import logging
-import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -198,7 +196,13 @@ def calibration_reader(handler, names: list[str], payloads: list[bytes]):
 def quantize_file(fp32: Path, int8: Path, mode: str, handler, calibration: Calibration | None) -> dict:
     """``fp32`` quantized into ``int8``; how, for the record."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     how = {"mode": mode, "per_channel": True, "reduce_range": True, "weights": "int8"}
     quiet = logging.getLogger().level
@@ -367,108 +371,3 @@ def judge(spec, handler, fp32, int8, fp32_accuracy: dict | None, int8_accuracy: 
                     ("text", "sentence")) else "img", figures["speed"]["batch"], figures["speed"]["fp32"],
                 figures["speed"]["int8"], figures["speed"]["speedup"])
     return figures
-
-
-# --- make bench-quantize: fp32 against INT8 in-process, in one run ---------------------------------------------
-
-
-def fp32_onnx(spec, handler, into: Path) -> Path:
-    """A version's fp32 ONNX file: from its archive in the store, else exported from its source."""
-    found = fp32_from_store(Manifest(), spec.model, spec.version, spec.source, into)
-    if found:
-        return found["onnxruntime"]
-    from export.onnx import export_onnx, model_call
-    from export.sources import source_for
-
-    source, params = source_for(spec.source)
-    built = source.build(handler, **params)
-    example = handler.collate([handler.decode(p) for p in list(built.samples.values())[:2]])
-    return export_onnx(built.model, model_call(built.model, handler.forward, example), into / "fp32.onnx",
-                       handler.DYNAMIC_AXES)
-
-
-def bench_model(name: str, handler, fp32_file: Path, mode: str, data: tuple[list[bytes], str], batch: int,
-                truth: tuple[list[int], dict] | None = None) -> dict:
-    """One model's figures: INT8 made as the build makes it (calibrated on ``data``, static), then both compared,
-    measured (top-1 where ``truth`` gives the labels) and timed at ``batch`` on ``data``."""
-    from export.accuracy import classification
-    from handlers.runtime import OnnxModel
-
-    payloads, set_name = data
-    int8_file = fp32_file.with_name(f"{fp32_file.stem}.int8.onnx")
-    quantize_file(fp32_file, int8_file, mode, handler, Calibration(set_name, payloads) if mode == "static" else None)
-    threads = int(handler.settings["threads"])
-    fp32, int8 = OnnxModel(fp32_file, threads=threads), OnnxModel(int8_file, threads=threads)
-    row = {"model": name, "mode": mode, "set": f"{set_name} ({len(payloads)})", "batch": batch,
-           "mb": (fp32_file.stat().st_size / 1e6, int8_file.stat().st_size / 1e6),
-           **compare(handler, fp32, int8, payloads, name.startswith("minilm"))}
-    if truth is not None:
-        row["top1"] = tuple(classification(m, handler, payloads, truth[0], set_name, truth[1])["held_out"]
-                            for m in (fp32, int8))
-    models = {"fp32": fp32, "int8": int8}
-    row["pipeline"], row["forward"] = speed(handler, models, payloads, batch), speed(handler, models, payloads, batch,
-                                                                                       "model")
-    return row
-
-
-def bench() -> list[dict]:
-    """efficientnet_lite0 (ImageNet weights, the sample photos: agreement only, there is no ImageNet set here), minilm
-    (the sample sentences: cosine) and the example project's ResNet-18 trained here (its held-out folder: top-1)."""
-    import shutil
-
-    from archives import load_specs
-    from export.datasets import as_mapping, read_eval
-    from export.example_project import write_project
-    from export.onnx import export_onnx
-    from export.preprocessing import settings_from_transform
-    from export.samples import samples_for
-    from export.sources import source_for
-    from handlers import handler_class
-    from handlers.runtime import to_tensors
-
-    rows, specs = [], load_specs()
-    with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
-        for model in ("efficientnet_lite0", "minilm"):
-            spec = specs[model].versions[specs[model].default_version]
-            folder = Path(tmp) / model
-            folder.mkdir()
-            source, params = source_for(spec.source)
-            for file_name, path in (source.files(**params) if source.files else {}).items():
-                shutil.copy2(path, folder / file_name)
-            handler = handler_class(spec.handler).from_config(spec.model_config, files=folder)
-            samples = samples_for(handler)
-            rows.append(bench_model(f"{model} {spec.version}", handler, fp32_onnx(spec, handler, folder),
-                                    mode_for(spec.handler), (list(samples.values()), "samples"),
-                                    int(spec.model_config.get("batchSize", 1))))
-        project = write_project(Path(tmp) / "project")
-        handler = handler_class("image_classifier").from_config(
-            {"handler": settings_from_transform(project.code.eval_transform())})
-        held_out, labels = read_eval(project.eval_dir), as_mapping(project.labels)
-        example = handler.collate([handler.decode(p) for p in held_out.payloads[:2]])
-        fp32_file = export_onnx(project.resnet, to_tensors((example,)), Path(tmp) / "resnet18.onnx",
-                                handler.DYNAMIC_AXES)
-        rows.append(bench_model("example resnet18", handler, fp32_file, "static", (held_out.payloads, "val/"), 4,
-                                (held_out.indices(labels), labels)))
-    return rows
-
-
-def table(rows: list[dict]) -> str:
-    lines = [f"{'model':<22} {'mode':<8} {'set (n)':<12} {'MB fp32→int8':>14} {'batch':>5} {'pipeline /s fp32→int8':>24} "
-             f"{'forward /s fp32→int8':>24} {'top-1 fp32→int8':>16}  agreement / cosine"]
-    for r in rows:
-        figure = (f"agreement {r['agreement']:.3f} ({r['agreeing']}/{r['samples']})" if "agreement" in r else
-                  f"cosine {r['cosine']:.4f} (min {r['min_cosine']:.4f})")
-        top1 = f"{r['top1'][0]:.3f}→{r['top1'][1]:.3f}" if "top1" in r else "-"
-        speeds = [f"{s['fp32']:.1f}→{s['int8']:.1f} (x{s['speedup']:.2f})" for s in (r["pipeline"], r["forward"])]
-        lines.append(f"{r['model']:<22} {r['mode']:<8} {r['set']:<12} {r['mb'][0]:>6.1f}→{r['mb'][1]:<6.1f} "
-                     f"{r['batch']:>5} {speeds[0]:>24} {speeds[1]:>24} {top1:>16}  {figure}")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from export import configure_logging
-
-    configure_logging()
-    results = bench()
-    print(json.dumps(results, indent=1), file=sys.stderr)
-    print("\n" + table(results))
