@@ -2,19 +2,23 @@
 sample photos: agreement only, there is no ImageNet set here), minilm (the sample sentences: cosine) and the example
 project's ResNet-18 trained here (its held-out folder: top-1). Each INT8 file is made as the build makes it
 (``export/quantize.py``), then both are compared and timed in alternate rounds: the whole pipeline (decode, collate,
-forward, answer) and the forward pass alone, at the model's served batch size. Writes ``quantize.json``, ``quantize.md``
-and ``quantize.png`` into ``--out`` (default ``load_test/results/``).
+forward, answer) and the forward pass alone, at the model's served batch size. The ResNet-18 is also served as a user
+ships it (``served``): ``make import`` with ``QUANTIZE=int8``, then both versions through the front door. Writes
+``quantize.json``, ``quantize.md`` and ``quantize.png`` into ``--out`` (default ``load_test/results/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from archives.store import Manifest
+from archives.store import REPO, Manifest
 from export.quantize import (
     Calibration,
     compare,
@@ -26,6 +30,9 @@ from export.quantize import (
 from load_test.measure import plotted
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SERVED_CONCURRENCY = 16
+SERVED_ROUNDS = 3  # fp32 and INT8 take turns, this many times each
+SERVED_SECONDS = 10.0
 
 def fp32_onnx(spec, handler, into: Path) -> Path:
     """A version's fp32 ONNX file: from its archive in the store, else exported from its source."""
@@ -104,7 +111,41 @@ def bench() -> list[dict]:
                                 handler.DYNAMIC_AXES)
         rows.append(bench_model("example resnet18", handler, fp32_file, "static", (held_out.payloads, "val/"), 4,
                                 (held_out.indices(labels), labels)))
+        rows[-1]["served"] = served(project, Path(tmp) / "served")
     return rows
+
+
+def served(project, home: Path) -> dict:
+    """The example ResNet-18 as a user ships it: ``make import ... QUANTIZE=int8`` into a store of its own (1.0 fp32,
+    1.1 INT8, gated), served by serve.sh, and both versions driven through the front door at SERVED_CONCURRENCY in
+    alternate turns: the median req/s and p50 of each, and their ratio."""
+    from load_test import inputs
+    from load_test.bench import drive
+    from load_test.servers import bearer, torchserve
+    from serving.instance import Instance
+
+    specs, store = home / "specs", home / "store"
+    specs.mkdir(parents=True)
+    env = {**os.environ, **Instance.fresh(home / "import", store=str(store)).environment()}  # no running server
+    made = subprocess.run([sys.executable, "-m", "manage", "import", "photos", str(project.root / "resnet18.pth"),
+                           "--arch", "torchvision:resnet18", "--eval", str(project.eval_dir), "--transform",
+                           "train:eval_transform", "--code", str(project.root), "--specs", str(specs),
+                           "--quantize", "int8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if made.returncode != 0:
+        raise SystemExit(f"the import with QUANTIZE=int8 failed:\n{made.stderr[-3000:]}")
+    photos = {path.stem: path.read_bytes() for path in sorted(project.eval_dir.rglob("*")) if path.is_file()}
+    files = inputs.write(photos, home / "inputs")
+    runs: dict[str, list] = {"1.0": [], "1.1": []}
+    with torchserve(store, home / "serve") as (ts, _):
+        for _ in range(SERVED_ROUNDS):
+            for version, points in runs.items():
+                points.append(drive(f"photos {version}", f"{ts.inference_url}/predictions/photos/{version}", files,
+                                    SERVED_CONCURRENCY, SERVED_SECONDS, bearer(ts)))
+    rps = {version: statistics.median(p.rps for p in points) for version, points in runs.items()}
+    return {"concurrency": SERVED_CONCURRENCY, "fp32": rps["1.0"], "int8": rps["1.1"],
+            "speedup": rps["1.1"] / rps["1.0"], "failed": sum(p.failed for ps in runs.values() for p in ps),
+            "p50_ms": {version: statistics.median(p.p50_ms for p in points) for version, points in runs.items()},
+            "rounds": {version: [round(p.rps, 1) for p in points] for version, points in runs.items()}}
 
 
 def table(rows: list[dict]) -> str:
@@ -117,23 +158,33 @@ def table(rows: list[dict]) -> str:
         speeds = [f"{s['fp32']:.1f}→{s['int8']:.1f} (x{s['speedup']:.2f})" for s in (r["pipeline"], r["forward"])]
         lines.append(f"{r['model']:<22} {r['mode']:<8} {r['set']:<12} {r['mb'][0]:>6.1f}→{r['mb'][1]:<6.1f} "
                      f"{r['batch']:>5} {speeds[0]:>24} {speeds[1]:>24} {top1:>16}  {figure}")
+    for r in rows:
+        if "served" in r:
+            s = r["served"]
+            lines.append(f"\n{r['model']} served through the front door at concurrency {s['concurrency']} (make import "
+                         f"QUANTIZE=int8; medians of {len(s['rounds']['1.0'])} alternate rounds): fp32 {s['fp32']:.1f} "
+                         f"req/s, INT8 {s['int8']:.1f} req/s (x{s['speedup']:.2f}); p50 {s['p50_ms']['1.0']:.0f} → "
+                         f"{s['p50_ms']['1.1']:.0f} ms; {s['failed']} failed")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Items per second, fp32 beside INT8, per model: the whole pipeline and the forward pass alone."""
-    with plotted(path, 1, 2, figsize=(12, 4.5)) as (figure, axes):
-        for axis, stages in zip(axes, ("pipeline", "forward")):
+    """Items per second, fp32 beside INT8, per model: the whole pipeline and the forward pass alone, in-process; and
+    requests per second served through the front door, where measured."""
+    panels = [(stages, f"{stages} in-process, items per second", rows) for stages in ("pipeline", "forward")]
+    panels.append(("served", f"served at concurrency {SERVED_CONCURRENCY}, req/s", [r for r in rows if "served" in r]))
+    with plotted(path, 1, 3, figsize=(15, 4.5)) as (figure, axes):
+        for axis, (stages, title, shown) in zip(axes, panels):
             for offset, precision in ((-0.2, "fp32"), (0.2, "int8")):
-                values = [row[stages][precision] for row in rows]
-                bars = axis.bar([i + offset for i in range(len(rows))], values, 0.4, label=precision.upper())
+                values = [row[stages][precision] for row in shown]
+                bars = axis.bar([i + offset for i in range(len(shown))], values, 0.4, label=precision.upper())
                 axis.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8, padding=1)
-            axis.set_xticks(range(len(rows)), labels=[f"{r['model']}\n× {r[stages]['speedup']:.2f}" for r in rows],
-                            fontsize=8)
-            axis.set_title(f"{stages}, items per second (more is better)", fontsize=10)
+            axis.set_xticks(range(len(shown)), fontsize=8,
+                            labels=[f"{r['model']}\n× {r[stages]['speedup']:.2f}" for r in shown])
+            axis.set_title(f"{title} (more is better)", fontsize=10)
             axis.grid(axis="y", alpha=0.3)
             axis.legend(fontsize=8)
-        figure.suptitle("fp32 against INT8 (ONNX Runtime, one worker's threads, in-process)", fontsize=11)
+        figure.suptitle("fp32 against INT8 (ONNX Runtime)", fontsize=11)
 
 
 def main(argv: list[str] | None = None) -> int:
