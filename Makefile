@@ -19,7 +19,7 @@
 #                                               sampled: growth per hour and errors (load_test/results/soak.*)
 #   make bench [SECONDS=10]                     limit vs our TorchServe vs stock handler vs Flask: load_test/results/
 #   make bench-runtimes                         every model on TorchScript and on ONNX Runtime, in-process
-#   make bench-quantize                         fp32 against INT8 in-process: size, speed, agreement or cosine, top-1
+#   make bench-quantize                         fp32 against INT8: size, speed in-process and served, agreement, top-1
 #   make deploy [MODEL=..] [SPLIT="1.0=90 2.0=10"] [IMAGE=..]   Kubernetes, KServe, Dockerfile into deploy/out/
 #   make deploy-check                           prove deploy/out/ offline: kubernetes-validate, KServe's rules,
 #                                               promtool, kubectl kustomize, hadolint
