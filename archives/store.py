@@ -204,12 +204,14 @@ class Manifest:
         store (the serving image's, read-only) holds the unpacked folders alone: a folder whose stamp names the
         manifest's sha256 is served as it is, without an archive to hash again at every start."""
         entry = self.built(model, version)
-        folder = (self.store / entry["archive"]).with_suffix("")
+        archive = self.store / entry["archive"]
+        folder = archive.with_suffix("")
         stamp = folder / UNPACKED_STAMP
-        if not (self.store / entry["archive"]).exists() and stamp.exists() and stamp.read_text() == entry["sha256"]:
+        stamped = stamp.exists() and stamp.read_text() == entry["sha256"]
+        if stamped and not archive.exists():
             return folder
-        archive, entry = self.verify(model, version)
-        if stamp.exists() and stamp.read_text() == entry["sha256"]:
+        self.verify(model, version)
+        if stamped:
             return folder
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=self.store))
         with zipfile.ZipFile(archive) as mar:

@@ -380,9 +380,9 @@ def stage_models(dest: Path, versions: list[tuple[str, str]], torch: bool, sourc
     store_of(dest, versions, source)
     manifest = Manifest(dest)
     for model, version in versions:
-        folder = manifest.unpacked(model, version)
-        (dest / manifest.get(model, version)["archive"]).unlink()
-        if not torch and manifest.get(model, version).get("runtime") == "onnxruntime":
+        folder, entry = manifest.unpacked(model, version), manifest.get(model, version)
+        (dest / entry["archive"]).unlink()
+        if not torch and entry.get("runtime") == "onnxruntime":
             (folder / TORCHSCRIPT_FILE).unlink(missing_ok=True)
     for path in [dest, *dest.rglob("*")]:
         mode = path.stat().st_mode

@@ -11,6 +11,7 @@ the handler's ``threads`` setting for both runtimes (workers x threads <= cores)
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,10 +40,11 @@ def as_args(inputs: Any) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+@functools.cache
 def torch_installed() -> bool:
-    """Whether torch is installed here, read from the installed packages' metadata without importing it (a serving
-    image without the torch group has none; its worker protocol's stand-in, ``deploy/torch_placeholder.py``, is not
-    a package)."""
+    """Whether torch is installed here, read once from the installed packages' metadata without importing it (a
+    serving image without the torch group has none; its worker protocol's stand-in, ``deploy/torch_placeholder.py``,
+    is not a package)."""
     from importlib import metadata
 
     try:
