@@ -30,7 +30,8 @@
 #   make image-check [MODEL=a,b] [IMAGE=..]     run it as its Deployment says (podman): cold start, probes,
 #                                               /predictions and v2 against outside, preStop + SIGTERM, kill -9
 #   make rehearse [MODEL=digits] [SPLIT=..]     the Deployment on loopback: 3 replicas behind nginx, a rolling
-#                                               update under load (requests lost: must be 0), a crash
+#           [IMAGE=..]                          update under load (requests lost: must be 0), a crash; with
+#                                               IMAGE, the replicas are containers of that image
 #   make footprint                              start-up timeline, every process's memory, register → READY, frontend CPU
 #   make bench-before                           efficientnet_lite0 1.1 now against its handlers before torch-free workers
 #   make docs                                   the documentation site (mkdocs.yml, docs/), built strictly into .site/
@@ -194,7 +195,7 @@ image-check: image
 	$(PY) -m deploy image-check $(call option,MODEL,model) $(call option,IMAGE,image)
 
 rehearse: archive
-	$(PY) -m deploy.rehearsal --model "$${ARG_MODEL:-digits}" $(call option,SPLIT,split)
+	$(PY) -m deploy.rehearsal --model "$${ARG_MODEL:-digits}" $(call option,SPLIT,split) $(call option,IMAGE,image)
 
 test: archive
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -145,10 +145,7 @@ def pre_stop_and_terminate(pod: Pod, handler: str) -> dict[str, Any]:
 
 def kill_torchserve(pod: Pod) -> dict[str, Any]:
     """``kill -9`` of TorchServe's frontend inside the container: it must exit non-zero."""
-    pid_file = f"{dict((e['name'], e['value']) for e in pod.container['env'])['SERVE_HOME']}/tmp/.model_server.pid"
-    killed = pod.exec("sh", "-c", f'kill -9 "$(cat {pid_file})"')
-    if killed.returncode != 0:
-        raise CheckFailed(f"{pod.model}: kill -9 of TorchServe failed: {killed.stderr.strip()}")
+    pod.kill_torchserve()
     started = time.monotonic()
     code = pod.wait_exit(60)
     if code is None:

@@ -18,7 +18,7 @@ import requests
 from archives.store import REPO, Manifest
 from deploy import build, contract, kubernetes, podman
 from deploy.plan import DeployError, plan_models
-from serving.instance import free_ports
+from serving.instance import PID_FILES, free_ports
 
 
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -176,10 +176,12 @@ class Pod:
                     *self.container.get("args", [])]
         return command
 
-    def start(self, index: int) -> None:
+    def start(self, index: int, ports: dict[str, int] | None = None) -> None:
+        """``podman run``, the container's ports published on ``ports`` (its port names → loopback ports; free ones
+        by default)."""
         self.name = f"image-check-{os.getpid()}-{index}-{self.model.replace('_', '-')}"
         names = [p["name"] for p in self.container["ports"]]
-        self.ports = dict(zip(names, free_ports(len(names))))
+        self.ports = ports or dict(zip(names, free_ports(len(names))))
         command = self.run_command()
         self.started, self.wall = time.monotonic(), time.time()
         podman.run(command, f"podman run of {self.model}'s Deployment", timeout=120)
@@ -199,6 +201,14 @@ class Pod:
     def remove(self) -> None:
         subprocess.run(["podman", "rm", "--force", "--time", "0", self.name], capture_output=True, timeout=120,
                        check=False)
+
+    def kill_torchserve(self) -> None:
+        """``kill -9`` of TorchServe's frontend inside the container, by its pid file."""
+        home = next(e["value"] for e in self.container["env"] if e["name"] == "SERVE_HOME")
+        pid_file = f"{home}/{PID_FILES['frontend']}"
+        killed = self.exec("sh", "-c", f'kill -9 "$(cat {pid_file})"')
+        if killed.returncode != 0:
+            raise CheckFailed(f"{self.model}: kill -9 of TorchServe failed: {killed.stderr.strip()}")
 
     def wait_exit(self, timeout: float) -> int | None:
         """The container's exit code once it stopped, or None if it still runs after ``timeout`` seconds."""

@@ -1,24 +1,22 @@
-"""A Deployment rehearsed on loopback: the generated manifest's replicas, probes and rolling update, run on one machine.
+"""A Deployment rehearsed on one machine: the generated manifest's replicas, probes and rolling update.
 
-This is a rehearsal of a cluster, not a cluster. What it runs for real: the container's exact command line (its
-``command`` and ``args``, under tini) and environment from the generated Deployment, from a folder staged with exactly
-what the image carries (``deploy.image.stage_image``), as two or three replicas; the Deployment's probes, with its
-paths, ports, periods and thresholds; its ``preStop`` hook and its grace period; and nginx in front of them standing in
-for the Service. What it plays itself: the kubelet (it runs the probes and the hook, sends SIGTERM, then SIGKILL after
-the grace period) and the endpoints controller (a replica is in the Service while its readiness probe passes, and is
-taken out the moment it is deleted, ``propagation`` seconds later, as kube-proxy learns of it). What it cannot show:
-networking between nodes, kube-proxy's connection tracking, the scheduler, image pulls, cgroup CPU limits, a real
-Service's load balancing (nginx picks per request, kube-proxy per connection).
+This is a rehearsal of a cluster, not a cluster. What it runs for real: the replicas, either as containers of the
+built image (``--image``: podman runs each as the Deployment says, ``deploy.pod.Pod``) or as processes running the
+container's exact command line (its ``command`` and ``args``, under tini) and environment from a folder staged with
+exactly what the image carries (``deploy.image.stage_image``); the Deployment's probes, with its paths, ports, periods
+and thresholds; its ``preStop`` hook and its grace period; and nginx in front of them standing in for the Service.
+What it plays itself: the kubelet (it runs the probes and the hook, sends SIGTERM, then SIGKILL after the grace
+period, restarts a container that exits) and the endpoints controller (a replica is in the Service while its
+readiness probe passes, and is taken out the moment it is deleted, ``propagation`` seconds later, as kube-proxy
+learns of it). What it cannot show: networking between nodes, kube-proxy's connection tracking, the scheduler, image
+pulls, a real Service's load balancing (nginx picks per request, kube-proxy per connection). The pods themselves:
+``deploy/replicas.py``.
 
-Each replica is one loopback "pod": its container ports (8080, 8082, 8083 in the manifest) are mapped to free ports,
-``/opt/toolkit`` to the staged folder and ``/tmp`` to its own folder; TorchServe's internal loopback ports, which pods
-would not share, get free ports too (``serving.instance.Instance.fresh``).
-
-``python -m deploy.rehearsal [--model digits] [--replicas 3]``: renders the manifests, starts the replicas, runs a
-rolling update under steady load (one replica at a time: deleted → out of the Service → preStop drain → SIGTERM →
-replacement started → startup probe → readiness probe → back in the Service) and prints the count of requests and
-of failures, which must be zero; then kills one replica's TorchServe, whose readiness must fail and whose container
-must exit with an error (for the kubelet to restart it), and restarts it.
+``python -m deploy.rehearsal [--model digits] [--replicas 3] [--split ..] [--image NAME]``: renders the manifests,
+starts the replicas, runs a rolling update under steady load (one replica at a time: deleted → out of the Service →
+preStop drain → SIGTERM → replacement started → startup probe → readiness probe → back in the Service) and prints the
+count of requests and of failures, which must be zero; then kills one replica's TorchServe, whose readiness must fail
+and whose container must exit with an error (for the kubelet to restart it), and restarts it.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import argparse
 import itertools
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -35,196 +32,17 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from deploy import contract
+from deploy.replicas import Container, ContainerReplica, ProcessReplica, Replica, unique_ports
 from load_test import inputs
 from serving.front_door import nginx_binary
-from serving.instance import Instance, free_ports, wait_until
-
-IMAGE_ROOT = "/opt/toolkit"
-RESTARTS = 2  # restarts of a container that exits while starting, before the rehearsal gives up
-ADDRESS = re.compile(r"\b(?:0\.0\.0\.0|127\.0\.0\.1|localhost):(\d+)\b")  # what a pod listens on
-
-
-TAKEN: set[int] = set()  # every port handed to a replica or the Service in this process: free_ports alone may repeat
-
-
-def claim(ports: set[int]) -> bool:
-    """Take ``ports`` if none was handed out before."""
-    if ports & TAKEN:
-        return False
-    TAKEN.update(ports)
-    return True
-
-
-def ports_of(env: dict[str, str]) -> set[int]:
-    """The ports ``instance_env`` gives: its addresses' and its bare port numbers."""
-    return {int(m.group(1)) for value in env.values() if (m := re.search(r"(?:^|:)(\d+)$", value))}
-
-
-def unique_ports(count: int) -> list[int]:
-    """``count`` free loopback ports, none handed out before in this process."""
-    while True:
-        ports = free_ports(count)
-        if len(set(ports)) == count and claim(set(ports)):
-            return ports
-
-
-@dataclass(frozen=True)
-class Probe(contract.Probe):
-    """One of the container's httpGet probes, read back from the rendered manifest (Kubernetes' defaults where it
-    leaves a field out), as the kubelet runs it."""
-
-    port: int = 0  # the container's port; a replica maps it
-
-    @classmethod
-    def of(cls, spec: dict[str, Any], ports: dict[str, int]) -> Probe:
-        get = spec["httpGet"]
-        port = get["port"]
-        return cls(get["path"], period=int(spec.get("periodSeconds", 10)),
-                   failures=int(spec.get("failureThreshold", 3)), timeout=int(spec.get("timeoutSeconds", 1)),
-                   delay=int(spec.get("initialDelaySeconds", 0)), port=ports[port] if isinstance(port, str) else int(port))
-
-    def check(self, port: int) -> bool:
-        """The kubelet's verdict: an answer from 200 to 399 within the timeout."""
-        try:
-            status = requests.get(f"http://127.0.0.1:{port}{self.path}", timeout=self.timeout,
-                                  allow_redirects=False).status_code
-        except requests.RequestException:
-            return False
-        return 200 <= status < 400
-
-
-@dataclass
-class Container:
-    """What the Deployment says about its one container."""
-
-    command: list[str]
-    env: dict[str, str]
-    ports: dict[str, int]  # name → containerPort
-    startup: Probe
-    readiness: Probe
-    liveness: Probe
-    pre_stop: list[str]
-    grace: float
-    replicas: int
-    surge: int  # the rolling update's maxSurge (as a count; 0 or 1 here)
-    min_ready: float  # minReadySeconds
-    volumes: dict[str, dict[str, str]]  # mountPath → the files of the ConfigMap or Secret mounted there
-
-    @classmethod
-    def of(cls, deployment: dict[str, Any], config_maps: dict[str, dict[str, str]] | None = None,
-           secrets: dict[str, dict[str, str]] | None = None) -> Container:
-        config_maps, secrets = config_maps or {}, secrets or {}
-        pod = deployment["spec"]["template"]["spec"]
-        [container] = pod["containers"]
-        ports = {p["name"]: int(p["containerPort"]) for p in container.get("ports", [])}
-        env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
-        rolling = deployment["spec"].get("strategy", {}).get("rollingUpdate", {})
-        sources = {v["name"]: config_maps.get(v["configMap"]["name"], {}) if "configMap" in v
-                   else secrets.get(v["secret"]["secretName"], {}) for v in pod.get("volumes", [])
-                   if "configMap" in v or "secret" in v}
-        volumes = {m["mountPath"]: sources[m["name"]] for m in container.get("volumeMounts", [])
-                   if m["name"] in sources}
-        return cls(list(container.get("command", [])) + list(container.get("args", [])), env, ports,
-                   Probe.of(container["startupProbe"], ports), Probe.of(container["readinessProbe"], ports),
-                   Probe.of(container["livenessProbe"], ports), list(container["lifecycle"]["preStop"]["exec"]["command"]),
-                   float(pod.get("terminationGracePeriodSeconds", 30)), int(deployment["spec"].get("replicas", 1)),
-                   int(str(rolling.get("maxSurge", 1)).rstrip("%") != "0"), float(deployment["spec"].get("minReadySeconds", 0)),
-                   volumes)
-
-
-class Replica:
-    """One pod on loopback: the container's command and environment with its ports, paths and /tmp mapped."""
-
-    def __init__(self, name: str, container: Container, image: Path, home: Path):
-        self.name, self.container, self.image, self.home = name, container, image, home
-        home.mkdir(parents=True, exist_ok=True)
-        self.mounts: dict[str, Path] = {}  # a ConfigMap's mountPath → the folder its files are written to here
-        for index, (mount, files) in enumerate(sorted(container.volumes.items())):
-            folder = home / "volumes" / str(index)
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, text in files.items():
-                (folder / name).write_text(text)
-            self.mounts[mount] = folder
-        # every port the pod listens on, its container ports and those its environment names on loopback (a pod
-        # has a loopback of its own), gets a free one here
-        inside = sorted(set(container.ports.values()) | {int(p) for v in container.env.values()
-                                                         for p in ADDRESS.findall(v)})
-        self.port = dict(zip(inside, unique_ports(len(inside)), strict=True))
-        env = Instance.fresh(home).environment()  # and TorchServe's internal loopback ports, which config.properties names
-        while not claim(ports_of(env)):
-            env = Instance.fresh(home).environment()
-        for key, value in container.env.items():
-            env[key] = self.mapped(value, image)
-        self.env = {**os.environ, **env, "TINI_SUBREAPER": "1"}  # tini is not PID 1 here
-        self.instance = Instance.current(env)  # the stack serve.sh starts in the container, as it reads its environment
-        self.command = [self.mapped(arg, image) for arg in container.command]
-        self.process: subprocess.Popen | None = None
-        self.restarts = 0  # the kubelet's restarts of the container before it became ready
-
-    def mapped(self, value: str, image: Path) -> str:
-        # the pod's paths, each mapped once (one pass: a mapped path may itself lie under /tmp)
-        paths = {**{mount: str(folder) for mount, folder in self.mounts.items()}, "/tmp": str(self.home),
-                 IMAGE_ROOT: str(image)}
-        pattern = "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
-        value = re.sub(rf"(?<![\w.-])(?:{pattern})(?=/|$)", lambda m: paths[m.group(0)], value)
-        return ADDRESS.sub(lambda m: f"127.0.0.1:{self.port[int(m.group(1))]}", value)
-
-    def start(self) -> None:
-        log = open(self.home / "container.log", "ab")  # noqa: SIM115 (the process holds it)
-        self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        log.close()
-
-    def probe(self, which: str) -> bool:
-        probe: Probe = getattr(self.container, which)
-        return probe.check(self.port[probe.port] if probe.port in self.port else probe.port)
-
-    def wait_probe(self, which: str) -> float:
-        """Run a probe at its period until it passes, within the startup probe's budget (failureThreshold x period:
-        the kubelet would restart the container after it; readiness has no limit of its own)."""
-        probe: Probe = getattr(self.container, which)
-        startup = self.container.startup
-        started = time.monotonic()
-        time.sleep(probe.delay)
-
-        def passes() -> bool:
-            if self.probe(which):
-                return True
-            if self.process is not None and self.process.poll() is not None:
-                # the kubelet restarts a container that exits (restartPolicy: Always), a few times here
-                self.restarts += 1
-                if self.restarts > RESTARTS:
-                    raise RuntimeError(f"{self.name} exited with {self.process.returncode} before its {which} "
-                                       f"probe passed, {RESTARTS + 1} times: see {self.home / 'container.log'}")
-                self.start()
-            return False
-
-        wait_until(passes, startup.failures * startup.period, f"{self.name}: its {which} probe passing", probe.period)
-        return time.monotonic() - started
-
-    def pre_stop(self) -> int:
-        command = [self.mapped(arg, self.image) for arg in self.container.pre_stop]
-        return subprocess.run(command, env=self.env, capture_output=True, timeout=self.container.grace).returncode
-
-    def terminate(self) -> tuple[int | None, float]:
-        """SIGTERM to the container's first process, SIGKILL if it outlives the grace period: (status, seconds)."""
-        assert self.process is not None
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            status = self.process.wait(timeout=self.container.grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            status = None
-        return status, time.monotonic() - started
+from serving.instance import wait_until
 
 
 class Service:
@@ -247,6 +65,8 @@ class Service:
                 f"daemon off;\nevents {{ worker_connections 1024; }}\nhttp {{\n"
                 f"    access_log {self.home}/logs/access.log;\n    client_body_temp_path {self.home}/body;\n"
                 f"    proxy_temp_path {self.home}/proxy;\n    client_max_body_size 25m;\n"
+                # bodies in memory: its workers run as nobody, who may not write under a private home
+                f"    client_body_buffer_size 25m;\n"
                 f"    upstream service {{\n{servers}    }}\n"
                 f"    server {{\n        listen 127.0.0.1:{self.port};\n        proxy_next_upstream off;\n"
                 f"        location / {{ proxy_pass http://service; }}\n    }}\n}}\n")
@@ -323,14 +143,13 @@ class Load:
 class Rehearsal:
     """The replicas, the Service in front of them, and the steps of a rolling update."""
 
-    def __init__(self, deployment: dict[str, Any], config_maps: dict[str, dict[str, str]],
-                 secrets: dict[str, dict[str, str]], image: Path, home: Path, replicas: int | None = None,
-                 propagation: float = 1.0, log=print):
-        self.container = Container.of(deployment, config_maps, secrets)
-        self.image, self.home, self.propagation, self.log = image, home, propagation, log
+    def __init__(self, container: Container, make: Callable[[str, int], Replica], home: Path,
+                 replicas: int | None = None, propagation: float = 1.0, log=print):
+        self.container, self.make, self.home, self.propagation, self.log = container, make, home, propagation, log
         self.count = replicas or self.container.replicas
-        self.names = (f"pod-{i}" for i in itertools.count())
+        self.numbers = itertools.count()
         self.replicas: list[Replica] = []
+        self.created: list[Replica] = []  # every replica, the deleted ones too, stopped and removed at the end
         self.service = Service(home / "service")
         self.timeline: list[str] = []
         self.steps: list[dict[str, Any]] = []  # the rolling update's, one per replaced replica
@@ -340,11 +159,13 @@ class Rehearsal:
         self.log(text)
 
     def replica(self) -> Replica:
-        name = next(self.names)
-        return Replica(name, self.container, self.image, self.home / name)
+        number = next(self.numbers)
+        self.created.append(self.make(f"pod-{number}", number))
+        return self.created[-1]
 
-    def http_port(self, replica: Replica) -> int:
-        return replica.port[self.container.ports["http"]]
+    def endpoints(self, replicas: list[Replica]) -> None:
+        """The Service's endpoints are now these replicas."""
+        self.service.set([r.http_port() for r in replicas])
 
     def up(self) -> None:
         """Start every replica at once, wait for each one's startup and readiness probes, then serve them."""
@@ -355,7 +176,7 @@ class Rehearsal:
         for replica in self.replicas:
             replica.wait_probe("startup")
             replica.wait_probe("readiness")
-        self.service.set([self.http_port(r) for r in self.replicas])
+        self.endpoints(self.replicas)
         restarts = sum(r.restarts for r in self.replicas)
         self.note(f"{self.count} replicas ready and in the Service after {time.monotonic() - started:.1f} s"
                   + (f" ({restarts} container restarts while starting)" if restarts else ""))
@@ -381,9 +202,9 @@ class Rehearsal:
         return new
 
     def _delete(self, old: Replica, step: dict[str, Any]) -> None:
-        others = [self.http_port(r) for r in self.replicas if r is not old and r.process is not None]
+        others = [r for r in self.replicas if r is not old and r.started()]
         deleted = time.monotonic()
-        out = threading.Timer(self.propagation, self.service.set, [others])
+        out = threading.Timer(self.propagation, self.endpoints, [others])
         out.start()
         hook = old.pre_stop()
         hook_s = time.monotonic() - deleted
@@ -398,7 +219,7 @@ class Rehearsal:
                   f"{'passes' if ready_during_drain else 'fails'}, liveness {'passes' if live_during_drain else 'fails'}"
                   f" while draining); SIGTERM → exit {status} in {stopping:.1f} s (grace {self.container.grace:g} s)")
         if status != 0:
-            raise RuntimeError(f"{old.name} did not stop cleanly on SIGTERM: {status} (see {old.home}/container.log)")
+            raise RuntimeError(f"{old.name} did not stop cleanly on SIGTERM: {status} :\n{old.output()[-2000:]}")
 
     def _create(self, step: dict[str, Any]) -> Replica:
         new = self.replica()
@@ -407,8 +228,7 @@ class Rehearsal:
         step["startup_s"] = round(new.wait_probe("startup"), 1)
         step["ready_s"] = round(new.wait_probe("readiness"), 1)
         step["restarts"] = new.restarts
-        serving = [r for r in self.replicas if r.process is not None and r.process.poll() is None]
-        self.service.set([self.http_port(r) for r in serving] + [self.http_port(new)])
+        self.endpoints([r for r in self.replicas if r.running()] + [new])
         self.note(f"{new.name}: started; startup probe passed after {step['startup_s']} s, readiness after "
                   f"{step['ready_s']} more; in the Service")
         return new
@@ -416,24 +236,23 @@ class Rehearsal:
     def crash(self, replica: Replica) -> dict[str, Any]:
         """TorchServe killed (SIGKILL) inside a replica: its readiness probe must fail and the container exit with
         an error, for the kubelet to restart it; restarted in place, its probes pass again. The seconds each took."""
-        wait_until(lambda: b"serving in the foreground" in (replica.home / "container.log").read_bytes(), 60,
+        wait_until(lambda: "serving in the foreground" in replica.output(), 60,
                    f"{replica.name}: serve.sh run finishing its start")  # its probes may pass before
-        pid = replica.instance.frontend_pid()
         killed = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
+        replica.kill_torchserve()
         wait_until(lambda: not replica.probe("readiness"), 30, f"{replica.name}: readiness failing after TorchServe "
                    "was killed")
         unready = time.monotonic() - killed
-        assert replica.process is not None
-        status = replica.process.wait(timeout=self.container.grace)
+        status = replica.wait_exit(self.container.grace)
         exited = time.monotonic() - killed
-        if status == 0:
-            raise RuntimeError(f"{replica.name}: the container exited 0 after TorchServe was killed")
-        self.service.set([self.http_port(r) for r in self.replicas if r is not replica])
+        if status in (0, None):
+            raise RuntimeError(f"{replica.name}: the container {'exited 0' if status == 0 else 'still runs'} "
+                               f"{exited:.0f} s after TorchServe was killed")
+        self.endpoints([r for r in self.replicas if r is not replica])
         replica.start()  # the kubelet restarts the container (restartPolicy: Always)
         replica.wait_probe("startup")
         replica.wait_probe("readiness")
-        self.service.set([self.http_port(r) for r in self.replicas])
+        self.endpoints(self.replicas)
         result = {"unready_s": round(unready, 1), "exit_status": status, "exited_s": round(exited, 1),
                   "ready_again_s": round(time.monotonic() - killed, 1)}
         self.note(f"{replica.name}: TorchServe killed; readiness failed after {unready:.1f} s, the container exited "
@@ -445,9 +264,8 @@ class Rehearsal:
             self.replace(old)
 
     def down(self) -> None:
-        for replica in self.replicas:
-            if replica.process is not None and replica.process.poll() is None:
-                replica.terminate()
+        for replica in self.created:
+            replica.close()
         self.service.stop()
 
 
@@ -466,21 +284,41 @@ def manifests_of(folder: Path, model: str) -> tuple[dict[str, Any], dict[str, di
 
 
 def rehearse(model: str = "digits", replicas: int | None = None, home: Path | None = None, split: str | None = None,
-             load_seconds: float = 3.0, log=print) -> dict[str, Any]:
-    """Render (with ``split`` as the model's A/B split, which the pods apply from their ConfigMap), stage, start the
-    replicas, roll them all under load, crash one; the figures."""
+             load_seconds: float = 3.0, image: str | None = None, log=print) -> dict[str, Any]:
+    """Render (with ``split`` as the model's A/B split, which the pods apply from their ConfigMap), start the
+    replicas, roll them all under load, crash one; the figures. The replicas are containers of the built ``image``
+    (its Deployment rendered from the versions it holds), or without one processes from a folder staged with what
+    the image would carry."""
     from archives import load_specs
     from deploy.contract import CLIENT_KEYS_FILE, CLIENT_KEYS_SECRET
-    from deploy.image import stage_image
-    from deploy.render import render_all
 
     home = home or Path(tempfile.mkdtemp(prefix="rehearsal-"))
-    rendered = render_all(home / "rendered", models=[model], split=split, use_running=False)
-    image = stage_image(home / "image")
     key = "rehearsal-client-key-" + os.urandom(8).hex()  # the user's Secret, as kubectl create secret would make it
     secrets = {CLIENT_KEYS_SECRET: {Path(CLIENT_KEYS_FILE).name: key + "\n"}}
-    rehearsal = Rehearsal(*manifests_of(rendered / "kubernetes", model), secrets, image, home / "pods", replicas,
-                          log=log)
+    pods = home / "pods"
+    if image:
+        from deploy.pod import Pod, deployments
+
+        if split:
+            raise ValueError("a split is rendered into the process rehearsal's manifests; an image's Deployment "
+                             "applies the split its versions were built with")
+        deployment, config_map = deployments(image, [model])[model]
+        container = Container.of(deployment, {config_map["metadata"]["name"]: config_map["data"]}, secrets)
+
+        def make(name: str, number: int) -> Replica:
+            return ContainerReplica(name, container, Pod(model, deployment, config_map, pods / name, key), number)
+    else:
+        from deploy.image import stage_image
+        from deploy.render import render_all
+
+        rendered = render_all(home / "rendered", models=[model], split=split, use_running=False)
+        container = Container.of(*manifests_of(rendered / "kubernetes", model), secrets)
+        staged = stage_image(home / "image")
+
+        def make(name: str, number: int) -> Replica:
+            return ProcessReplica(name, container, staged, pods / name)
+
+    rehearsal = Rehearsal(container, make, home / "pods", replicas, log=log)
     body, content_type = inputs.requests_for(model, load_specs()[model].handler)[0]
     try:
         rehearsal.up()
@@ -495,12 +333,13 @@ def rehearse(model: str = "digits", replicas: int | None = None, home: Path | No
         load.stop.set()
         for thread in threads:
             thread.join(timeout=60)
-        result = {"model": model, "replicas": rehearsal.count, "requests": load.total, "failed": load.failed,
+        result = {"model": model, "replicas": rehearsal.count, "as": f"containers of {image}" if image else "processes",
+                  "requests": load.total, "failed": load.failed,
                   "statuses": {str(k): v for k, v in load.statuses.items()}, "errors": load.errors[:10],
                   "versions": dict(load.versions),
                   "requests_before_update": before, "update_seconds": round(time.monotonic() - started, 1)}
-        log(f"rolling update of {rehearsal.count} replicas under load: {load.total} requests, {load.failed} failed "
-            f"({result['statuses']}), update {result['update_seconds']} s")
+        log(f"rolling update of {rehearsal.count} replicas ({result['as']}) under load: {load.total} requests, "
+            f"{load.failed} failed ({result['statuses']}), update {result['update_seconds']} s")
         result["crash"] = rehearsal.crash(rehearsal.replicas[0])
         result["steps"], result["timeline"] = rehearsal.steps, rehearsal.timeline
         return result
@@ -513,8 +352,9 @@ def main() -> int:
     parser.add_argument("--model", default="digits")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--split", default=None, help='the A/B split the pods apply, e.g. "1.0=80 2.0=20"')
+    parser.add_argument("--image", default=None, help="run the replicas as containers of this image (make image)")
     args = parser.parse_args()
-    result = rehearse(args.model, args.replicas, split=args.split)
+    result = rehearse(args.model, args.replicas, split=args.split, image=args.image)
     print(json.dumps({k: v for k, v in result.items() if k not in ("timeline", "steps")}, indent=2))
     return 0 if result["failed"] == 0 else 1
 

@@ -25,6 +25,7 @@ import pytest
 from archives.store import Manifest, locked
 from deploy import answers, build, checks, container, image, podman
 from deploy.plan import DeployError
+from deploy.rehearsal import rehearse
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -259,3 +260,23 @@ def test_the_image_runs_as_its_deployment_says(onnx_image):
     assert last["kill"]["exit_code"] != 0
     print("\ncold start (podman run → ready): " + ", ".join(
         f"{name} {pod['cold_start']['ready_seconds']} s" for name, pod in pods.items()))
+
+
+def test_a_rolling_update_of_the_images_containers_loses_no_request(onnx_image, tmp_path):
+    """``make rehearse IMAGE=..``: the replicas are containers of the image, run as its Deployment says, behind the
+    Service's stand-in; each is replaced under steady load (drained by preStop, SIGTERM → exit 0), then one loses its
+    TorchServe to kill -9 and its container exits non-zero for the kubelet to restart it."""
+    result = rehearse(CHECKED[0], replicas=2, home=tmp_path, image=IMAGE, load_seconds=2.0)
+    assert result["failed"] == 0 and result["statuses"] == {"200": result["requests"]}, result["errors"]
+    assert result["requests_before_update"] > 20 and result["requests"] > 5 * result["requests_before_update"]
+    held = {v["version"] for v in build.image_facts(IMAGE)["versions"] if v["model"] == CHECKED[0]}
+    assert set(result["versions"]) <= held, result["versions"]
+    steps = result["steps"]
+    assert [(s["deleted"], s["started"]) for s in steps] == [("pod-0", "pod-2"), ("pod-1", "pod-3")]
+    for step in steps:
+        assert step["pre_stop_exit"] == 0 and not step["ready_while_draining"] and step["live_while_draining"], step
+        assert step["exit_status"] == 0, step
+    crash = result["crash"]
+    assert crash["exit_status"] not in (0, None) and crash["ready_again_s"] > crash["exited_s"], crash
+    print(f"\n{result['requests']} requests through a rolling update of 2 containers, {result['failed']} failed; "
+          f"after kill -9 of TorchServe the container exited {crash['exit_status']} in {crash['exited_s']} s")
