@@ -5,6 +5,9 @@ build does, each loaded as the server loads it, one thread. Measured in turns (T
 ``--rounds`` times, so that the host's drift falls on both alike): the forward pass alone on a batch of the model's
 ``batchSize`` real samples, and the whole pipeline (decode, collate, forward, answer) on the same samples. Prints a
 markdown table of medians and the ONNX Runtime / TorchScript ratios.
+
+The same ONNX file also runs on OpenVINO, the candidate not adopted (``load_test/openvino_runtime.py``), in the same
+turns: its figures and its largest difference from ONNX Runtime's answers are a second table.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from archives import load_specs
 from build_mar import export_model, handler_class, load_served, stage_extra_files
 from export.sources import source_for
 from handlers.runtime import RUNTIME_FILES
+from load_test import openvino_runtime
 from load_test.limit import rate, through
 
 
-def measure(spec, rounds: int, seconds: float) -> dict[str, dict[str, list[float]]]:
-    """{runtime: {"forward": [per round], "pipeline": [per round]}} in items per second."""
+def measure(spec, rounds: int, seconds: float) -> tuple[dict[str, dict[str, list[float]]], float | None]:
+    """{runtime: {"forward": [per round], "pipeline": [per round]}} in items per second, and OpenVINO's largest
+    relative difference from ONNX Runtime's outputs (None where OpenVINO is not installed)."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         stage_extra_files(spec, work / "extra")
@@ -40,12 +45,16 @@ def measure(spec, rounds: int, seconds: float) -> dict[str, dict[str, list[float
         exported = export_model(built.model, handler, spec, example, work, list(RUNTIME_FILES))
         models = {runtime: load_served(path, handler) for runtime, path in exported.items()}
         inputs = handler.collate([handler.decode(p) for p in payloads])
+        parity = None
+        if openvino_runtime.installed():
+            models["openvino"] = openvino_runtime.OpenVinoModel(exported["onnxruntime"], threads=1)
+            parity = openvino_runtime.parity(handler, models["onnxruntime"], models["openvino"], inputs)
         results = {runtime: {"forward": [], "pipeline": []} for runtime in models}
         for _ in range(rounds):
             for runtime, model in models.items():
                 results[runtime]["forward"].append(rate(lambda: handler.forward(model, inputs), size, seconds))
                 results[runtime]["pipeline"].append(rate(lambda: through(handler, model, payloads), size, seconds))
-    return results
+    return results, parity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,17 +69,28 @@ def main(argv: list[str] | None = None) -> int:
     specs = load_specs()
     rows = ["| model | batch | forward, TorchScript | forward, ONNX Runtime | ratio | pipeline, TorchScript | "
             "pipeline, ONNX Runtime | ratio |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    candidate = ["| model | forward, OpenVINO | OpenVINO / ONNX Runtime | pipeline, OpenVINO | OpenVINO / ONNX "
+                 "Runtime | largest difference |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in args.model or sorted(specs):
         spec = specs[name].versions[specs[name].default_version]
         print(f"{name}: measuring ({args.rounds} rounds)", file=sys.stderr, flush=True)
-        result = measure(spec, args.rounds, args.seconds)
+        result, parity = measure(spec, args.rounds, args.seconds)
         median = {(r, kind): statistics.median(v) for r, kinds in result.items() for kind, v in kinds.items()}
-        cells = []
+        cells, openvino = [], []
         for kind in ("forward", "pipeline"):
             ts, ort = median["torchscript", kind], median["onnxruntime", kind]
             cells += [f"{ts:.1f}", f"{ort:.1f}", f"{ort / ts:.2f} x"]
+            if parity is not None:
+                openvino += [f"{median['openvino', kind]:.1f}", f"{median['openvino', kind] / ort:.2f} x"]
         rows.append(f"| {name} | {spec.model_config.get('batchSize', 1)} | " + " | ".join(cells) + " |")
+        if parity is not None:
+            candidate.append(f"| {name} | " + " | ".join(openvino) + f" | {parity:.1e} |")
     print("\n".join(["Items per second, one thread, medians of runtimes taking turns:", "", *rows]))
+    if len(candidate) > 2:
+        print("\n".join(["", "The same ONNX file on OpenVINO, in the same turns (the largest difference is relative to "
+                         "ONNX Runtime's largest output):", "", *candidate]))
+    else:
+        print("\nOpenVINO is not installed: not measured")
     return 0
 
 

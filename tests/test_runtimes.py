@@ -58,6 +58,27 @@ def test_onnx_session_takes_its_threads_from_the_handler_settings(tmp_path, stor
         model(np.zeros((1, 1, 8, 8), np.float32), np.zeros(1, np.float32))
 
 
+def test_openvino_runs_the_same_onnx_file_with_the_same_answers(tmp_path, store):
+    """The candidate runtime ``make bench-runtimes`` measures (``load_test/openvino_runtime.py``) on a built
+    version's own model.onnx: the handler's forward gives what ONNX Runtime gives, at two batch sizes (its shapes
+    are dynamic), and a wrong input count is named."""
+    from load_test import openvino_runtime
+
+    entry = build(tmp_path, store)
+    with zipfile.ZipFile(store.store / entry["archive"]) as mar:
+        mar.extract("model.onnx", tmp_path)
+    reference = OnnxModel(tmp_path / "model.onnx", "cpu", threads=1)
+    candidate = openvino_runtime.OpenVinoModel(tmp_path / "model.onnx", threads=1)
+    handler = ImageClassifier.from_config({"handler": {"resize": 8, "crop": 8, "mean": [0.5], "std": [0.5],
+                                                       "color_mode": "L"}})
+    for batch in (1, 3):
+        inputs = np.random.default_rng(batch).standard_normal((batch, 1, 8, 8)).astype(np.float32)
+        assert candidate(inputs).shape == (batch, 10)
+        assert openvino_runtime.parity(handler, reference, candidate, inputs) < TOLERANCE
+    with pytest.raises(TypeError, match="takes 1 inputs"):
+        candidate(inputs, inputs)
+
+
 def test_a_fixed_batch_axis_is_refused_naming_the_batch_it_cannot_run(tmp_path, store, monkeypatch):
     monkeypatch.setattr(ImageClassifier, "DYNAMIC_AXES", ((),))  # a layer that forgot to declare its batch axis
     with pytest.raises(build_mar.BuildError, match=r"onnxruntime: parity check failed on .* \(batch of 1\): the "
