@@ -3,8 +3,9 @@ INT8 QDQ file ``make quantize`` writes) and is called like ``handlers.runtime.On
 ``make bench-runtimes`` and ``make bench-quantize`` time it through the handler's own forward on the same batches.
 
 It is not in ``handlers/runtime.py``: a serving runtime is adopted only when it wins by more than the run-to-run
-spread, and on these machines it did not (fp32 0.85-1.10 of ONNX Runtime, static INT8 0.98-1.11, dynamic INT8 0.47-0.54;
-``docs/reference/figures.md``, "Runtimes not adopted"). Its settings match the served ones: ``threads`` inference
+spread for the users it serves, and on these machines it did not: fp32 0.85-1.10 of ONNX Runtime, except minilm on
+texts near its 256 tokens (1.6 x, for 150 MB more per worker); static INT8 0.98-1.11, dynamic INT8 0.47-0.54
+(``docs/reference/figures.md``, "Runtimes not adopted"). Its settings match the served ones: ``threads`` inference
 threads, one stream, the latency hint, fp32 arithmetic (its CPU plugin would otherwise pick bf16 where the processor
 has it, which changes the answers).
 """
