@@ -296,7 +296,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def speed(handler, models: dict[str, Any], payloads: list[bytes], batch: int, stages: str = "pipeline") -> dict:
     """Inputs per second of each model at ``batch`` (the served batch size), in alternate rounds of one run, the best
     round of each: through decode, collate, forward and answer (``pipeline``), or forward alone on batches collated
-    beforehand (``model``)."""
+    beforehand (``model``). ``speedup``: the second model's against the first's."""
     chunks = [[payloads[(i * batch + j) % len(payloads)] for j in range(batch)]
               for i in range(max(1, len(payloads) // batch))]
     ready = [([handler.decode(p) for p in chunk]) for chunk in chunks]
@@ -319,7 +319,7 @@ def speed(handler, models: dict[str, Any], payloads: list[bytes], batch: int, st
                 one(model, done % len(chunks))
                 done += 1
             best[name] = max(best[name], done * batch / (time.perf_counter() - started))
-    first, second = list(models)
+    first, second = list(models)[:2]
     return {"batch": batch, "stages": stages, **{k: round(v, 1) for k, v in best.items()},
             "speedup": round(best[second] / best[first], 3)}
 

@@ -4,7 +4,8 @@ project's ResNet-18 trained here (its held-out folder: top-1). Each INT8 file is
 (``export/quantize.py``), then both are compared and timed in alternate rounds: the whole pipeline (decode, collate,
 forward, answer) and the forward pass alone, at the model's served batch size. The ResNet-18 is also served as a user
 ships it (``served``): ``make import`` with ``QUANTIZE=int8``, then both versions through the front door. Writes
-``quantize.json``, ``quantize.md`` and ``quantize.png`` into ``--out`` (default ``load_test/results/``).
+``quantize.json``, ``quantize.md`` and ``quantize.png`` into ``--out`` (default ``load_test/results/``). The forward
+pass is also timed on OpenVINO, the candidate runtime (``load_test/openvino_runtime.py``), on the same two files.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from export.quantize import (
     quantize_file,
     speed,
 )
+from load_test import openvino_runtime
 from load_test.measure import plotted
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,8 +70,11 @@ def bench_model(name: str, handler, fp32_file: Path, mode: str, data: tuple[list
         row["top1"] = tuple(classification(m, handler, payloads, truth[0], set_name, truth[1])["held_out"]
                             for m in (fp32, int8))
     models = {"fp32": fp32, "int8": int8}
-    row["pipeline"], row["forward"] = speed(handler, models, payloads, batch), speed(handler, models, payloads, batch,
-                                                                                       "model")
+    row["pipeline"] = speed(handler, models, payloads, batch)
+    if openvino_runtime.installed():  # the candidate runtime on the same two files, in the same turns
+        models.update({f"{precision} openvino": openvino_runtime.OpenVinoModel(path, threads)
+                       for precision, path in (("fp32", fp32_file), ("int8", int8_file))})
+    row["forward"] = speed(handler, models, payloads, batch, "model")
     return row
 
 
@@ -158,6 +163,12 @@ def table(rows: list[dict]) -> str:
         speeds = [f"{s['fp32']:.1f}→{s['int8']:.1f} (x{s['speedup']:.2f})" for s in (r["pipeline"], r["forward"])]
         lines.append(f"{r['model']:<22} {r['mode']:<8} {r['set']:<12} {r['mb'][0]:>6.1f}→{r['mb'][1]:<6.1f} "
                      f"{r['batch']:>5} {speeds[0]:>24} {speeds[1]:>24} {top1:>16}  {figure}")
+    for r in rows:
+        if "fp32 openvino" in r["forward"]:
+            f = r["forward"]
+            lines.append(f"{r['model']}: forward on OpenVINO, same files and turns: fp32 {f['fp32 openvino']:.1f} "
+                         f"(x{f['fp32 openvino'] / f['fp32']:.2f} of ONNX Runtime), INT8 {f['int8 openvino']:.1f} "
+                         f"(x{f['int8 openvino'] / f['int8']:.2f})")
     for r in rows:
         if "served" in r:
             s = r["served"]
