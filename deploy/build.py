@@ -194,7 +194,8 @@ def exported(groups: tuple[str, ...]) -> str:
 def python_recipe(selection: Selection, base: str) -> dict[str, Any]:
     recipe = {"recipe": PYTHON_RECIPE, "base": base, "groups": list(selection.groups),
               "pins": exported(selection.groups),
-              "leave_out": image.leave_out(selection.groups), "python": image.LOCAL_BASE_PACKAGES["python3.11"],
+              "leave_out": image.leave_out(selection.groups), "pruned": image.PRUNED,
+              "python": image.LOCAL_BASE_PACKAGES["python3.11"],
               "strip": strip_tool() is not None}
     if not selection.torch:
         recipe["placeholder"] = image.PLACEHOLDER_SOURCE.read_text()
@@ -298,8 +299,8 @@ def compile_tree(folder: Path, inside: str, python: str) -> None:
 
 def serving_environment(venv: Path, groups: tuple[str, ...], python: str | None = None) -> dict[str, Any]:
     """A virtual environment of ``groups`` alone, exactly as uv.lock pins them, as the image holds it: relocatable,
-    ``LEAVE_OUT`` left out, the torch placeholder where torch is not, the serving group's native modules stripped.
-    Runs here with ``python`` (a Python 3.11); tests/test_image.py imports every serving module in one."""
+    ``LEAVE_OUT`` and ``PRUNED`` left out, the torch placeholder where torch is not, the serving group's native
+    modules stripped. Runs here with ``python`` (a Python 3.11); tests/test_image.py imports every serving module in one."""
     python = python or host_python()
     run(["uv", "venv", "--quiet", "--relocatable", "--python", python, str(venv)], "uv venv", timeout=300)
     env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv), "UV_PYTHON_DOWNLOADS": "never"}
@@ -315,8 +316,9 @@ def serving_environment(venv: Path, groups: tuple[str, ...], python: str | None 
     site = venv / image.SITE_PACKAGES.removeprefix(".venv/")
     if image.TORCH_GROUP not in groups:
         image.install_torch_placeholder(site)
+    pruned = image.prune(site)
     saved = strip_symbols(site, groups, str(venv / "bin" / "python"))
-    return {"left_out": dropped, "stripped_bytes": saved}
+    return {"left_out": dropped, "pruned_bytes": pruned, "stripped_bytes": saved}
 
 
 def build_environment(dest: Path, selection: Selection, log: Callable[[str], None]) -> dict[str, Any]:
@@ -398,6 +400,9 @@ class Built:
                 f"{name} {size / MB:.0f} MB" for name, size in python["packages"][:8]))
         if python.get("left_out"):
             lines.append(f"  left out (no serving process imports them): {', '.join(python['left_out'])}")
+        if python.get("pruned_bytes"):
+            lines.append(f"  files no serving process loads left out (deploy/image.py PRUNED): "
+                         f"{python['pruned_bytes'] / MB:.0f} MB")
         if python.get("stripped_bytes"):
             lines.append(f"  symbol tables stripped from native libraries: {python['stripped_bytes'] / MB:.0f} MB")
         return "\n".join(lines)

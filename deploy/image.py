@@ -78,6 +78,16 @@ LEAVE_OUT = {
     "huggingface-hub": "tokenizers' download API (Tokenizer.from_pretrained): the handlers read tokenizer.json from "
                        "their archive and nothing downloads at run time",
 }
+# Files inside the installed packages that no serving process loads, with the reason: the image leaves them out
+# (``prune``; the Dockerfile deletes them in the layer that installs them). tests/test_image.py serves from an
+# environment without them.
+PRUNED = {
+    "onnxruntime/capi/libonnxruntime.so.*": "ONNX Runtime's C API library, for programs that link it: the Python "
+                                           "binding carries its own copy of the runtime and loads no other library",
+    "numpy/tests": "numpy's own test suite",
+    "numpy/*/tests": "numpy's own test suite",
+    "psutil/tests": "psutil's own test suite",
+}
 PLACEHOLDER_SOURCE = Path(__file__).resolve().parent / "torch_placeholder.py"
 PLACEHOLDER_MODULE = "toolkit_torch_placeholder"
 TORCHSCRIPT_FILE = "model.pt"  # handlers/runtime.py: the TorchScript file an ONNX version's archive keeps to explain
@@ -152,6 +162,19 @@ def leave_out(chosen: Iterable[str], root: Path = REPO) -> list[str]:
     """The packages the groups ``chosen`` bring in that only ``LEAVE_OUT`` needs: each in LEAVE_OUT, and what is
     reachable only through them."""
     return sorted(reachable_packages(chosen, root=root) - reachable_packages(chosen, LEAVE_OUT, root))
+
+
+def prune(site_packages: Path) -> int:
+    """Delete ``PRUNED`` from an environment's site-packages; the bytes it saved."""
+    import shutil
+
+    saved = 0
+    for pattern in PRUNED:
+        for path in sorted(Path(site_packages).glob(pattern)):
+            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+            saved += sum(f.stat().st_size for f in files if not f.is_symlink())
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return saved
 
 
 def install_torch_placeholder(site_packages: Path) -> None:
@@ -273,6 +296,7 @@ WORKDIR {contract.WORKDIR}
 {chr(10).join(_copy_line(entry) for entry in DEPENDENCY_FILES)}
 RUN pip install --no-cache-dir uv=={UV_VERSION} \\
     && uv sync --frozen --no-default-groups {sync} --no-install-project{uninstall} \\
+    && rm -rf {_continued(f"{SITE_PACKAGES}/{pattern}" for pattern in PRUNED)} \\
     && pip uninstall -y uv
 {placeholder}
 {runtime}

@@ -49,7 +49,7 @@ def serve_env() -> Path:
         pytest.skip("uv is not installed (./install.sh installs it)")
     groups = (image.SERVE_GROUP,)
     key = podman.digest({"pins": build.exported(groups), "leave_out": image.leave_out(groups),
-                        "placeholder": image.PLACEHOLDER_SOURCE.read_text(), "recipe": build.PYTHON_RECIPE,
+                        "pruned": image.PRUNED, "placeholder": image.PLACEHOLDER_SOURCE.read_text(), "recipe": build.PYTHON_RECIPE,
                         "python": build.host_python()})
     cache = podman.cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
