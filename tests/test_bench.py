@@ -78,8 +78,9 @@ def test_a_short_bench_run_writes_a_well_formed_table_and_plots(tmp_path):
         assert row["start_seconds"] > 0 and row["memory_mb"] > 50 and row["processes"], (name, row)
     assert len(rows["Ray Serve"]["processes"]) > len(rows["LitServe"]["processes"])  # raylet, GCS, dashboard, ...
     goals = [goal["goal"] for goal in peers["goals"]]
-    assert goals == ["ours ahead of every peer on req/s at c16", "ours ahead of every peer on start to first answer",
-                     "ours within 2 ms of the best p50 at c1"], goals
+    assert goals == ["ours at least 1.2 x the best peer on req/s at c16", "ours no worse than the best peer on p50 at c1",
+                     "ours no worse than the best peer on memory",
+                     "ours no worse than the best peer on start to first answer"], goals
     assert all(line.split(" wins ")[0] in ("LitServe", "BentoML", "Ray Serve") for line in peers["wins"])
     section = report.split("## Peers")[1]
     table = [line for line in section.split("\n\n")[2].splitlines() if line.startswith("| ")]
