@@ -140,12 +140,17 @@ class Replica(abc.ABC):
         """The container's exit status once it exited; None before it started and while it runs."""
 
     @abc.abstractmethod
+    def published(self, port: int) -> int:
+        """The loopback port that reaches the container's ``port`` here."""
+
     def probe(self, which: str) -> bool:
         """One run of the ``startup``, ``readiness`` or ``liveness`` probe: whether it passed."""
+        probe: Probe = getattr(self.container, which)
+        return probe.check(self.published(probe.port))
 
-    @abc.abstractmethod
     def http_port(self) -> int:
         """The loopback port the Service sends to: the container's ``http`` port."""
+        return self.published(self.container.ports["http"])
 
     @abc.abstractmethod
     def pre_stop(self) -> int:
@@ -252,12 +257,8 @@ class ProcessReplica(Replica):
     def exit_status(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    def probe(self, which: str) -> bool:
-        probe: Probe = getattr(self.container, which)
-        return probe.check(self.port[probe.port] if probe.port in self.port else probe.port)
-
-    def http_port(self) -> int:
-        return self.port[self.container.ports["http"]]
+    def published(self, port: int) -> int:
+        return self.port.get(port, port)
 
     def output(self) -> str:
         return (self.home / "container.log").read_text(errors="replace")
@@ -314,11 +315,8 @@ class ContainerReplica(Replica):
         state = self.pod.state()
         return int(state["ExitCode"]) if state["Status"] in ("exited", "stopped") else None
 
-    def probe(self, which: str) -> bool:
-        return self.pod.passes(f"{which}Probe")
-
-    def http_port(self) -> int:
-        return self.ports["http"]
+    def published(self, port: int) -> int:
+        return next(self.ports[name] for name, inside in self.container.ports.items() if inside == port)
 
     def output(self) -> str:
         return self.pod.logs(10_000)
