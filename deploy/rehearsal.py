@@ -39,6 +39,7 @@ from typing import Any
 
 import requests
 
+from deploy.plan import DeployError
 from deploy.replicas import Container, ContainerReplica, ProcessReplica, Replica, unique_ports
 from load_test import inputs
 from serving.front_door import nginx_binary
@@ -297,8 +298,12 @@ def rehearse(model: str = "digits", replicas: int | None = None, home: Path | No
     secrets = {CLIENT_KEYS_SECRET: {Path(CLIENT_KEYS_FILE).name: key + "\n"}}
     pods = home / "pods"
     if image:
+        from deploy import podman
         from deploy.pod import Pod, deployments
 
+        reason = podman.missing_tools(need_base=False)
+        if reason:
+            raise DeployError(f"the rehearsal on containers needs podman: {reason}")
         if split:
             raise ValueError("a split is rendered into the process rehearsal's manifests; an image's Deployment "
                              "applies the split its versions were built with")
@@ -354,7 +359,11 @@ def main() -> int:
     parser.add_argument("--split", default=None, help='the A/B split the pods apply, e.g. "1.0=80 2.0=20"')
     parser.add_argument("--image", default=None, help="run the replicas as containers of this image (make image)")
     args = parser.parse_args()
-    result = rehearse(args.model, args.replicas, split=args.split, image=args.image)
+    try:
+        result = rehearse(args.model, args.replicas, split=args.split, image=args.image)
+    except (DeployError, ValueError) as error:
+        print(f"rehearse: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in result.items() if k not in ("timeline", "steps")}, indent=2))
     return 0 if result["failed"] == 0 else 1
 
