@@ -54,6 +54,10 @@ TRUNCATED_HEADER = "X-Input-Truncated"
 # what one explained word piece costs against max_batch_tokens, per explain_step: a forward and a backward (which
 # costs about two forwards)
 EXPLAIN_STEP_COST = 3
+# A batch runs in groups of like lengths: a group's longest text at most LENGTH_RATIO times its shortest (texts under
+# SHORT_TOKENS count as that long: splitting short texts further saves less than another model call costs).
+LENGTH_RATIO = 2
+SHORT_TOKENS = 32
 PAD_TOKENS = ("[PAD]", "<pad>")  # the explanations' baseline: the first the vocabulary has, else id 0 (as collate pads)
 MAX_JSON_DEPTH = 16  # {"texts": [...]} is 2 deep; deeper is refused before parsing (Python's parser recurses)
 QUOTE, BACKSLASH = ord('"'), ord("\\")
@@ -219,6 +223,23 @@ class TextHandler(ModelHandler):
         encodings = [encoding for item in items for encoding in item.encodings]
         return self.pad([encoding.ids for encoding in encodings])
 
+    def forward(self, model, inputs: tuple[np.ndarray, np.ndarray]) -> Any:
+        """The model on texts of like lengths together. A batch padded to its longest text makes every text cost
+        that length (attention grows with its square): one text of 256 word pieces among seven short ones cut a
+        served text encoder from 203 to 4.8 requests a second. The rows are sorted by length and cut into groups
+        whose longest is at most ``LENGTH_RATIO`` times their shortest; each group runs trimmed to its own longest,
+        and the rows of every output come back in their order."""
+        ids, mask = inputs
+        lengths = mask.sum(axis=1)
+        groups, run = length_groups(lengths), super().forward
+        if len(groups) == 1:
+            return run(model, inputs)
+        parts = [run(model, (ids[rows, :lengths[rows].max()], mask[rows, :lengths[rows].max()])) for rows in groups]
+        back = np.argsort(np.concatenate(groups), kind="stable")  # the position of each row in the groups' order
+        if isinstance(parts[0], (tuple, list)):
+            return type(parts[0])(np.concatenate(outputs)[back] for outputs in zip(*parts))
+        return np.concatenate(parts)[back]
+
     @staticmethod
     def pad(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids → (ids, mask), int64, zero-padded to the longest sequence."""
@@ -260,3 +281,15 @@ class TextHandler(ModelHandler):
         return {"tokens": [[token, round(score, 5)] for token, score in zip(encoding.tokens, scores)],
                 "truncated": bool(encoding.overflowing), "steps": int(self.settings["explain_steps"]),
                 "convergence_delta": round(delta, 6)}
+
+
+def length_groups(lengths: np.ndarray) -> list[np.ndarray]:
+    """Row indices grouped by length, shortest first: a group closes where the next row is longer than
+    ``LENGTH_RATIO`` times the group's first (at least ``SHORT_TOKENS``)."""
+    order = np.argsort(lengths, kind="stable")
+    groups, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or lengths[order[end]] > LENGTH_RATIO * max(int(lengths[order[start]]), SHORT_TOKENS):
+            groups.append(order[start:end])
+            start = end
+    return groups

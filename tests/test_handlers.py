@@ -612,3 +612,25 @@ def test_an_unforeseen_failure_is_one_requests_500(model_dir, monkeypatch, caplo
 def test_a_json_null_body_is_empty():
     assert refusal(lambda: payload_of({"body": None})).reason == "empty_body"
     assert refusal(lambda: payload_of({"body": [1, 2]})).reason == "unreadable_body"
+
+
+def test_a_text_batch_runs_in_groups_of_like_lengths_and_answers_in_order(embedder):
+    """One long text among short ones: the short ones run trimmed to their group's longest, the long one alone, and
+    every row comes back where it was (the model here sums each row's word pieces and notes the widths it saw)."""
+    from handlers.text import length_groups
+
+    handler, _ = embedder
+    widths = []
+
+    def model(ids, mask):
+        widths.append(ids.shape[1])
+        return (ids * mask).sum(axis=1, keepdims=True), mask.sum(axis=1)
+
+    texts = ["a short one", "word " * 200, "another short text", "mid " * 50]
+    batch = handler.collate([handler.decode(text.encode()) for text in texts])
+    summed, lengths = handler.forward(model, batch)
+    lengths_in = batch[1].sum(axis=1).tolist()  # the short texts run with the middle one (under 2 x 32 pieces)
+    assert widths == [lengths_in[3], lengths_in[1]] and lengths_in[1] == batch[0].shape[1], widths
+    assert summed[:, 0].tolist() == (batch[0] * batch[1]).sum(axis=1).tolist()
+    assert lengths.tolist() == batch[1].sum(axis=1).tolist()
+    assert [len(group) for group in length_groups(np.array([5, 5, 5]))] == [3]  # short texts: one call
