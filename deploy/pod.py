@@ -210,13 +210,18 @@ class Pod:
         if killed.returncode != 0:
             raise CheckFailed(f"{self.model}: kill -9 of TorchServe failed: {killed.stderr.strip()}")
 
+    def exit_code(self) -> int | None:
+        """The container's exit code once it stopped; None while it runs."""
+        state = self.state()
+        return int(state["ExitCode"]) if state["Status"] in ("exited", "stopped") else None
+
     def wait_exit(self, timeout: float) -> int | None:
         """The container's exit code once it stopped, or None if it still runs after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = self.state()
-            if state["Status"] in ("exited", "stopped"):
-                return int(state["ExitCode"])
+            code = self.exit_code()
+            if code is not None:
+                return code
             time.sleep(0.2)
         return None
 

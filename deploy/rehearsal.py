@@ -220,7 +220,7 @@ class Rehearsal:
                   f"{'passes' if ready_during_drain else 'fails'}, liveness {'passes' if live_during_drain else 'fails'}"
                   f" while draining); SIGTERM → exit {status} in {stopping:.1f} s (grace {self.container.grace:g} s)")
         if status != 0:
-            raise RuntimeError(f"{old.name} did not stop cleanly on SIGTERM: {status} :\n{old.output()[-2000:]}")
+            raise RuntimeError(f"{old.name} did not stop cleanly on SIGTERM: {status}; its last output:\n{old.output()[-2000:]}")
 
     def _create(self, step: dict[str, Any]) -> Replica:
         new = self.replica()

@@ -310,10 +310,7 @@ class ContainerReplica(Replica):
         return bool(self.pod.name)
 
     def exit_status(self) -> int | None:
-        if not self.started():
-            return None
-        state = self.pod.state()
-        return int(state["ExitCode"]) if state["Status"] in ("exited", "stopped") else None
+        return self.pod.exit_code() if self.started() else None
 
     def published(self, port: int) -> int:
         return next(self.ports[name] for name, inside in self.container.ports.items() if inside == port)
