@@ -1,9 +1,9 @@
 # The pipeline's entry points. From a fresh clone: `make demo`, then `make test`.
 #   make import NAME=.. FROM=.. [ARCH=..] [EVAL=..] [LABELS=..] [TRANSFORM=..] [CODE=..] [VERSION=..]
 #               [RUNTIME=onnxruntime|torchscript] [MIN_ACCURACY=0..1] [ALLOW_PICKLE=1] [SPECS=archives]
-#               [QUANTIZE=int8 [MAX_DROP=0.01] [CALIBRATION=<dir>]]
+#               [QUANTIZE=int8 [MAX_DROP=0.01] [MIN_AGREEMENT=0.98] [CALIBRATION=<dir>]]
 #                                               bring your own model: spec, build, checks, register (docs/importing.md)
-#   make quantize MODEL=.. [VERSION=..] [MAX_DROP=0.01] [CALIBRATION=<dir>] [SPECS=archives]
+#   make quantize MODEL=.. [VERSION=..] [MAX_DROP=0.01] [MIN_AGREEMENT=0.98] [MIN_COSINE=0.99] [CALIBRATION=<dir>]
 #                                               a new INT8 version of VERSION (default: the default), refused when its
 #                                               top-1 drops over MAX_DROP or strays from fp32's; registered, not default
 #   make archive [MODEL=digits [VERSION=2.0]] [FORCE=1]   build archives into model_store/
@@ -58,7 +58,7 @@ MANAGE := $(PY) -m manage
 # ($(value): make expands no $ in it), and every recipe quotes it: "$$ARG_NAME". Nothing typed is spliced into a
 # command line, so a quote, a space, a $ or a backtick in a name or a file name is never read by the shell.
 USER_VARIABLES := NAME FROM ARCH ARGS TASK EVAL LABELS LABEL_ORDER TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY ALLOW_PICKLE SPECS \
-                  QUANTIZE MAX_DROP CALIBRATION \
+                  QUANTIZE MAX_DROP MIN_AGREEMENT MIN_COSINE CALIBRATION \
                   MODEL SPLIT \
                   IMAGE MIN MAX FORCE SCENARIO USERS RATE DURATION SECONDS MINUTES SOAK_RATE
 $(foreach v,$(USER_VARIABLES),$(eval export ARG_$(v) := $$(value $(v))))
@@ -80,7 +80,7 @@ install:
 
 # make import: every optional variable becomes the command line's option of the same name, when given.
 IMPORT_OPTIONS := $(foreach v,ARCH ARGS TASK EVAL LABELS LABEL_ORDER TRANSFORM CODE VERSION RUNTIME MIN_ACCURACY SPECS \
-                    QUANTIZE MAX_DROP CALIBRATION,\
+                    QUANTIZE MAX_DROP MIN_AGREEMENT MIN_COSINE CALIBRATION,\
                     $(call option,$(v),$(subst _,-,$(shell echo $(v) | tr A-Z a-z)))) \
                   $${ARG_ALLOW_PICKLE:+--allow-pickle}
 import: install
@@ -89,8 +89,9 @@ import: install
 
 # make quantize: the model's VERSION (default: its default version) quantized to INT8 as a new version (export/quantize.py).
 quantize: install
-	@test -n "$$ARG_MODEL" || { echo "usage: make quantize MODEL=<model> [VERSION=..] [MAX_DROP=0.01] [CALIBRATION=<dir>]" >&2; exit 2; }
+	@test -n "$$ARG_MODEL" || { echo "usage: make quantize MODEL=<model> [VERSION=..] [MAX_DROP=0.01] [MIN_AGREEMENT=0.98] [MIN_COSINE=0.99] [CALIBRATION=<dir>]" >&2; exit 2; }
 	$(MANAGE) quantize "$$ARG_MODEL" $(call option,VERSION,version) $(call option,MAX_DROP,max-drop) \
+	    $(call option,MIN_AGREEMENT,min-agreement) $(call option,MIN_COSINE,min-cosine) \
 	    $(call option,CALIBRATION,calibration) $(call option,SPECS,specs)
 
 archive: install

@@ -18,9 +18,10 @@ was trained with; the build checks the served preprocessing against it).
 
 A version may be another version quantized to INT8 (``make quantize`` writes these; export/quantize.py builds them):
 ``source: {type: version, version: "1.1"}`` and ``quantize: {mode: static|dynamic, max_drop: 0.01, calibration:
-folder}``. It is that version (its source, export, eval, min_accuracy, transform and model_config, each of which it
+folder, min_agreement: 0.98, min_cosine: 0.99}``. It is that version (its source, export, eval, min_accuracy, transform and model_config, each of which it
 may override) served on ``onnxruntime`` from its fp32 ONNX file quantized; ``mode`` defaults by handler (static for
-image classifiers, dynamic for text models), ``max_drop`` to ``DEFAULT_MAX_DROP`` and ``calibration`` to the eval set.
+image classifiers, dynamic for text models), ``max_drop`` to ``DEFAULT_MAX_DROP``, ``calibration`` to the eval set and
+the gate's ``min_agreement`` (top-1 agreement with fp32) and ``min_cosine`` (embeddings) to ``GATE_DEFAULTS``.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ VERSION_KEYS = {"source", "description", "export", "model_config", "runtime", "r
                 "transform", "quantize"}
 RUNTIMES = ("torchscript", "onnxruntime")
 EXPORT_DEFAULTS = {"method": "trace", "freeze": True}
-QUANTIZE_KEYS = {"mode", "max_drop", "calibration"}
+QUANTIZE_KEYS = {"mode", "max_drop", "calibration", "min_agreement", "min_cosine"}
 QUANTIZE_MODES = ("static", "dynamic")
 DEFAULT_MAX_DROP = 0.01  # the most an INT8 version's first figure may drop below its fp32 version's on the same set
+GATE_DEFAULTS = {"min_agreement": 0.98,  # top-1 agreement with fp32 below this is refused (classifiers)
+                 "min_cosine": 0.99}  # mean cosine to fp32's embeddings below this is refused (embeddings)
 INHERITED = ("export", "model_config", "eval", "min_accuracy", "transform")  # what a quantized version takes over
 
 
@@ -97,7 +100,7 @@ class VersionSpec:
     min_accuracy: float | None = None  # top-1 on ``eval`` below this refuses the build
     transform: dict[str, str] | None = None  # {name: "module:attribute", code: folder}: the training eval transform
     runtime_reason: str | None = None  # why this runtime (the import says so where ONNX could not be used)
-    quantize: dict[str, Any] | None = None  # {version, mode, max_drop, calibration}: that version quantized to INT8
+    quantize: dict[str, Any] | None = None  # {version, mode, max_drop, min_*, calibration}: that version in INT8
 
     @property
     def archive_name(self) -> str:
@@ -232,12 +235,14 @@ def _made_from(path: Path, version: str, entry: dict, versions: dict) -> tuple[d
                         "the fp32 version")
     if not isinstance(settings, dict) or set(settings) - QUANTIZE_KEYS:
         raise SpecError(f"{where}: quantize: expected a mapping of {sorted(QUANTIZE_KEYS)}, not {settings!r}")
-    mode, max_drop = settings.get("mode"), settings.get("max_drop", DEFAULT_MAX_DROP)
+    mode = settings.get("mode")
     calibration = settings.get("calibration")
     if mode is not None and mode not in QUANTIZE_MODES:
         raise SpecError(f"{where}: quantize: mode {mode!r} is not one of {', '.join(QUANTIZE_MODES)}")
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop <= 1:
-        raise SpecError(f"{where}: quantize: max_drop {max_drop!r} must be a number from 0 to 1")
+    gate = {key: settings.get(key, default) for key, default in {"max_drop": DEFAULT_MAX_DROP, **GATE_DEFAULTS}.items()}
+    for key, value in gate.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise SpecError(f"{where}: quantize: {key} {value!r} must be a number from 0 to 1")
     if calibration is not None and (not isinstance(calibration, str) or mode == "dynamic"):
         raise SpecError(f"{where}: quantize: calibration must be a folder or file of inputs, for mode static only")
     if entry.get("runtime", "onnxruntime") != "onnxruntime":
@@ -246,7 +251,7 @@ def _made_from(path: Path, version: str, entry: dict, versions: dict) -> tuple[d
     merged.update({key: value for key, value in entry.items() if key != "model_config"},
                   source=dict(base.get("source") or {}), runtime="onnxruntime",
                   model_config=_merge_model_config(base.get("model_config") or {}, entry.get("model_config") or {}))
-    return merged, {"version": str(source["version"]), "mode": mode, "max_drop": float(max_drop),
+    return merged, {"version": str(source["version"]), "mode": mode, **{k: float(v) for k, v in gate.items()},
                     **({"calibration": calibration} if calibration else {})}
 
 

@@ -568,9 +568,10 @@ def import_model(request: Request, specs_dir: Path = SPECS_DIR) -> tuple[dict, b
 
 
 def quantize_version(name: str, version: str | None = None, max_drop: float | None = None,
-                     calibration: Path | None = None, specs_dir: Path = SPECS_DIR) -> dict:
+                     calibration: Path | None = None, specs_dir: Path = SPECS_DIR, **gate: float | None) -> dict:
     """A new version of NAME: VERSION (default: the default version) quantized to INT8 under the next free version
-    number, written, built and gated like any version (not made the default), withdrawn where its build fails."""
+    number, written, built and gated like any version (not made the default), withdrawn where its build fails;
+    ``gate``: the gate's min_agreement and min_cosine, where given."""
     import build_mar
     from export.quantize import version_block
 
@@ -582,7 +583,7 @@ def quantize_version(name: str, version: str | None = None, max_drop: float | No
                 raise Refused(f"{name} {fp32.version} is already INT8: name its fp32 version" if fp32 else
                               f"{name} {version or ''}: no such model, or no such version, in {specs_dir}")
             new = next_version(list(spec.versions))
-            block = version_block(new, fp32, max_drop, calibration and reference(calibration))
+            block = version_block(new, fp32, max_drop, calibration and reference(calibration), **gate)
             written = Written(spec.path, new, block, created=False)
         except (SpecError, *build_mar.USER_ERRORS) as error:
             raise Refused(str(error)) from None

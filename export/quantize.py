@@ -26,9 +26,11 @@ the same QDQ graph computes in float. minilm's mean cosine: 0.990 with 8-bit wei
 
 **The gate** (``judge``), on one held-out set for both versions (the eval set, else the source's own held-out set,
 else the samples), both measured in the same run: refused when the INT8 version's first figure (top-1) is more than
-``max_drop`` below the fp32 version's, when its top-1 agrees with fp32's on under ``MIN_AGREEMENT`` of the inputs
-(classifiers), or when the mean cosine of its embeddings to fp32's is under ``MIN_COSINE`` (embeddings). The refusal
-gives every figure: fp32, INT8, drop, agreement or cosine, max_drop.
+``max_drop`` below the fp32 version's, when its top-1 agrees with fp32's on under ``min_agreement`` of the inputs
+(classifiers), or when the mean cosine of its embeddings to fp32's is under ``min_cosine`` (embeddings); each is a
+setting of the version (``GATE_DEFAULTS``: 0.98 and 0.99). The refusal gives every figure: fp32, INT8, drop, agreement
+or cosine, the thresholds, and where the top-1s differ, how far apart fp32 itself scored the two classes
+(``tie_gap``): a flip between two classes fp32 scores 0.02 apart is a near-tie, one between classes 0.5 apart is not.
 
 The build record and the manifest keep ``quantization``: both figures, the drop, the agreement or cosine, the
 calibration set (name, samples, sha256), both files' sizes, and the in-process speed of both (``speed``: inputs per
@@ -55,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from archives import DEFAULT_MAX_DROP, resolve_file
+from archives import DEFAULT_MAX_DROP, GATE_DEFAULTS, resolve_file
 from archives.store import Manifest
 from handlers.runtime import ONNX_FILE
 
@@ -63,8 +65,6 @@ logger = logging.getLogger(__name__)
 
 MODES = {"image_classifier": "static", "text_classifier": "dynamic", "sentence_embedding": "dynamic"}
 EMBEDDINGS = ("sentence_embedding",)  # handlers whose outputs are compared by cosine, not by top-1
-MIN_AGREEMENT = 0.98  # top-1 agreement with fp32 below this is refused
-MIN_COSINE = 0.99  # mean cosine to fp32's embeddings below this is refused
 CALIBRATION_LIMIT = 256  # inputs calibrated on, spread evenly over the set
 CALIBRATION_BATCH = 4  # inputs per calibration batch
 COMPARE_BATCH = 16
@@ -85,11 +85,14 @@ def mode_for(handler: str, given: str | None = None) -> str:
     return given or MODES[handler]
 
 
-def version_block(version: str, fp32, max_drop: float | None, calibration: str | None) -> list[str]:
-    """The lines of a version that is ``fp32`` (a VersionSpec) quantized, as ``make quantize`` adds them to its spec."""
+def version_block(version: str, fp32, max_drop: float | None, calibration: str | None,
+                  **gate: float | None) -> list[str]:
+    """The lines of a version that is ``fp32`` (a VersionSpec) quantized, as ``make quantize`` adds them to its spec;
+    ``gate``: min_agreement, min_cosine where given."""
     import yaml
 
     settings = {"mode": mode_for(fp32.handler), "max_drop": DEFAULT_MAX_DROP if max_drop is None else max_drop,
+                **{key: value for key, value in gate.items() if value is not None},
                 **({"calibration": calibration} if calibration else {})}
 
     def flow(value) -> str:
@@ -280,12 +283,14 @@ def compare(handler, fp32, int8, payloads: list[bytes], embeddings: bool) -> dic
     if embeddings:
         cosine = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         return {"cosine": round(float(cosine.mean()), 6), "min_cosine": round(float(cosine.min()), 6),
-                "min_allowed": MIN_COSINE, "samples": len(a), **figures}
-    agreeing = int((a.argmax(axis=1) == b.argmax(axis=1)).sum())
-    shift = np.abs(softmax(a) - softmax(b)).max(axis=1)  # the largest change of any served score, per input
-    return {"agreement": round(agreeing / len(a), 6), "agreeing": agreeing, "samples": len(a),
-            "min_allowed": MIN_AGREEMENT, "score_shift": {"mean": round(float(shift.mean()), 6),
-                                                          "max": round(float(shift.max()), 6)}, **figures}
+                "samples": len(a), **figures}
+    scores, picked = softmax(a), b.argmax(axis=1)
+    agree = a.argmax(axis=1) == picked
+    shift = np.abs(scores - softmax(b)).max(axis=1)  # the largest change of any served score, per input
+    gaps = scores.max(axis=1) - scores[np.arange(len(a)), picked]  # fp32's own score of its top-1 over INT8's pick
+    return {"agreement": round(float(agree.mean()), 6), "agreeing": int(agree.sum()), "samples": len(a),
+            "tie_gap": round(float(gaps[~agree].max(initial=0.0)), 6),
+            "score_shift": {"mean": round(float(shift.mean()), 6), "max": round(float(shift.max()), 6)}, **figures}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -329,10 +334,10 @@ def refusal(figures: dict) -> str | None:
     reasons = []
     if figures.get("drop") is not None and figures["drop"] > figures["max_drop"] + 1e-12:
         reasons.append(f"{figures['metric']} drops {figures['drop']:.4f} > max_drop {figures['max_drop']:g}")
-    if "agreement" in figures and figures["agreement"] < MIN_AGREEMENT:
-        reasons.append(f"top-1 agreement with fp32 {figures['agreement']:.4f} < {MIN_AGREEMENT:g}")
-    if "cosine" in figures and figures["cosine"] < MIN_COSINE:
-        reasons.append(f"mean cosine to fp32 {figures['cosine']:.4f} < {MIN_COSINE:g}")
+    if "agreement" in figures and figures["agreement"] < figures["min_allowed"]:
+        reasons.append(f"top-1 agreement with fp32 {figures['agreement']:.4f} < min_agreement {figures['min_allowed']:g}")
+    if "cosine" in figures and figures["cosine"] < figures["min_allowed"]:
+        reasons.append(f"mean cosine to fp32 {figures['cosine']:.4f} < min_cosine {figures['min_allowed']:g}")
     return "; ".join(reasons) or None
 
 
@@ -341,9 +346,11 @@ def summary_line(figures: dict) -> str:
     held = (f"{figures['metric']} fp32 {figures['fp32']:.4f}, int8 {figures['int8']:.4f}, drop {figures['drop']:.4f} "
             f"(max_drop {figures['max_drop']:g}); " if figures.get("drop") is not None else
             f"no held-out figure (max_drop {figures['max_drop']:g}); ")
-    compared = (f"top-1 agreement {figures['agreement']:.4f} ({figures['agreeing']}/{figures['samples']})"
-                if "agreement" in figures else f"mean cosine {figures['cosine']:.4f} (min {figures['min_cosine']:.4f}, "
-                f"{figures['samples']} inputs)")
+    ties = (f"; where they differ, fp32 scored INT8's pick at most {figures['tie_gap']:.3f} below its own"
+            if figures.get("agreeing", figures["samples"]) < figures["samples"] else "")
+    compared = (f"top-1 agreement {figures['agreement']:.4f} ({figures['agreeing']}/{figures['samples']}, "
+                f"min_agreement {figures['min_allowed']:g}{ties})" if "agreement" in figures else f"mean cosine {figures['cosine']:.4f} (min {figures['min_cosine']:.4f}, "
+                f"{figures['samples']} inputs, min_cosine {figures['min_allowed']:g})")
     return f"{held}{compared} on {figures['compared_on']}"
 
 
@@ -358,7 +365,10 @@ def judge(spec, handler, fp32, int8, fp32_accuracy: dict | None, int8_accuracy: 
         figures.update(metric=fp32_accuracy["metric"], fp32=fp32_accuracy["held_out"], int8=int8_accuracy["held_out"],
                        drop=round(fp32_accuracy["held_out"] - int8_accuracy["held_out"], 6),
                        eval_set=fp32_accuracy["eval_set"])
-    figures.update(compare(handler, fp32, int8, payloads, spec.handler in EMBEDDINGS))
+    embeddings = spec.handler in EMBEDDINGS
+    figures.update(compare(handler, fp32, int8, payloads, embeddings))
+    threshold = "min_cosine" if embeddings else "min_agreement"
+    figures["min_allowed"] = float(spec.quantize.get(threshold, GATE_DEFAULTS[threshold]))
     why = refusal(figures)
     if why:
         raise QuantizeError(f"INT8 refused: {why}. Figures: {summary_line(figures)}")

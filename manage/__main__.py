@@ -355,7 +355,8 @@ def quantize(args) -> None:
     configure_logging()
     try:
         record = quantize_version(args.model, args.version, args.max_drop,
-                                  Path(args.calibration) if args.calibration else None, Path(args.specs))
+                                  Path(args.calibration) if args.calibration else None, Path(args.specs),
+                                  min_agreement=args.min_agreement, min_cosine=args.min_cosine)
     except Refused as error:
         raise ServeError(str(error)) from None
     registered(args.model, record, default=False)
@@ -411,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
 
     quantize_options = dict(
         max_drop={"type": float, "help": "the most the INT8 version's top-1 may drop below fp32's (default 0.01)"},
+        min_agreement={"type": float, "help": "refuse where the INT8 top-1 agrees with fp32's on fewer of the inputs "
+                                              "(default 0.98)"},
+        min_cosine={"type": float, "help": "refuse where the mean cosine of the embeddings to fp32's is under this "
+                                           "(default 0.99)"},
         calibration={"help": "a folder of inputs to calibrate static INT8 on (default: EVAL, else the samples)"},
         specs={"default": str(SPECS_DIR), "help": "the folder of specs to write into (default: archives/)"})
     command("import", import_model, "bring your own model: write archives/NAME.yaml, build the version, register it",

@@ -79,7 +79,8 @@ def test_the_int8_version_passes_its_gate_and_records_both_versions_figures(quan
     spec = load_specs(quantized.specs)["photos"]
     assert spec.default_version == "1.0" and list(spec.versions) == ["1.0", "1.1"]
     int8 = spec.versions["1.1"]
-    assert int8.quantize == {"version": "1.0", "mode": "static", "max_drop": 0.01}
+    assert int8.quantize == {"version": "1.0", "mode": "static", "max_drop": 0.01, "min_agreement": 0.98,
+                             "min_cosine": 0.99}
     assert int8.runtime == "onnxruntime" and int8.eval == spec.versions["1.0"].eval
     fp32_entry, entry = quantized.store.get("photos", "1.0"), quantized.store.get("photos", "1.1")
     record = entry["quantization"]
@@ -90,7 +91,8 @@ def test_the_int8_version_passes_its_gate_and_records_both_versions_figures(quan
     assert record["eval_set"]["sha256"] == fp32_entry["accuracy"]["eval_set"]["sha256"]
     assert record["fp32"] == fp32_entry["accuracy"]["held_out"] and record["int8"] == entry["accuracy"]["held_out"]
     assert record["drop"] == pytest.approx(record["fp32"] - record["int8"]) and record["drop"] <= 0.01
-    assert record["agreement"] >= 0.98 and record["samples"] == 18
+    assert record["agreement"] >= record["min_allowed"] == 0.98 and record["samples"] == 18
+    assert 0 <= record["tie_gap"] <= 1 and (record["tie_gap"] == 0) == (record["agreeing"] == 18)
     assert record["size_bytes"]["int8"] < 0.3 * record["size_bytes"]["fp32"]
     speed = record["speed"]
     assert speed["batch"] == 4 and speed["fp32"] > 0 and speed["int8"] > 0 and speed["speedup"] > 0
@@ -112,7 +114,7 @@ def test_a_broken_calibration_is_refused_by_the_gate_with_its_figures(quantized,
                                                             "CALIBRATION": str(blank)})
     line = make_refusal(result)
     assert "photos 1.2: refused: INT8 refused:" in line, line
-    for figure in ("fp32 ", "int8 ", "drop ", "max_drop 0.01", "top-1 agreement "):
+    for figure in ("fp32 ", "int8 ", "drop ", "max_drop 0.01", "top-1 agreement ", "min_agreement 0.98"):
         assert figure in line, line
     assert (quantized.specs / "photos.yaml").read_text() == before  # withdrawn
     assert Manifest(quantized.store.store).get("photos", "1.2") is None
@@ -127,11 +129,13 @@ def test_quantize_refuses_what_it_cannot_quantize_in_one_line(quantized, tmp_pat
     (specs / "super_resolution.yaml").write_text((REPO / "archives" / "super_resolution.yaml").read_text())
     line = one_line_error(manage("quantize", "super_resolution", "--specs", str(specs), **quantized.env))
     assert "quantize: super_resolution models are not quantized here" in line, line
-    for args, expected in ((("photos", "1.1"), "photos 1.1 is already INT8: name its fp32 version"),
-                           (("photos", "7.0"), "no such model, or no such version"),
-                           (("photos", None, 2.0), "quantize: max_drop 2.0 must be a number from 0 to 1")):
+    for args, gate, expected in ((("photos", "1.1"), {}, "photos 1.1 is already INT8: name its fp32 version"),
+                                 (("photos", "7.0"), {}, "no such model, or no such version"),
+                                 (("photos", None, 2.0), {}, "quantize: max_drop 2.0 must be a number from 0 to 1"),
+                                 (("photos",), {"min_agreement": 1.5},
+                                  "quantize: min_agreement 1.5 must be a number from 0 to 1")):
         with pytest.raises(Refused, match=expected):
-            quantize_version(*args, specs_dir=quantized.specs)
+            quantize_version(*args, specs_dir=quantized.specs, **gate)
     assert list(load_specs(quantized.specs)["photos"].versions) == ["1.0", "1.1"]
 
 
