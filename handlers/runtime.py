@@ -144,13 +144,17 @@ def to_numpy(outputs: Any) -> Any:
 class OnnxModel:
     """An ONNX Runtime session called like the other runtimes: ``model(*arrays)`` → an array, or a tuple of them.
 
-    The graph is optimised when the session is created (``ORT_ENABLE_ALL``, for the CPU it runs on): as fast as a
-    graph optimised at build time, in tens of milliseconds, and never tied to the build machine's CPU. The CPU memory
+    The graph is optimised when the session is created (``optimization``: ``all``, ``ORT_ENABLE_ALL``, for the CPU it
+    runs on): as fast as a graph optimised at build time, in tens of milliseconds, and never tied to the build
+    machine's CPU; ``make bench-runtimes`` times every level on every model, and ``all`` led or tied. The CPU memory
     arena is off: with inputs whose shapes vary (texts of any length, images of any size) it keeps every size it was
     ever asked for, and grew a worker to 1.4 GB in a 30-minute soak; without it memory follows the request.
     """
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 1):
+    OPTIMIZATIONS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                     "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}  # graph optimization levels
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 1, optimization: str = "all"):
         import onnxruntime as ort
 
         device = str(device)
@@ -158,7 +162,7 @@ class OnnxModel:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.OPTIMIZATIONS[optimization])
         options.enable_cpu_mem_arena = False
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():

@@ -7,7 +7,8 @@ version per runtime: its footprint, concurrency 1 to 64, served against the limi
 matter (workers, threads, batchSize, maxBatchDelay); 4. TorchServe's stock ``image_classifier`` handler with
 TorchServe's defaults and with our settings; 5. the tutorial Flask app; 6. the peers (``load_test/peers.py``), each
 with its best settings of a sweep, then ours and each peer one after the other: answers checked, latency, memory (PSS
-of the process tree) and the time from spawning the server to its first correct answer.
+of the process tree) and the time from spawning the server to its first correct answer; 7. the same on the default
+version quantized to INT8 as a user does it (``make quantize``), ours and every peer serving that one file.
 
 The load generator is wrk (``load_test.measure.wrk``: one thread, closed loop), its own CPU reported beside the
 machine's. Output under ``load_test/results/``: ``bench.md``, ``bench.json`` and the plots (``bench_report.py``).
@@ -159,11 +160,11 @@ def same_answers(running: servers.Running, photos: dict[str, bytes], reference: 
 def compare_peers(bench: Bench, archive: Path, manifest: Manifest, version: str, shipped: tuple, stock: Path,
                   stock_server: str, flask: dict, tmp: Path, photos: dict[str, bytes], files: list[Path]) -> dict:
     """6. Each peer's settings swept at concurrency 16; then ours (serve.sh with a store of this one version) and each
-    peer with its best settings, one after the other; then the stock handler's start-up and memory (TorchServe
-    started with it alone). ``stock_server`` and ``flask`` (``running``, ``memory``, ``server``): the baselines as
-    measured in sections 4 and 5, whose req/s and latency the Peers table repeats."""
+    peer with its best settings, one after the other (``head_to_head``); then the stock handler's start-up and memory
+    (TorchServe started with it alone). ``stock_server`` and ``flask`` (``running``, ``memory``, ``server``): the
+    baselines as measured in sections 4 and 5, whose req/s and latency the Peers table repeats. 7. The same head to
+    head on the version's INT8 file (``int8_head_to_head``)."""
     probe = (photos[PROBE[0]], PROBE[1])
-    reference = reference_answers(archive, photos)
     grid = peers.QUICK_GRID if bench.quick else peers.grid()
     logs = bench.out / "peers"
     sweep, chosen = {}, {}
@@ -180,17 +181,8 @@ def compare_peers(bench: Bench, archive: Path, manifest: Manifest, version: str,
                                                      if p["settings"] == s.name(peer)), (False, 0.0)))
         bench.log(f"{name}: best settings {chosen[peer].name(peer)}")
 
-    rows = []
-    store = store_of(tmp / "alone", [(MODEL, version)], manifest)
-    began = time.perf_counter()
-    with servers.torchserve(store, tmp / "serve-alone") as (ts, _):
-        ours = servers.Running(f"ours ({MODEL} {version})", f"{ts.inference_url}/predictions/{MODEL}",
-                               list(ts.instance.pids().values()), 0.0, servers.bearer(ts))
-        ours.start_seconds = servers.first_answer(ours, *probe, began, lambda: None, 60, ts.instance.log_dir)
-        rows.append(bench.measure(ours, settings_name(*shipped), "ours", files, photos, reference))
-    for peer, name in peers.PEERS.items():
-        with peers.serve(peer, chosen[peer], archive, logs, *probe) as running:
-            rows.append(bench.measure(running, chosen[peer].name(peer), "peer", files, photos, reference))
+    rows = head_to_head(bench, store_of(tmp / "alone", [(MODEL, version)], manifest), version, archive, chosen,
+                        settings_name(*shipped), tmp / "serve-alone", photos, files)
 
     with servers.stock_torchserve(stock, tmp / "stock-alone", *probe) as running:
         check_answers(running.post, photos)
@@ -205,7 +197,42 @@ def compare_peers(bench: Bench, archive: Path, manifest: Manifest, version: str,
         settings = settings[1:-1] if settings.startswith("(") and settings.endswith(")") else settings
         rows.append(peer_row(baseline["running"], settings, "baseline", points, baseline["memory"]))
     return {"grid": [s.name() for s in grid], "sweep": sweep, "rows": rows, "wins": bench_report.peer_wins(rows),
-            "goals": bench_report.peer_goals(rows), "points": [asdict(p) for p in bench.peer_points]}
+            "goals": bench_report.peer_goals(rows), "points": [asdict(p) for p in bench.peer_points],
+            "int8": int8_head_to_head(bench, version, chosen, settings_name(*shipped), tmp / "int8", photos, files)}
+
+
+def head_to_head(bench: Bench, store: Path, version: str, archive: Path, chosen: dict, shipped: str, home: Path,
+                 photos: dict[str, bytes], files: list[Path]) -> list[dict]:
+    """Ours (serve.sh with ``store``, serving ``version`` of MODEL as its default) and each peer with its ``chosen``
+    settings on ``archive``, the same version's file, one after the other: their rows of the Peers table."""
+    probe, reference, logs = (photos[PROBE[0]], PROBE[1]), reference_answers(archive, photos), bench.out / "peers"
+    began = time.perf_counter()
+    with servers.torchserve(store, home) as (ts, _):
+        ours = servers.Running(f"ours ({MODEL} {version})", f"{ts.inference_url}/predictions/{MODEL}/{version}",
+                               list(ts.instance.pids().values()), 0.0, servers.bearer(ts))
+        ours.start_seconds = servers.first_answer(ours, *probe, began, lambda: None, 60, ts.instance.log_dir)
+        rows = [bench.measure(ours, shipped, "ours", files, photos, reference)]
+    for peer in peers.PEERS:
+        with peers.serve(peer, chosen[peer], archive, logs, *probe) as running:
+            rows.append(bench.measure(running, chosen[peer].name(peer), "peer", files, photos, reference))
+    return rows
+
+
+def int8_head_to_head(bench: Bench, version: str, chosen: dict, shipped: str, home: Path, photos: dict[str, bytes],
+                      files: list[Path]) -> dict:
+    """7. The version quantized to INT8 as a user does it (``make quantize``, load_test/quantized.py), into a store of
+    its own; then ours and each peer with the settings its fp32 sweep chose, all on that INT8 file
+    (``head_to_head``): their rows, goals and the gate's figures."""
+    from load_test.quantized import quantized_store
+
+    store, int8 = quantized_store(load_specs()[MODEL].path, MODEL, version, home)
+    entry = Manifest(store).get(MODEL, int8)
+    bench.log(f"INT8: {MODEL} {int8} made from {version}: {entry['quantization']['agreeing']}/"
+              f"{entry['quantization']['samples']} top-1 agreement, min_agreement {entry['quantization']['min_allowed']}")
+    rows = head_to_head(bench, store, int8, store / entry["archive"], chosen, shipped, home / "serve", photos, files)
+    return {"version": int8, "from_version": version, "gate": {k: entry["quantization"][k] for k in (
+        "agreement", "agreeing", "samples", "min_allowed", "tie_gap", "compared_on")},
+            "rows": rows, "wins": bench_report.peer_wins(rows), "goals": bench_report.peer_goals(rows)}
 
 
 def check_answers(post, photos: dict[str, bytes]) -> None:

@@ -189,14 +189,34 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def peers_markdown(results: dict) -> list[str]:
-    compared = results["peers"]
-    rows = compared["rows"]
-
+def peer_table(compared: dict) -> list[str]:
+    """The rows of a head to head (``compared["rows"]``) as a table, where a peer beats ours, and the goals."""
     def pair(row: dict, concurrency: int) -> str:
         p50, p99 = row[f"p50_c{concurrency}_ms"], row[f"p99_c{concurrency}_ms"]
         return "-" if p50 is None else f"{p50:.1f} / {p99:.1f}"
 
+    return [
+        "| server | chosen settings | req/s c16 | req/s c64 | p50 / p99 c1, ms | p50 / p99 c16, ms | memory MB PSS | "
+        "start to first answer, s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {row['server']} | {row['settings']} | {fmt(row['rps_c16'], 1)} | {fmt(row['rps_c64'], 1)} | "
+          f"{pair(row, 1)} | {pair(row, 16)} | {row['memory_mb']:.0f} | {row['start_seconds']:.1f} |"
+          for row in compared["rows"]),
+        "",
+        *(["Where a peer beats ours:", "", *(f"- {line}" for line in compared["wins"])] if compared["wins"]
+          else ["No peer beats ours on any of these figures."]),
+        "",
+        "| goal | measured | met |",
+        "| --- | --- | --- |",
+        *(f"| {goal['goal']} | {goal['measured']} | {'yes' if goal['met'] else '**no**'} |"
+          for goal in compared["goals"]),
+        "",
+    ]
+
+
+def peers_markdown(results: dict) -> list[str]:
+    compared = results["peers"]
+    rows = compared["rows"]
     lines = [
         "## Peers: LitServe, BentoML and Ray Serve on our pipeline",
         "",
@@ -210,20 +230,7 @@ def peers_markdown(results: dict) -> list[str]:
         f"on a real photo. The stock handler's and the Flask app's req/s and latency are their runs in the served "
         "table above; their start and memory are measured the same way as the others'.",
         "",
-        "| server | chosen settings | req/s c16 | req/s c64 | p50 / p99 c1, ms | p50 / p99 c16, ms | memory MB PSS | "
-        "start to first answer, s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        *(f"| {row['server']} | {row['settings']} | {fmt(row['rps_c16'], 1)} | {fmt(row['rps_c64'], 1)} | "
-          f"{pair(row, 1)} | {pair(row, 16)} | {row['memory_mb']:.0f} | {row['start_seconds']:.1f} |" for row in rows),
-        "",
-        *(["Where a peer beats ours:", "", *(f"- {line}" for line in compared["wins"])] if compared["wins"]
-          else ["No peer beats ours on any of these figures."]),
-        "",
-        "| goal | measured | met |",
-        "| --- | --- | --- |",
-        *(f"| {goal['goal']} | {goal['measured']} | {'yes' if goal['met'] else '**no**'} |"
-          for goal in compared["goals"]),
-        "",
+        *peer_table(compared),
         "What each server's memory counts (PSS, MB):",
         "",
         *(f"- {row['server']}: " + ", ".join(f"{count} x {name} {mb:.0f}" if count > 1 else f"{name} {mb:.0f}"
@@ -241,6 +248,21 @@ def peers_markdown(results: dict) -> list[str]:
             *(f"| {peer} | {p['settings']} | {p['rps']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['failed']} |"
               for peer, points in compared["sweep"].items() for p in points),
             "",
+        ]
+    int8 = compared.get("int8")
+    if int8:
+        gate = int8["gate"]
+        lines += [
+            f"## The INT8 file, ours and the peers: {MODEL} {int8['version']}, {int8['from_version']} quantized",
+            "",
+            f"Made as a user makes it (`make quantize`, static INT8, calibrated on the sample photos; top-1 agreement "
+            f"with fp32 {gate['agreeing']}/{gate['samples']} on {gate['compared_on']}, min_agreement "
+            f"{gate['min_allowed']:g}" + (f"; where they differ, fp32 scored INT8's pick at most {gate['tie_gap']:.3f} "
+                                          "below its own). " if gate["agreeing"] < gate["samples"] else "). ") +
+            "Ours serves it from a store of its own; each peer serves the same file through our handler with the "
+            "settings its fp32 sweep chose.",
+            "",
+            *peer_table(int8),
         ]
     return [*lines, "![peers](peers.png)", ""]
 

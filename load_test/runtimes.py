@@ -7,7 +7,9 @@ build does, each loaded as the server loads it, one thread. Measured in turns (T
 markdown table of medians and the ONNX Runtime / TorchScript ratios.
 
 The same ONNX file also runs on OpenVINO, the candidate not adopted (``load_test/openvino_runtime.py``), in the same
-turns: its figures and its largest difference from ONNX Runtime's answers are a second table.
+turns: its figures and its largest difference from ONNX Runtime's answers are a second table. And on ONNX Runtime at
+each graph optimization level (``OnnxModel.OPTIMIZATIONS``), the forward pass alone, in the same turns: the third
+table, which chose the level the server uses (``all``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from archives import load_specs
 from build_mar import export_model, handler_class, load_served, stage_extra_files
 from export.sources import source_for
-from handlers.runtime import RUNTIME_FILES
+from handlers.runtime import RUNTIME_FILES, OnnxModel
 from load_test import openvino_runtime
 from load_test.limit import rate, through
 
@@ -49,11 +51,15 @@ def measure(spec, rounds: int, seconds: float) -> tuple[dict[str, dict[str, list
         if openvino_runtime.installed():
             models["openvino"] = openvino_runtime.OpenVinoModel(exported["onnxruntime"], threads=1)
             parity = openvino_runtime.parity(handler, models["onnxruntime"], models["openvino"], inputs)
+        models.update({f"level {level}": OnnxModel(exported["onnxruntime"], threads=1, optimization=level)
+                       for level in OnnxModel.OPTIMIZATIONS if level != "all"})  # "all" is the served one
         results = {runtime: {"forward": [], "pipeline": []} for runtime in models}
         for _ in range(rounds):
             for runtime, model in models.items():
                 results[runtime]["forward"].append(rate(lambda: handler.forward(model, inputs), size, seconds))
-                results[runtime]["pipeline"].append(rate(lambda: through(handler, model, payloads), size, seconds))
+                if not runtime.startswith("level "):
+                    results[runtime]["pipeline"].append(rate(lambda: through(handler, model, payloads), size,
+                                                             seconds))
     return results, parity
 
 
@@ -69,13 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     specs = load_specs()
     rows = ["| model | batch | forward, TorchScript | forward, ONNX Runtime | ratio | pipeline, TorchScript | "
             "pipeline, ONNX Runtime | ratio |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    levels = ["| model | " + " | ".join(f"{level}{' (served)' if level == 'all' else ''}"
+                                         for level in OnnxModel.OPTIMIZATIONS) + " | best | served / best |",
+              "| --- |" + " ---: |" * (len(OnnxModel.OPTIMIZATIONS) + 2)]
     candidate = ["| model | forward, OpenVINO | OpenVINO / ONNX Runtime | pipeline, OpenVINO | OpenVINO / ONNX "
                  "Runtime | largest difference |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in args.model or sorted(specs):
         spec = specs[name].versions[specs[name].default_version]
         print(f"{name}: measuring ({args.rounds} rounds)", file=sys.stderr, flush=True)
         result, parity = measure(spec, args.rounds, args.seconds)
-        median = {(r, kind): statistics.median(v) for r, kinds in result.items() for kind, v in kinds.items()}
+        median = {(r, kind): statistics.median(v) for r, kinds in result.items() for kind, v in kinds.items() if v}
+        by_level = {level: median["level " + level if level != "all" else "onnxruntime", "forward"]
+                    for level in OnnxModel.OPTIMIZATIONS}
+        best = max(by_level, key=by_level.get)
+        levels.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in by_level.values())
+                      + f" | {best} | {by_level['all'] / by_level[best]:.2f} |")
         cells, openvino = [], []
         for kind in ("forward", "pipeline"):
             ts, ort = median["torchscript", kind], median["onnxruntime", kind]
@@ -91,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                          "ONNX Runtime's largest output):", "", *candidate]))
     else:
         print("\nOpenVINO is not installed: not measured")
+    print("\n".join(["", "ONNX Runtime's graph optimization levels, the forward pass alone, items per second (medians, "
+                     "in the same turns):", "", *levels]))
     return 0
 
 

@@ -13,6 +13,8 @@ import sys
 import pytest
 from PIL import Image
 
+from handlers.runtime import OnnxModel
+from load_test.bench_report import MODEL
 from tests.conftest import REPO, manage, ok
 
 pytestmark = pytest.mark.integration
@@ -88,12 +90,25 @@ def test_a_short_bench_run_writes_a_well_formed_table_and_plots(tmp_path):
     assert all(f"| {row['server']} |" in section for row in peers["rows"])
     assert ("Where a peer beats ours" in section) == bool(peers["wins"]) and "![peers](peers.png)" in section
 
+    # the INT8 file, made by make quantize into a store of its own: ours and each peer serve it
+    int8 = peers["int8"]
+    assert int8["from_version"] == results["versions"][results["default_runtime"]] != int8["version"]
+    assert int8["gate"]["agreement"] >= int8["gate"]["min_allowed"]
+    assert [row["server"].split(" (")[0] for row in int8["rows"]] == ["ours", "LitServe", "BentoML", "Ray Serve"]
+    assert all(row["failed"] == 0 and row["rps_c16"] > 0 for row in int8["rows"]), int8["rows"]
+    assert f"({MODEL} {int8['version']})" in int8["rows"][0]["server"] and len(int8["goals"]) == len(goals)
+    int8_section = report.split("## The INT8 file, ours and the peers")[1]
+    assert all(f"| {row['server']} |" in int8_section for row in int8["rows"])
+
 
 def test_the_runtime_comparison_prints_both_runtimes_for_a_model():
     run = subprocess.run([sys.executable, "-m", "load_test.runtimes", "--model", "digits", "--rounds", "1",
                           "--seconds", "0.2"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    row, openvino = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()
-                     if line.startswith("| digits |")]  # both runtimes, then the same ONNX file on OpenVINO
+    row, openvino, levels = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()
+                             if line.startswith("| digits |")]  # both runtimes, OpenVINO, ONNX Runtime's levels
     assert row[1] == "16" and all(float(cell.split()[0]) > 0 for cell in row[2:])
     assert all(float(cell.split()[0]) > 0 for cell in openvino[1:5]) and float(openvino[5]) < 1e-4, openvino
+    rates = dict(zip(OnnxModel.OPTIMIZATIONS, map(float, levels[1:-2])))
+    assert min(rates.values()) > 0 and levels[-2] == max(rates, key=rates.get), levels
+    assert float(levels[-1]) == pytest.approx(rates["all"] / max(rates.values()), abs=0.02), levels
