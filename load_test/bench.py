@@ -35,7 +35,7 @@ from archives import load_specs
 from archives.store import Manifest, store_of
 from load_test import bench_report, inputs, limit, peers, servers
 from load_test.bench_report import MODEL, RUNTIMES, SWEEP_CONCURRENCY, markdown, plots
-from load_test.measure import RESULTS, CpuUse, machine, memory, model_store, settle, wrk
+from load_test.measure import RESULTS, CpuUse, machine, memory, model_store, quantized_store, settle, wrk
 
 CONCURRENCY = (1, 4, 16, 64)
 BATCHES = (1, 2, 4, 8)
@@ -223,8 +223,6 @@ def int8_head_to_head(bench: Bench, version: str, chosen: dict, shipped: str, ho
     """7. The version quantized to INT8 as a user does it (``make quantize``, load_test/quantized.py), into a store of
     its own; then ours (serving that version alone) and each peer with the settings its fp32 sweep chose, all on that
     INT8 file (``head_to_head``): their rows, goals and the gate's figures."""
-    from load_test.quantized import quantized_store
-
     store, int8 = quantized_store(load_specs()[MODEL].path, MODEL, version, home)
     entry = Manifest(store).get(MODEL, int8)
     bench.log(f"INT8: {MODEL} {int8} made from {version}: {entry['quantization']['agreeing']}/"

@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -159,6 +160,33 @@ def model_store(folder: Path, keep: Callable[[dict], bool] = lambda entry: True,
         if (unpacked_folder := (source.store / entry["archive"]).with_suffix("")).is_dir():
             link_tree(unpacked_folder, folder / unpacked_folder.name)
     return folder
+
+
+def made(home: Path, command: list[str]) -> Path:
+    """``python -m manage COMMAND`` writing into home/specs and building into home/store, as ``make`` runs it (no
+    server running): the store."""
+    from serving.instance import Instance
+
+    specs, store = home / "specs", home / "store"
+    specs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **Instance.fresh(home / "import", store=str(store)).environment()}
+    done = subprocess.run([sys.executable, "-m", "manage", *command, "--specs", str(specs)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"manage {' '.join(command[:2])} failed:\n{done.stderr[-3000:]}")
+    return store
+
+
+def quantized_store(spec_file: Path, model: str, version: str, home: Path) -> tuple[Path, str]:
+    """``make quantize`` of a built fp32 ONNX Runtime version, into a store of its own (home/store) beside it, from a
+    copy of its spec: the store and the INT8 version. efficientnet_lite0 with ``MIN_AGREEMENT=0.9``: the default gate
+    refuses its one flip in the 10 sample photos, a near-tie (``tie_gap``, docs/versions.md)."""
+    store = store_of(home / "store", [(model, version)])
+    (home / "specs").mkdir(parents=True)
+    shutil.copy2(spec_file, home / "specs" / spec_file.name)
+    made(home, ["quantize", model, "--version", version,
+                *(["--min-agreement", "0.9"] if model == "efficientnet_lite0" else [])])
+    return store, next(v for v, entry in Manifest(store).models[model].items() if entry.get("quantization"))
 
 
 def reconfigure(text: str | bytes, settings: dict[str, Any]) -> str:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from archives.store import REPO, Manifest
+from archives.store import Manifest
 from export.quantize import (
     Calibration,
     compare,
@@ -29,7 +27,7 @@ from export.quantize import (
     speed,
 )
 from load_test import openvino_runtime
-from load_test.measure import plotted
+from load_test.measure import made, plotted, quantized_store
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVED_CONCURRENCY = 16
@@ -137,37 +135,6 @@ def served_quantized(spec, spec_file: Path, home: Path, payloads: dict[str, byte
     """A shipped model as a user quantizes it (``quantized_store``), both versions served on ``payloads``."""
     store, int8 = quantized_store(spec_file, spec.model, spec.version, home)
     return served_rounds(store, home, spec.model, (spec.version, int8), payloads)
-
-
-def quantized_store(spec_file: Path, model: str, version: str, home: Path) -> tuple[Path, str]:
-    """``make quantize`` of a built fp32 ONNX Runtime version, into a store of its own (home/store) beside it, from a
-    copy of its spec: the store and the INT8 version. efficientnet_lite0 with ``MIN_AGREEMENT=0.9``: the default gate
-    refuses its one flip in the 10 sample photos, a near-tie (``tie_gap``, docs/versions.md)."""
-    import shutil
-
-    from archives.store import store_of
-
-    store = store_of(home / "store", [(model, version)])
-    (home / "specs").mkdir(parents=True)
-    shutil.copy2(spec_file, home / "specs" / spec_file.name)
-    made(home, ["quantize", model, "--version", version,
-                *(["--min-agreement", "0.9"] if model == "efficientnet_lite0" else [])])
-    return store, next(v for v, entry in Manifest(store).models[model].items() if entry.get("quantization"))
-
-
-def made(home: Path, command: list[str]) -> Path:
-    """``python -m manage COMMAND`` writing into home/specs and building into home/store, as ``make`` runs it: the
-    store."""
-    from serving.instance import Instance
-
-    specs, store = home / "specs", home / "store"
-    specs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **Instance.fresh(home / "import", store=str(store)).environment()}  # no running server
-    done = subprocess.run([sys.executable, "-m", "manage", *command, "--specs", str(specs)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise SystemExit(f"manage {' '.join(command[:2])} failed:\n{done.stderr[-3000:]}")
-    return store
 
 
 def served_rounds(store: Path, home: Path, model: str, versions: tuple[str, str], photos: dict[str, bytes]) -> dict:
