@@ -120,8 +120,7 @@ def pre_stop_and_terminate(pod: Pod, handler: str) -> dict[str, Any]:
         flight = [pool.submit(pod.post, f"/predictions/{pod.model}", body, content_type, 60) for _ in range(4)]
         time.sleep(0.05)
         terminated = time.monotonic()
-        podman.podman("kill", "--signal", "TERM", pod.name, what="podman kill --signal TERM")
-        code = pod.wait_exit(max(1.0, grace - (terminated - started)))
+        code = pod.terminate(max(1.0, grace - (terminated - started)))
         answered = []
         for future in flight:
             try:

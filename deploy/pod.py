@@ -215,6 +215,15 @@ class Pod:
         state = self.state()
         return int(state["ExitCode"]) if state["Status"] in ("exited", "stopped") else None
 
+    def signal(self, name: str) -> None:
+        """``podman kill --signal NAME``: the signal to the container's first process, as the kubelet sends it."""
+        podman.podman("kill", "--signal", name, self.name, what=f"podman kill --signal {name}")
+
+    def terminate(self, timeout: float) -> int | None:
+        """SIGTERM, then the exit code once the container stopped, None if it still runs after ``timeout`` seconds."""
+        self.signal("TERM")
+        return self.wait_exit(timeout)
+
     def wait_exit(self, timeout: float) -> int | None:
         """The container's exit code once it stopped, or None if it still runs after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout

@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 
-from deploy import contract, podman
+from deploy import contract
 from deploy.pod import Pod
 from serving.instance import Instance, free_ports, wait_until
 
@@ -324,10 +324,9 @@ class ContainerReplica(Replica):
     def terminate(self) -> tuple[int | None, float]:
         """``podman stop``: SIGTERM, SIGKILL after the grace period; (status, seconds)."""
         started = time.monotonic()
-        podman.podman("kill", "--signal", "TERM", self.pod.name, what="podman kill --signal TERM")
-        status = self.pod.wait_exit(self.container.grace)
+        status = self.pod.terminate(self.container.grace)
         if status is None:
-            podman.podman("kill", "--signal", "KILL", self.pod.name, what="podman kill --signal KILL")
+            self.pod.signal("KILL")
         return status, time.monotonic() - started
 
     def kill_torchserve(self) -> None:
