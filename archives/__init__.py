@@ -18,10 +18,11 @@ was trained with; the build checks the served preprocessing against it).
 
 A version may be another version quantized to INT8 (``make quantize`` writes these; export/quantize.py builds them):
 ``source: {type: version, version: "1.1"}`` and ``quantize: {mode: static|dynamic, max_drop: 0.01, calibration:
-folder, min_agreement: 0.98, min_cosine: 0.99}``. It is that version (its source, export, eval, min_accuracy, transform and model_config, each of which it
-may override) served on ``onnxruntime`` from its fp32 ONNX file quantized; ``mode`` defaults by handler (static for
-image classifiers, dynamic for text models), ``max_drop`` to ``DEFAULT_MAX_DROP``, ``calibration`` to the eval set and
-the gate's ``min_agreement`` (top-1 agreement with fp32) and ``min_cosine`` (embeddings) to ``GATE_DEFAULTS``.
+folder, min_agreement: 0.98, min_cosine: 0.99}``. It is that version (its source, export, eval, min_accuracy,
+transform and model_config, each of which it may override) served on ``onnxruntime`` from its fp32 ONNX file
+quantized; ``mode`` defaults by handler (static for image classifiers, dynamic for text models), ``max_drop`` to
+``DEFAULT_MAX_DROP``, ``calibration`` to the eval set and the gate's ``min_agreement`` (top-1 agreement with fp32) and
+``min_cosine`` (embeddings) to ``GATE_DEFAULTS``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ Weights are quantized on 7 bits (``reduce_range``) in both modes. Measured here:
 kernels on an AMD EPYC that lists ``avx512_vnni`` among its CPU flags add pairs of products into int16 and saturate (a
 MatMulInteger of 255 x 127 over 2 elements answers 32,767, not 64,770). With 8-bit weights efficientnet_lite0's logits
 kept a cosine of 0.94 to fp32 and the top-1 of 6 of the 10 sample photos; with 7-bit weights 0.98 and 9 of 10, what
-the same QDQ graph computes in float. minilm's mean cosine: 0.990 with 8-bit weights, 0.992 with 7-bit.
+the same QDQ graph computes in float. minilm's mean cosine: 0.990 with 8-bit weights, 0.992 with 7-bit. On another
+host (an AMD EPYC with AVX-512, VNNI and bf16) 8-bit weights did not saturate and kept slightly more top-1s
+(docs/reference/figures.md, "INT8 versions"); 7 bits is the setting that is safe on both.
 
 **The gate** (``judge``), on one held-out set for both versions (the eval set, else the source's own held-out set,
 else the samples), both measured in the same run: refused when the INT8 version's first figure (top-1) is more than
@@ -335,7 +337,8 @@ def refusal(figures: dict) -> str | None:
     if figures.get("drop") is not None and figures["drop"] > figures["max_drop"] + 1e-12:
         reasons.append(f"{figures['metric']} drops {figures['drop']:.4f} > max_drop {figures['max_drop']:g}")
     if "agreement" in figures and figures["agreement"] < figures["min_allowed"]:
-        reasons.append(f"top-1 agreement with fp32 {figures['agreement']:.4f} < min_agreement {figures['min_allowed']:g}")
+        reasons.append(f"top-1 agreement with fp32 {figures['agreement']:.4f} < min_agreement "
+                       f"{figures['min_allowed']:g}")
     if "cosine" in figures and figures["cosine"] < figures["min_allowed"]:
         reasons.append(f"mean cosine to fp32 {figures['cosine']:.4f} < min_cosine {figures['min_allowed']:g}")
     return "; ".join(reasons) or None
@@ -349,8 +352,9 @@ def summary_line(figures: dict) -> str:
     ties = (f"; where they differ, fp32 scored INT8's pick at most {figures['tie_gap']:.3f} below its own"
             if figures.get("agreeing", figures["samples"]) < figures["samples"] else "")
     compared = (f"top-1 agreement {figures['agreement']:.4f} ({figures['agreeing']}/{figures['samples']}, "
-                f"min_agreement {figures['min_allowed']:g}{ties})" if "agreement" in figures else f"mean cosine {figures['cosine']:.4f} (min {figures['min_cosine']:.4f}, "
-                f"{figures['samples']} inputs, min_cosine {figures['min_allowed']:g})")
+                f"min_agreement {figures['min_allowed']:g}{ties})" if "agreement" in figures else
+                f"mean cosine {figures['cosine']:.4f} (min {figures['min_cosine']:.4f}, {figures['samples']} inputs, "
+                f"min_cosine {figures['min_allowed']:g})")
     return f"{held}{compared} on {figures['compared_on']}"
 
 

@@ -220,16 +220,17 @@ def head_to_head(bench: Bench, store: Path, version: str, archive: Path, chosen:
 
 def int8_head_to_head(bench: Bench, version: str, chosen: dict, shipped: str, home: Path, photos: dict[str, bytes],
                       files: list[Path]) -> dict:
-    """7. The version quantized to INT8 as a user does it (``make quantize``, load_test/quantized.py), into a store of
-    its own; then ours (serving that version alone) and each peer with the settings its fp32 sweep chose, all on that
-    INT8 file (``head_to_head``): their rows, goals and the gate's figures."""
+    """7. The version quantized to INT8 as a user does it (``make quantize``, ``measure.quantized_store``), into a
+    store of its own; then ours (serving that version alone) and each peer with the settings its fp32 sweep chose, all
+    on that INT8 file (``head_to_head``): their rows, goals and the gate's figures."""
     store, int8 = quantized_store(load_specs()[MODEL].path, MODEL, version, home)
     entry = Manifest(store).get(MODEL, int8)
-    bench.log(f"INT8: {MODEL} {int8} made from {version}: {entry['quantization']['agreeing']}/"
-              f"{entry['quantization']['samples']} top-1 agreement, min_agreement {entry['quantization']['min_allowed']}")
+    gate = entry["quantization"]
+    bench.log(f"INT8: {MODEL} {int8} made from {version}: {gate['agreeing']}/{gate['samples']} top-1 agreement, "
+              f"min_agreement {gate['min_allowed']}")
     alone = store_of(home / "alone", [(MODEL, int8)], Manifest(store))  # ours serves the INT8 version alone
     rows = head_to_head(bench, alone, int8, alone / entry["archive"], chosen, shipped, home / "serve", photos, files)
-    return {"version": int8, "from_version": version, "gate": {k: entry["quantization"][k] for k in (
+    return {"version": int8, "from_version": version, "gate": {k: gate[k] for k in (
         "agreement", "agreeing", "samples", "min_allowed", "tie_gap", "compared_on")},
             "rows": rows, "wins": bench_report.peer_wins(rows), "goals": bench_report.peer_goals(rows)}
 
