@@ -34,7 +34,7 @@ import yaml
 from archives import load_specs
 from archives.store import Manifest, store_of
 from load_test import bench_report, inputs, limit, peers, servers
-from load_test.bench_report import MODEL, RUNTIMES, SWEEP_CONCURRENCY, markdown, plots
+from load_test.bench_report import INT8_MIN_AGREEMENT, MODEL, RUNTIMES, SWEEP_CONCURRENCY, markdown, plots
 from load_test.measure import RESULTS, CpuUse, machine, memory, model_store, quantized_store, settle, wrk
 
 CONCURRENCY = (1, 4, 16, 64)
@@ -223,7 +223,7 @@ def int8_head_to_head(bench: Bench, version: str, chosen: dict, shipped: str, ho
     """7. The version quantized to INT8 as a user does it (``make quantize``, ``measure.quantized_store``), into a
     store of its own; then ours (serving that version alone) and each peer with the settings its fp32 sweep chose, all
     on that INT8 file (``head_to_head``): their rows, goals and the gate's figures."""
-    store, int8 = quantized_store(load_specs()[MODEL].path, MODEL, version, home)
+    store, int8 = quantized_store(load_specs()[MODEL].path, MODEL, version, home, INT8_MIN_AGREEMENT)
     entry = Manifest(store).get(MODEL, int8)
     gate = entry["quantization"]
     bench.log(f"INT8: {MODEL} {int8} made from {version}: {gate['agreeing']}/{gate['samples']} top-1 agreement, "
@@ -231,7 +231,7 @@ def int8_head_to_head(bench: Bench, version: str, chosen: dict, shipped: str, ho
     alone = store_of(home / "alone", [(MODEL, int8)], Manifest(store))  # ours serves the INT8 version alone
     rows = head_to_head(bench, alone, int8, alone / entry["archive"], chosen, shipped, home / "serve", photos, files)
     return {"version": int8, "from_version": version, "gate": {k: gate[k] for k in (
-        "agreement", "agreeing", "samples", "min_allowed", "tie_gap", "compared_on")},
+        "agreement", "agreeing", "samples", "min_allowed", "tie_gap", "compared_on", "max_drop")},
             "rows": rows, "wins": bench_report.peer_wins(rows), "goals": bench_report.peer_goals(rows)}
 
 

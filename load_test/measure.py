@@ -177,15 +177,15 @@ def made(home: Path, command: list[str]) -> Path:
     return store
 
 
-def quantized_store(spec_file: Path, model: str, version: str, home: Path) -> tuple[Path, str]:
-    """``make quantize`` of a built fp32 ONNX Runtime version, into a store of its own (home/store) beside it, from a
-    copy of its spec: the store and the INT8 version. efficientnet_lite0 with ``MIN_AGREEMENT=0.9``: the default gate
-    refuses its one flip in the 10 sample photos, a near-tie (``tie_gap``, docs/versions.md)."""
+def quantized_store(spec_file: Path, model: str, version: str, home: Path,
+                    min_agreement: float | None = None) -> tuple[Path, str]:
+    """``make quantize [MIN_AGREEMENT=..]`` of a built fp32 ONNX Runtime version, into a store of its own (home/store)
+    beside it, from a copy of its spec: the store and the INT8 version."""
     store = store_of(home / "store", [(model, version)])
     (home / "specs").mkdir(parents=True)
     shutil.copy2(spec_file, home / "specs" / spec_file.name)
     made(home, ["quantize", model, "--version", version,
-                *(["--min-agreement", "0.9"] if model == "efficientnet_lite0" else [])])
+                *(["--min-agreement", str(min_agreement)] if min_agreement is not None else [])])
     return store, next(v for v, entry in Manifest(store).models[model].items() if entry.get("quantization"))
 
 

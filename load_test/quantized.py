@@ -27,6 +27,7 @@ from export.quantize import (
     speed,
 )
 from load_test import openvino_runtime
+from load_test.bench_report import INT8_MIN_AGREEMENT
 from load_test.measure import made, plotted, quantized_store
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,7 +95,7 @@ def bench() -> list[dict]:
 
     rows, specs = [], load_specs()
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
-        for model in ("efficientnet_lite0", "minilm"):
+        for model, min_agreement in (("efficientnet_lite0", INT8_MIN_AGREEMENT), ("minilm", None)):
             spec = specs[model].versions[specs[model].default_version]
             folder = Path(tmp) / model
             folder.mkdir()
@@ -106,8 +107,10 @@ def bench() -> list[dict]:
             rows.append(bench_model(f"{model} {spec.version}", handler, fp32_onnx(spec, handler, folder),
                                     mode_for(spec.handler), (list(samples.values()), "samples"),
                                     int(spec.model_config.get("batchSize", 1))))
-            rows[-1]["served"] = served_quantized(spec, specs[model].path, Path(tmp) / f"served-{model}",
-                                                  samples if model == "minilm" else inputs.photos())
+            home = Path(tmp) / f"served-{model}"  # quantized as a user does it, beside the shipped fp32 version
+            store, int8 = quantized_store(specs[model].path, model, spec.version, home, min_agreement)
+            rows[-1]["served"] = served_rounds(store, home, model, (spec.version, int8),
+                                               samples if model == "minilm" else inputs.photos())
         project = write_project(Path(tmp) / "project")
         handler = handler_class("image_classifier").from_config(
             {"handler": settings_from_transform(project.code.eval_transform())})
@@ -131,12 +134,6 @@ def served(project, home: Path) -> dict:
     return served_rounds(store, home, "photos", ("1.0", "1.1"), photos)
 
 
-def served_quantized(spec, spec_file: Path, home: Path, payloads: dict[str, bytes]) -> dict:
-    """A shipped model as a user quantizes it (``quantized_store``), both versions served on ``payloads``."""
-    store, int8 = quantized_store(spec_file, spec.model, spec.version, home)
-    return served_rounds(store, home, spec.model, (spec.version, int8), payloads)
-
-
 def served_rounds(store: Path, home: Path, model: str, versions: tuple[str, str], photos: dict[str, bytes]) -> dict:
     """Both versions (fp32, INT8) of ``model`` served by serve.sh from ``store``, driven through the front door at
     SERVED_CONCURRENCY in alternate turns: the median req/s and p50 of each, and their ratio."""
@@ -151,13 +148,12 @@ def served_rounds(store: Path, home: Path, model: str, versions: tuple[str, str]
             for version, points in runs.items():
                 points.append(drive(f"{model} {version}", f"{ts.inference_url}/predictions/{model}/{version}", files,
                                     SERVED_CONCURRENCY, SERVED_SECONDS, bearer(ts)))
-    rps = {version: statistics.median(p.rps for p in points) for version, points in runs.items()}
-    fp32, int8 = versions
-    return {"concurrency": SERVED_CONCURRENCY, "versions": list(versions), "fp32": rps[fp32], "int8": rps[int8],
-            "speedup": rps[int8] / rps[fp32], "failed": sum(p.failed for ps in runs.values() for p in ps),
-            "p50_ms": {"fp32": statistics.median(p.p50_ms for p in runs[fp32]),
-                       "int8": statistics.median(p.p50_ms for p in runs[int8])},
-            "rounds": {"fp32": [round(p.rps, 1) for p in runs[fp32]], "int8": [round(p.rps, 1) for p in runs[int8]]}}
+    named = dict(zip(("fp32", "int8"), runs.values()))
+    rps = {name: statistics.median(p.rps for p in points) for name, points in named.items()}
+    return {"concurrency": SERVED_CONCURRENCY, "versions": list(versions), **rps, "speedup": rps["int8"] / rps["fp32"],
+            "failed": sum(p.failed for ps in runs.values() for p in ps),
+            "p50_ms": {name: statistics.median(p.p50_ms for p in points) for name, points in named.items()},
+            "rounds": {name: [round(p.rps, 1) for p in points] for name, points in named.items()}}
 
 
 def table(rows: list[dict]) -> str:
