@@ -41,7 +41,8 @@ CONCURRENCY = (1, 4, 16, 64)
 BATCHES = (1, 2, 4, 8)
 ROUNDS = 3  # interleaved repeats of the comparisons the host's drift would otherwise skew
 # (workers, threads per worker, batchSize, maxBatchDelay ms): the server settings swept for our handler
-GRID = ((2, 1, 1, 0), (2, 1, 2, 1), (2, 1, 2, 5), (2, 1, 4, 2), (2, 1, 8, 5), (1, 2, 1, 0), (1, 2, 4, 2), (4, 1, 1, 0))
+GRID = ((2, 1, 1, 0), (2, 1, 2, 1), (2, 1, 2, 5), (2, 1, 4, 1), (2, 1, 4, 2), (2, 1, 8, 5), (1, 2, 1, 0), (1, 2, 4, 2),
+        (4, 1, 1, 0))
 PEER_CONCURRENCY = (1, 16, 64)
 PROBE = ("chelsea@1", "cat")  # the photo a starting server must answer, and what its top class must name
 SETTLE_TIMEOUT = 60.0  # how long a run waits for the machine to go idle (--quick: 5 s, it tests the harness)

@@ -147,3 +147,21 @@ def test_spec_errors_name_the_file_and_the_problem(tmp_path):
                             ({**SPEC, "extra": 1}, "unknown keys \\['extra'\\]")):
         with pytest.raises(SpecError, match=message):
             load_spec(write_spec(tmp_path, broken))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batchsize": 8}, "version 1.0: model_config: TorchServe does not read \\['batchsize'\\]"),
+    ({"maxBatchDelay": 0}, "model_config.maxBatchDelay: 0 with batchSize 4: TorchServe reads 0 as unset and waits its "
+                           "default 100 ms"),
+    ({"batchSize": 0}, "model_config.batchSize: 0 is not a whole number from 1"),
+    ({"responseTimeout": "30s"}, "model_config.responseTimeout: '30s' is not a whole number"),
+    ({"minWorkers": 3}, "model_config.minWorkers: 3 is above maxWorkers 1"),
+])
+def test_server_settings_torchserve_would_not_serve_as_written_are_refused_by_key(tmp_path, change, message):
+    from archives import SpecError
+
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_spec(tmp_path, {**SPEC, "model_config": {**SPEC["model_config"], **change}}))
+    # batches of one may wait 0 ms: there is nothing to fill
+    batchless = {**SPEC["model_config"], "batchSize": 1, "maxBatchDelay": 0}
+    assert load_spec(write_spec(tmp_path, {**SPEC, "model_config": batchless})).versions["1.0"].model_config == batchless
