@@ -93,7 +93,7 @@ stop_helper() {
 start() {
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || {
     echo "nginx (the front door) is not installed: run ./install.sh" >&2; return 1; }
-  local started=$SECONDS fresh=""
+  local began=${EPOCHREALTIME/,/.} fresh=""
   # /health/ready answers 503 while SERVE_HOME/not-ready exists (the reason is its text): until the splits apply
   mkdir -p "$SERVE_HOME"
   rm -f "$HOLD"
@@ -120,12 +120,11 @@ start() {
     manage splits "$AB_SPLITS" || { stop >&2; return 1; }
     rm -f "$HOLD"
   fi
-  if ! manage wait-front; then
+  # then where it answers, in how long, and what it serves
+  if ! manage wait-front --began "$began"; then
     stop >&2
     return 1
   fi
-  echo "front door ready at $("$PYTHON" -c 'from serving.instance import Instance; print(Instance.current().front)') in $((SECONDS - started)) s"
-  manage list
 }
 
 start_torchserve() {
@@ -150,7 +149,7 @@ start_torchserve() {
   fi
 }
 
-# Until every version is READY (the workers load in parallel), then the spec's default versions.
+# Until every version is READY (the workers load in parallel), then the specs' default versions (one call).
 wait_torchserve() {
   if ! manage wait; then
     echo "TorchServe did not become ready; last lines of $LOG_DIR/model_log.log and ts_log.log:" >&2
@@ -158,7 +157,6 @@ wait_torchserve() {
     stop >&2
     return 1
   fi
-  manage apply-defaults
   echo "TorchServe ready in $((SECONDS - TORCHSERVE_STARTED)) s"
 }
 

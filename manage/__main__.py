@@ -81,7 +81,8 @@ def _readiness(ts: TorchServe, expected: set[tuple[str, str]]) -> list[str]:
 
 
 def wait_ready(args) -> None:
-    """Wait until every served archive (``served_entries``) is registered with its minimum workers READY."""
+    """Wait until every served archive (``served_entries``) is registered with its minimum workers READY, then set
+    the specs' default versions (``apply_defaults``): one interpreter for both, on serve.sh's path to ready."""
     ts = TorchServe(timeout=5)
     expected = {(e["model"], e["version"]) for e in served_entries(Manifest())}
     deadline = time.monotonic() + args.timeout
@@ -94,8 +95,8 @@ def wait_ready(args) -> None:
             if not Instance.current().alive():
                 raise ServeError(f"TorchServe exited while starting: see {os.environ.get('LOG_DIR', 'logs')}/")
         if not waiting:
-            return
-        time.sleep(0.25)
+            return apply_defaults(args)
+        time.sleep(0.1)
     raise ServeError(f"not ready after {args.timeout:g} s: " + "; ".join(waiting))
 
 
@@ -260,22 +261,24 @@ def v2_gateway(args) -> None:
 
 
 def wait_front(args) -> None:
-    """Wait until the front door says ready (``/health/ready``, asked of the health checker behind it)."""
+    """Wait until the front door says ready (``/health/ready``, asked of the health checker behind it), then say
+    where, how long since ``--began`` (serve.sh's start, seconds since the epoch) and what it serves (``list``)."""
     import requests
 
-    from serving.instance import Instance
-
+    instance = Instance.current()
     deadline = time.monotonic() + args.timeout
     answer = "the health checker is not answering"
     while time.monotonic() < deadline:
         try:
-            response = requests.get(f"{Instance.current().health}/ready", timeout=2)
+            response = requests.get(f"{instance.health}/ready", timeout=2)
             if response.status_code == 200:
-                return
+                since = f" in {time.time() - args.began:.1f} s" if args.began else ""
+                print(f"front door ready at {instance.front}{since}", flush=True)
+                return list_models(args)
             answer = "; ".join(response.json()["not_ready"])
         except (requests.RequestException, ValueError, KeyError):
             pass
-        time.sleep(0.2)
+        time.sleep(0.1)
     raise ServeError(f"the front door is not ready after {args.timeout:g} s: {answer}")
 
 
@@ -461,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     command("front-start", front_start, "(serve.sh) start the front door (nginx)",
             timeout={"type": float, "default": 60.0})
     command("front-stop", front_stop, "(serve.sh) stop the front door (in-flight requests are answered first)")
-    command("wait-front", wait_front, "(serve.sh) wait until /health/ready says ready",
-            timeout={"type": float, "default": 60.0})
+    command("wait-front", wait_front, "(serve.sh) wait until /health/ready says ready, then list what is served",
+            timeout={"type": float, "default": 60.0}, began={"type": float, "help": "when the start began (epoch s)"})
     command("health", health_checker, "(serve.sh) run the health checker behind /health/live and /health/ready")
     command("v2", v2_gateway, "(serve.sh) run the Open Inference Protocol gateway (KServe v2, REST and gRPC)")
     command("token", token, "print the current key (renewed if expired)").add_argument(
@@ -470,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     command("predict", predict, "send a file, print the answer", "model", "file", version={})
     command("samples", samples, "send the samples to every model (photos, digits, sentences, an upscaling), print the answers")
     command("archives", archives_to_serve, "(serve.sh) the verified archives to load")
-    command("wait", wait_ready, "(serve.sh) wait until every built version is READY",
+    command("wait", wait_ready, "(serve.sh) wait until every built version is READY, then set the default versions",
             timeout={"type": float, "default": 180.0})
     command("apply-defaults", apply_defaults, "(serve.sh) set each spec's default version")
     args = parser.parse_args(argv)

@@ -3,7 +3,8 @@
 TorchServe's own ``/ping`` needs the inference key, says Healthy for minutes while a worker keeps dying and its
 restarts back off, and does not count a model that failed to load. Load balancers and probes need better, without a
 key. This process (started and stopped by serve.sh, ``python -m manage health``) polls TorchServe's management API
-every ``interval`` seconds and answers the front door from what it saw last:
+every ``interval`` seconds (``STARTING_INTERVAL`` until every version is ready the first time, which serve.sh start
+waits for) and answers the front door from what it saw last:
 
 * ``GET /live``: 200 while TorchServe's frontend answers (its last answer is at most ``stale`` seconds old), else 503;
 * ``GET /ready``: 200 when every version that receives traffic (each model's default, and every version in an A/B
@@ -248,6 +249,9 @@ def held(instance: Instance) -> str | None:
         return None
 
 
+STARTING_INTERVAL = 0.1  # s between polls until every version is ready the first time
+
+
 class Checker:
     """Polls TorchServe; ``live()`` and ``ready()`` answer from the last poll."""
 
@@ -317,14 +321,17 @@ class Checker:
                 logger.warning("could not render the front door's keys: %s", error)
 
     def run(self, stop: threading.Event) -> None:
+        starting = True  # until ready the first time, polled every STARTING_INTERVAL: serve.sh start waits on it
         while not stop.is_set():
             started = time.monotonic()
             try:
                 self.poll()
                 self.sync_keys()
+                starting = starting and not self.ready(detailed=False)[0]
             except Exception:  # a surprise is logged, and the next poll tries again: the probes must keep answering
                 logger.exception("poll failed")
-            stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            interval = min(self.interval, STARTING_INTERVAL) if starting else self.interval
+            stop.wait(max(0.0, interval - (time.monotonic() - started)))
 
     # --- the logs ---------------------------------------------------------------------------------------------------
 
