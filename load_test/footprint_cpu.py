@@ -62,9 +62,11 @@ def variants() -> list[tuple[str, str, dict[str, str], dict[str, Any]]]:
         ("metrics_mode=log", "TS_METRICS_MODE=log", {"TS_METRICS_MODE": "log"}, {}),
         ("prefer_direct_buffer=true", "TS_PREFER_DIRECT_BUFFER=true", {"TS_PREFER_DIRECT_BUFFER": "true"}, {}),
     ]
-    if "-XX:TieredStopAtLevel=1" in vmargs:
-        found.append(("C2 too (no -XX:TieredStopAtLevel=1)", "vmargs without -XX:TieredStopAtLevel=1", {},
-                      {"vmargs": lambda value: " ".join(a for a in value.split() if a != "-XX:TieredStopAtLevel=1")}))
+    for arg, name in (("-XX:TieredStopAtLevel=1", "C2 too"), ("-Dio.netty.allocator.type=unpooled",
+                                                              "netty's pooled buffers (its default)")):
+        if arg in vmargs.split():
+            found.append((name, f"vmargs without {arg}", {},
+                          {"vmargs": lambda value, arg=arg: " ".join(a for a in value.split() if a != arg)}))
     if vmargs:
         found.append(("the JVM's defaults (no vmargs)", ("config.properties without vmargs (G1, C1 and C2, "
                       "heap from 1/64 of memory)"), {}, {"vmargs": None}))
