@@ -95,21 +95,27 @@ def wait_ready(args) -> None:
             if not Instance.current().alive():
                 raise ServeError(f"TorchServe exited while starting: see {os.environ.get('LOG_DIR', 'logs')}/")
         if not waiting:
-            return apply_defaults(args)
+            return apply_defaults(args, served_only=True)
         time.sleep(0.1)
     raise ServeError(f"not ready after {args.timeout:g} s: " + "; ".join(waiting))
 
 
-def apply_defaults(args) -> None:
-    """Make each spec's default_version the served default (TorchServe's own pick at start-up is not reliable)."""
+def apply_defaults(args, served_only: bool = False) -> None:
+    """Make each spec's default_version the served default (TorchServe's own pick at start-up is not reliable).
+    ``served_only`` (a start): a model whose default version this store does not hold keeps the version it serves,
+    said on stderr (a store of an INT8 version alone); else that is an error."""
     ts = TorchServe()
     served = set(ts.models())
     for spec in load_specs().values():
         if spec.name in served:
             versions = {v["modelVersion"] for v in ts.versions(spec.name)}
             if spec.default_version not in versions:
-                raise ServeError(f"{spec.name}: default version {spec.default_version} from {spec.path.name} "
-                                 f"is not registered (registered: {', '.join(sorted(versions))})")
+                problem = (f"{spec.name}: default version {spec.default_version} from {spec.path.name} is not "
+                           f"registered (registered: {', '.join(sorted(versions))})")
+                if not served_only:
+                    raise ServeError(problem)
+                print(f"note: {problem}: {ts.default_version(spec.name)} stays the default", file=sys.stderr)
+                continue
             ts.set_default(spec.name, spec.default_version)
 
 

