@@ -270,7 +270,7 @@ def _made_from(path: Path, version: str, entry: dict, versions: dict) -> tuple[d
                     **({"calibration": calibration} if calibration else {})}
 
 
-def check_server_settings(config: dict) -> dict:
+def check_server_settings(config: dict) -> None:
     """A version's model_config, refused (naming the key) where TorchServe would not serve what it says: a key it
     does not read, a number that is not whole or under its least, minWorkers above maxWorkers, or maxBatchDelay 0 with
     batches: TorchServe reads 0 as unset and waits its default 100 ms for every batch to fill (measured: a lone
@@ -289,7 +289,6 @@ def check_server_settings(config: dict) -> dict:
     if config.get("batchSize", 1) > 1 and config.get("maxBatchDelay") == 0:
         raise SpecError(f"model_config.maxBatchDelay: 0 with batchSize {config['batchSize']}: TorchServe reads 0 as "
                         "unset and waits its default 100 ms for every batch to fill; give 1 (ms) or more")
-    return config
 
 
 def _merge_model_config(base: dict, override: dict) -> dict:

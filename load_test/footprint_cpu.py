@@ -62,8 +62,8 @@ def variants() -> list[tuple[str, str, dict[str, str], dict[str, Any]]]:
         ("metrics_mode=log", "TS_METRICS_MODE=log", {"TS_METRICS_MODE": "log"}, {}),
         ("prefer_direct_buffer=true", "TS_PREFER_DIRECT_BUFFER=true", {"TS_PREFER_DIRECT_BUFFER": "true"}, {}),
     ]
-    for arg, name in (("-XX:TieredStopAtLevel=1", "C2 too"), ("-Dio.netty.allocator.type=unpooled",
-                                                              "netty's pooled buffers (its default)")):
+    for arg, name in (("-XX:TieredStopAtLevel=1", "C2 too (no -XX:TieredStopAtLevel=1)"),
+                      ("-Dio.netty.allocator.type=unpooled", "netty's pooled buffers (its default)")):
         if arg in vmargs.split():
             found.append((name, f"vmargs without {arg}", {},
                           {"vmargs": lambda value, arg=arg: " ".join(a for a in value.split() if a != arg)}))
