@@ -324,20 +324,26 @@ def stage_extra_files(spec: VersionSpec, into: Path) -> None:
 
 def archive(spec: VersionSpec, serialized: Path, extra: Path, config: Path, out: Path, target: Path) -> Path:
     """torch-model-archiver's archive (made in ``out``), written to ``target`` with every entry stored."""
+    run_archiver(out, model_name=spec.model, handler=str(HANDLERS_DIR / f"{spec.handler}.py"), version=spec.version,
+                 serialized_file=str(serialized), extra_files=str(extra), config_file=str(config))
+    return stored(out / f"{spec.model}.mar", target)
+
+
+def run_archiver(out: Path, **settings: str) -> Path:
+    """torch-model-archiver with ``settings`` (its ``ModelArchiverConfig``), the archive made in ``out``.
+
+    The archiver stages its files in ``tempfile.gettempdir()/<model name>`` and deletes that folder first and last:
+    two builds of one model at once (two imports, numbered apart) would empty each other's staging and ship an
+    archive without its handler. So it stages inside ``out``, the caller's own folder."""
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
-    generate_model_archive(ModelArchiverConfig(
-        model_name=spec.model,
-        handler=str(HANDLERS_DIR / f"{spec.handler}.py"),
-        version=spec.version,
-        serialized_file=str(serialized),
-        extra_files=str(extra),
-        config_file=str(config),
-        export_path=str(out),
-        force=True,
-    ))
-    return stored(out / f"{spec.model}.mar", target)
+    shared, tempfile.tempdir = tempfile.tempdir, str(out)  # a build runs in one thread; restored below
+    try:
+        generate_model_archive(ModelArchiverConfig(export_path=str(out), force=True, **settings))
+    finally:
+        tempfile.tempdir = shared
+    return out / f"{settings['model_name']}.mar"
 
 
 def stored(path: Path, target: Path) -> Path:

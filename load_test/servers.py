@@ -159,16 +159,13 @@ def variant(archive: Path, folder: Path, name: str, workers: int, threads: int, 
 def stock_archive(archive: Path, folder: Path, name: str = "stock") -> Path:
     """TorchServe's stock ``image_classifier`` handler with our archive's TorchScript weights and labels, packaged
     the way TorchServe's examples do (no model-config: TorchServe's defaults)."""
-    from model_archiver.model_archiver_config import ModelArchiverConfig
-    from model_archiver.model_packaging import generate_model_archive
+    from build_mar import run_archiver  # the build's own packaging; torch loads only where a stock archive is made
 
     with zipfile.ZipFile(archive) as mar, tempfile.TemporaryDirectory() as tmp:
         mar.extract("model.pt", tmp)
         mar.extract("index_to_name.json", tmp)
-        generate_model_archive(ModelArchiverConfig(
-            model_name=name, handler="image_classifier", version="1.0", serialized_file=f"{tmp}/model.pt",
-            extra_files=f"{tmp}/index_to_name.json", export_path=str(folder), force=True))
-    return folder / f"{name}.mar"
+        return run_archiver(folder, model_name=name, handler="image_classifier", version="1.0",
+                            serialized_file=f"{tmp}/model.pt", extra_files=f"{tmp}/index_to_name.json")
 
 
 def register(ts: TorchServe, archive: Path, name: str, **params: int) -> None:

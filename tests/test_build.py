@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -61,6 +63,21 @@ def test_archive_holds_model_handlers_labels_config_and_build_record(built, stor
     assert entry["parity"]["max_abs_diff"] <= 1e-4
     assert entry["sha256"] == sha256_file(archive) and entry["size_bytes"] == archive.stat().st_size
     assert Manifest(store.store).get("tinydigits", "1.0") == entry  # written to disk
+
+
+def test_a_build_keeps_out_of_another_builds_staging_of_the_same_model(tmp_path, store):
+    """torch-model-archiver stages in ``<temp>/<model name>`` and deletes that folder: two builds of one model at
+    once (two imports, numbered apart) shipped an archive without its handler. Each build stages in its own folder."""
+    theirs = Path(tempfile.gettempdir()) / SPEC["name"]
+    theirs.mkdir(exist_ok=True)
+    (theirs / "image_classifier.py").write_text("# another build's staged handler\n")
+    try:
+        spec = load_spec(write_spec(tmp_path, SPEC)).versions["1.0"]
+        build_mar.build_version(spec, store)
+        assert (theirs / "image_classifier.py").read_text() == "# another build's staged handler\n"
+    finally:
+        shutil.rmtree(theirs)
+    assert tempfile.gettempdir() == str(theirs.parent)  # the process's temp folder is restored
 
 
 def test_rebuilding_unchanged_input_is_a_noop(built, store):
