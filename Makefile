@@ -33,7 +33,6 @@
 #           [IMAGE=..]                          update under load (requests lost: must be 0), a crash; with
 #                                               IMAGE, the replicas are containers of that image
 #   make footprint                              start-up timeline, every process's memory, register → READY, frontend CPU
-#   make bench-before                           efficientnet_lite0 1.1 now against its handlers before torch-free workers
 #   make docs                                   the documentation site (mkdocs.yml, docs/), built strictly into .site/
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -67,7 +66,7 @@ option = $${ARG_$(1):+--$(2) "$$ARG_$(1)"}
 
 .PHONY: help install import quantize archive serve stop status samples predict test demo clean \
         models describe register unregister scale set-default ab promote rollback routes routes-reset \
-        monitor monitor-stop load-test soak bench footprint bench-before bench-runtimes bench-quantize deploy deploy-check \
+        monitor monitor-stop load-test soak bench footprint bench-runtimes bench-quantize deploy deploy-check \
         rehearse image image-check docs
 
 help:
@@ -169,9 +168,6 @@ bench: archive
 
 footprint: archive
 	$(PY) -m load_test.footprint
-
-bench-before: archive
-	$(PY) -m load_test.before --seconds "$$ARG_SECONDS"
 
 bench-runtimes: install
 	$(PY) -m load_test.runtimes
