@@ -25,7 +25,6 @@ What the image holds:
 from __future__ import annotations
 
 import glob
-import os
 import shutil
 import textwrap
 import tomllib
@@ -412,15 +411,3 @@ def stage_models(dest: Path, versions: list[tuple[str, str]], torch: bool, sourc
         mode = path.stat().st_mode
         path.chmod(mode | (0o555 if path.is_dir() else 0o444))
     return dest
-
-
-def tree_bytes(path: Path) -> int:
-    """The bytes of the files under ``path`` (each inode once)."""
-    seen, total = set(), 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            stat = os.lstat(os.path.join(folder, name))
-            if (stat.st_dev, stat.st_ino) not in seen:
-                seen.add((stat.st_dev, stat.st_ino))
-                total += stat.st_size
-    return total

@@ -87,10 +87,6 @@ def label_names(labels: dict[str, str | list[str]]) -> list[str]:
     return [name[-1] if isinstance(name, list) else name for _, name in sorted(labels.items(), key=lambda i: int(i[0]))]
 
 
-def is_image_folder(path: Path) -> bool:
-    return Path(path).is_dir()
-
-
 def class_folders(root: Path) -> list[str]:
     """ImageFolder's rule: the sorted names of the subfolders that hold files."""
     classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
