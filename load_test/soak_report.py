@@ -3,6 +3,7 @@ the goals judged; the printed report and ``soak.png``."""
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,9 @@ def ms(seconds: float | None) -> float | None:
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of (seconds, value) points, per hour; None with fewer than 3 points."""
-    if len(points) < 3:
+    if len(points) < 3 or len({t for t, _ in points}) < 2:
         return None
-    mean_t = sum(t for t, _ in points) / len(points)
-    mean_v = sum(v for _, v in points) / len(points)
-    spread = sum((t - mean_t) ** 2 for t, _ in points)
-    return sum((t - mean_t) * (v - mean_v) for t, v in points) / spread * 3600 if spread else None
+    return statistics.linear_regression(*zip(*points)).slope * 3600
 
 
 def floor_rise(values: list[float]) -> float | None:
