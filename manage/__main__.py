@@ -7,6 +7,7 @@ ends with one line on stderr and exit status 1, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ from archives import SPECS_DIR, SpecError, check_model_name, check_version, load
 from archives.store import Manifest
 from handlers import IMAGE_TASKS
 from serving import front_door, splits
-from serving.instance import Instance, ServeError
+from serving.instance import Instance, ServeError, wait_until
 from serving.torchserve import TorchServe, minimum_workers, ready_workers
 
 
@@ -236,9 +237,8 @@ def front_start(args) -> None:
     """Start the front door; with a TorchServe just launched, once its key file is written (the door holds the
     keys)."""
     key_file = TorchServe().key_file
-    deadline = time.monotonic() + args.timeout
-    while not key_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    with contextlib.suppress(TimeoutError):  # the door starts either way
+        wait_until(key_file.exists, args.timeout, "TorchServe's key file", 0.05)
     print(front_door.Proxy().start())
 
 

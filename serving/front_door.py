@@ -33,7 +33,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,7 +48,7 @@ import yaml
 
 from archives import MODEL_NAME, VERSION, SpecError, check_model_name, check_version
 from archives.store import default_store
-from serving.instance import REPO, Instance, ServeError, process_tree
+from serving.instance import REPO, Instance, ServeError, process_tree, wait_until
 from serving.torchserve import TorchServe, parse_expiry
 
 # nginx.conf as a Jinja2 template; undefined names fail the render rather than leave a hole in the configuration
@@ -511,12 +510,11 @@ class Proxy:
             return False
 
     def _wait(self, done, what: str) -> None:
-        deadline = time.monotonic() + self.timeout
-        while not done():
-            if time.monotonic() > deadline:
-                raise ServeError(f"timed out after {self.timeout:g} s waiting for {what}; "
-                                 f"see {self.logs / 'proxy-error.log'}")
-            time.sleep(0.05)
+        try:
+            wait_until(done, self.timeout, what, 0.05)
+        except TimeoutError:
+            raise ServeError(f"timed out after {self.timeout:g} s waiting for {what}; "
+                             f"see {self.logs / 'proxy-error.log'}") from None
 
     def _nginx(self, nginx: str, *args: str, conf: Path) -> None:
         command = [nginx, "-e", str(self.logs / "proxy-error.log"), "-p", str(self.home), "-c", str(conf), *args]
