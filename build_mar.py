@@ -324,9 +324,10 @@ def stage_extra_files(spec: VersionSpec, into: Path) -> None:
 
 def archive(spec: VersionSpec, serialized: Path, extra: Path, config: Path, out: Path, target: Path) -> Path:
     """torch-model-archiver's archive (made in ``out``), written to ``target`` with every entry stored."""
-    run_archiver(out, model_name=spec.model, handler=str(HANDLERS_DIR / f"{spec.handler}.py"), version=spec.version,
-                 serialized_file=str(serialized), extra_files=str(extra), config_file=str(config))
-    return stored(out / f"{spec.model}.mar", target)
+    made = run_archiver(out, model_name=spec.model, handler=str(HANDLERS_DIR / f"{spec.handler}.py"),
+                        version=spec.version, serialized_file=str(serialized), extra_files=str(extra),
+                        config_file=str(config))
+    return stored(made, target)
 
 
 def run_archiver(out: Path, **settings: str) -> Path:
